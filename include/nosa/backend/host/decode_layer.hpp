@@ -1,0 +1,689 @@
+#pragma once
+/// \file
+/// The host executor of a decode layer: every stage of spec §6 as plain, sequential C++ over the two
+/// arenas. Its "device" arena is ordinary memory, but the two tiers, the slot cache, the diff, the gather
+/// and the write-back all exist as they will on a GPU, so the CUDA backend is a change of executor.
+
+#include <nosa/attention/sparse_attention.hpp>
+#include <nosa/core/backend.hpp>
+#include <nosa/core/math.hpp>
+#include <nosa/core/numeric.hpp>
+#include <nosa/core/params.hpp>
+#include <nosa/core/status.hpp>
+#include <nosa/core/tensor_view.hpp>
+#include <nosa/pipeline.hpp>
+#include <nosa/scorer/windows.hpp>
+#include <nosa/selector/select_blocks.hpp>
+#include <nosa/store/layout.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+
+namespace nosa {
+
+/// One layer's decode state and its host executor.
+///
+/// Usage: `required_bytes` → allocate two arenas (256-byte aligned) → `create` → plan calls and steps.
+/// The object only refers to the arenas; it is cheap to copy, and copies share the state.
+template <pipeline_policy P>
+class decode_layer<P, host_backend> {
+ public:
+  using pipeline_type = P;
+  using element_type = typename P::element_type;
+  using backend_type = host_backend;
+  static constexpr int head_dim = P::head_dim;
+
+  decode_layer() = default;
+
+  /// Sizes of the device and host arenas a layer with this configuration needs.
+  [[nodiscard]] static status required_bytes(const layer_config& config, arena_sizes& out) noexcept {
+    NOSA_TRY(validate(config));
+    const state_layout s = make_state_layout<P>(config);
+    out = {s.device_bytes, s.host_bytes};
+    return status::success;
+  }
+
+  /// Builds a layer over caller-owned arenas and initialises its state (no sequences, all pages free).
+  [[nodiscard]] static status create(const layer_config& config, std::span<std::byte> device_arena,
+                                     std::span<std::byte> host_arena, decode_layer& out) noexcept {
+    NOSA_TRY(validate(config));
+    if (config.group_size() > max_group) return status::not_supported;
+    const state_layout s = make_state_layout<P>(config);
+    if (device_arena.size() < s.device_bytes || host_arena.size() < s.host_bytes) return status::insufficient_memory;
+    if ((s.device_bytes > 0 && device_arena.data() == nullptr) || (s.host_bytes > 0 && host_arena.data() == nullptr)) {
+      return status::null_pointer;
+    }
+    if (reinterpret_cast<std::uintptr_t>(device_arena.data()) % arena_alignment != 0 ||
+        reinterpret_cast<std::uintptr_t>(host_arena.data()) % arena_alignment != 0) {
+      return status::misaligned_pointer;
+    }
+    decode_layer layer;
+    layer.config_ = config;
+    layer.layout_ = s;
+    layer.device_ = device_arena.data();
+    layer.host_ = host_arena.data();
+    layer.initialise();
+    out = layer;
+    return status::success;
+  }
+
+  /// The configuration the layer was created with.
+  const layer_config& config() const noexcept { return config_; }
+
+  // ---------------------------------------------------------------------------------------------------
+  // Plan calls: change the shape of the state between steps.
+  // ---------------------------------------------------------------------------------------------------
+
+  /// Admits a sequence into slot `seq` with a prompt of P >= 0 tokens: stores the complete blocks in the
+  /// pool, keeps the tail, builds the compressed state, computes the initial selection and loads it into the
+  /// slot cache. Reserves the page of the block that the next token will start or continue.
+  [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt) noexcept {
+    if (seq < 0 || seq >= layout_.sequences) return status::unknown_sequence;
+    if (live_flags()[seq]) return status::sequence_exists;
+    const int hkv = config_.num_kv_heads;
+    const std::int64_t len = prompt.k.extents[0];
+    if (len < 0) return status::shape_mismatch;
+    NOSA_TRY(check_view(prompt.k, {len, hkv, head_dim}));
+    NOSA_TRY(check_view(prompt.v, {len, hkv, head_dim}));
+    if (P::uses_eviction_scores || !prompt.c.empty()) NOSA_TRY(check_view(prompt.c, {len, hkv}));
+    if (!prompt.last_query.empty()) NOSA_TRY(check_view(prompt.last_query, {config_.num_q_heads, head_dim}));
+    if (len > layout_.max_tokens) return status::sequence_full;
+    const int length = static_cast<int>(len);
+    const int reserve_through = std::min(length + 1, layout_.max_tokens);
+    const int pages_needed = block_count(reserve_through, config_.selection);
+    if (pages_needed > free_page_count()) return status::host_pool_full;
+
+    // Validated: from here on nothing fails.
+    std::int32_t* table = block_table(seq);
+    for (int m = 0; m < pages_needed; ++m) table[m] = pop_page();
+    live_flags()[seq] = 1;
+    lengths()[seq] = length;
+    const selection_params& sel = config_.selection;
+    const int full_blocks = offloads ? length / sel.block_size : block_count(length, sel);
+    counters& tot = *total_counters_ptr();
+    for (int h = 0; h < hkv; ++h) {
+      float* c_state = token_scores(seq, h);
+      for (int t = 0; t < length; ++t) c_state[t] = prompt.c.empty() ? 0.0f : prompt.c(t, h);
+      for (int t = std::max(0, length - sel.window); t < length; ++t) {
+        copy_row(&prompt.k(t, h, 0), key_ring(seq, h) + std::size_t(t % sel.window) * head_dim);
+      }
+      // Compressed keys and scores of every complete window, summed in token order.
+      const int n_windows = window_count(length, sel);
+      for (int w = 0; w < n_windows; ++w) {
+        float* kc = compressed_keys(seq, h) + std::size_t(w) * head_dim;
+        float sum[head_dim] = {};
+        float csum = 0.0f;
+        for (int i = 0; i < sel.window; ++i) {
+          const int t = w * sel.stride + i;
+          for (int d = 0; d < head_dim; ++d) sum[d] += to_float(prompt.k(t, h, d));
+          csum += c_state[t];
+        }
+        for (int d = 0; d < head_dim; ++d) kc[d] = sum[d] / static_cast<float>(sel.window);
+        compressed_scores(seq, h)[w] = csum / static_cast<float>(sel.window);
+      }
+      // Blocks to the pool (the offload store keeps a partial tail in a slot instead).
+      for (int m = 0; m < full_blocks; ++m) {
+        const int first = m * sel.block_size;
+        const int rows = std::min(sel.block_size, length - first);
+        element_type* pk = page_keys(table[m], h);
+        element_type* pv = page_values(table[m], h);
+        for (int r = 0; r < rows; ++r) {
+          copy_row(&prompt.k(first + r, h, 0), pk + std::size_t(r) * head_dim);
+          copy_row(&prompt.v(first + r, h, 0), pv + std::size_t(r) * head_dim);
+        }
+        if (offloads) tot.bytes_d2h += 2 * std::uint64_t(rows) * head_dim * sizeof(element_type);
+      }
+      if constexpr (offloads) {
+        std::fill_n(slot_map(seq, h), layout_.slots, -1);
+        std::fill_n(block_slot(seq, h), layout_.max_blocks, -1);
+        if (length % sel.block_size != 0) {
+          const int tail = length / sel.block_size;
+          const int slot = claim_free_slot(seq, h, tail);
+          for (int t = tail * sel.block_size; t < length; ++t) {
+            const std::size_t r = std::size_t(t - tail * sel.block_size) * head_dim;
+            copy_row(&prompt.k(t, h, 0), slot_keys(seq, h, slot) + r);
+            copy_row(&prompt.v(t, h, 0), slot_values(seq, h, slot) + r);
+          }
+        }
+      }
+      // Initial selection, loaded into the slot cache.
+      const bool have_query = !prompt.last_query.empty();
+      float q[max_group][head_dim];
+      const int group = config_.group_size();
+      if (have_query) {
+        for (int g = 0; g < group; ++g) {
+          for (int d = 0; d < head_dim; ++d) q[g][d] = to_float(prompt.last_query(h * group + g, d));
+        }
+      }
+      score_blocks(seq, h, length, have_query ? q : nullptr);
+      selection_counts()[seq * hkv + h] = select(seq, h, length, have_query, /*with_budget=*/false);
+      step_miss_counts()[seq * hkv + h] = 0;
+      if constexpr (offloads) {
+        const load_result loaded = load_selection(seq, h);
+        tot.bytes_h2d += loaded.misses * 2 * block_bytes();
+      }
+    }
+    return status::success;
+  }
+
+  /// Retires the sequence in slot `seq`, returning its pages to the pool. Other sequences are untouched.
+  [[nodiscard]] status remove_sequence(int seq) noexcept {
+    if (seq < 0 || seq >= layout_.sequences || !live_flags()[seq]) return status::unknown_sequence;
+    std::int32_t* table = block_table(seq);
+    for (int m = 0; m < layout_.max_blocks; ++m) {
+      if (table[m] >= 0) release_page(table[m]);
+      table[m] = -1;
+    }
+    for (int h = 0; h < config_.num_kv_heads; ++h) {
+      if constexpr (offloads) {
+        std::fill_n(slot_map(seq, h), layout_.slots, -1);
+        std::fill_n(block_slot(seq, h), layout_.max_blocks, -1);
+      }
+      selection_counts()[seq * config_.num_kv_heads + h] = 0;
+      step_miss_counts()[seq * config_.num_kv_heads + h] = 0;
+    }
+    lengths()[seq] = 0;
+    live_flags()[seq] = 0;
+    return status::success;
+  }
+
+  /// Reserves pages so that every live sequence can run `tokens_ahead` more steps without a plan call.
+  /// All or nothing: on `host_pool_full` or `sequence_full` no page is reserved.
+  [[nodiscard]] status reserve(int tokens_ahead) noexcept {
+    if (tokens_ahead < 0) return status::invalid_argument;
+    int needed = 0;
+    for (int seq = 0; seq < layout_.sequences; ++seq) {
+      if (!live_flags()[seq]) continue;
+      int n = 0;
+      NOSA_TRY(pages_missing(seq, tokens_ahead, n));
+      needed += n;
+    }
+    if (needed > free_page_count()) return status::host_pool_full;
+    for (int seq = 0; seq < layout_.sequences; ++seq) {
+      if (live_flags()[seq]) fill_reservation(seq, tokens_ahead);
+    }
+    return status::success;
+  }
+
+  /// Reserves pages so that sequence `seq` can run `tokens_ahead` more steps. All or nothing.
+  [[nodiscard]] status reserve(int seq, int tokens_ahead) noexcept {
+    if (seq < 0 || seq >= layout_.sequences || !live_flags()[seq]) return status::unknown_sequence;
+    if (tokens_ahead < 0) return status::invalid_argument;
+    int needed = 0;
+    NOSA_TRY(pages_missing(seq, tokens_ahead, needed));
+    if (needed > free_page_count()) return status::host_pool_full;
+    fill_reservation(seq, tokens_ahead);
+    return status::success;
+  }
+
+  // ---------------------------------------------------------------------------------------------------
+  // The step.
+  // ---------------------------------------------------------------------------------------------------
+
+  /// One decode step of this layer for a batch of live sequences: append, compress, score, select, diff,
+  /// gather, attend, write back. Either the whole batch advances by one token or, on any error, nothing
+  /// changes.
+  template <storage_element Out>
+  [[nodiscard]] status step(const step_args<element_type, Out>& args, host_backend::stream_type = {}) noexcept {
+    NOSA_TRY(validate_step(args));
+    const std::int64_t batch = args.sequences.extents[0];
+    const selection_params& sel = config_.selection;
+    const int hkv = config_.num_kv_heads;
+    const int group = config_.group_size();
+    counters step_count{};
+    step_count.steps = 1;
+
+    for (std::int64_t b = 0; b < batch; ++b) {
+      const int seq = args.sequences(b);
+      const int t = lengths()[seq];  // position of the new token
+      const int length = t + 1;
+      for (int h = 0; h < hkv; ++h) {
+        append(seq, h, t, &args.k(b, h, 0), &args.v(b, h, 0), args.c.empty() ? 0.0f : args.c(b, h));
+        float q[max_group][head_dim];
+        for (int g = 0; g < group; ++g) {
+          for (int d = 0; d < head_dim; ++d) q[g][d] = to_float(args.q(b, h * group + g, d));
+        }
+        score_blocks(seq, h, length, q);
+        const int n = select(seq, h, length, /*have_query=*/true, /*with_budget=*/true);
+        selection_counts()[seq * hkv + h] = n;
+        int misses = 0;
+        if constexpr (offloads) {
+          const load_result loaded = load_selection(seq, h);
+          misses = loaded.misses;
+          step_count.hits += loaded.hits;
+          step_count.misses += loaded.misses;
+          step_count.bytes_h2d += loaded.misses * 2 * block_bytes();
+        } else {
+          step_count.hits += n;
+        }
+        step_miss_counts()[seq * hkv + h] = misses;
+        for (int g = 0; g < group; ++g) attend(seq, h, length, q[g], &args.o(b, h * group + g, 0));
+        if (offloads && length % sel.block_size == 0) {
+          write_back(seq, h, t / sel.block_size);
+          step_count.bytes_d2h += 2 * block_bytes();
+        }
+      }
+      lengths()[seq] = length;
+    }
+
+    *last_step_counters_ptr() = step_count;
+    counters& tot = *total_counters_ptr();
+    tot.steps += step_count.steps;
+    tot.hits += step_count.hits;
+    tot.misses += step_count.misses;
+    tot.bytes_h2d += step_count.bytes_h2d;
+    tot.bytes_d2h += step_count.bytes_d2h;
+    return status::success;
+  }
+
+  // ---------------------------------------------------------------------------------------------------
+  // Inspection (reads state memory; on the host backend this never waits).
+  // ---------------------------------------------------------------------------------------------------
+
+  /// Counters accumulated over every step and plan call (bytes) since creation.
+  counters total_counters() const noexcept { return *total_counters_ptr(); }
+  /// Counters of the most recent step.
+  counters last_step_counters() const noexcept { return *last_step_counters_ptr(); }
+  /// True when slot `seq` holds a live sequence.
+  bool is_live(int seq) const noexcept { return seq >= 0 && seq < layout_.sequences && live_flags()[seq] != 0; }
+  /// Tokens of sequence `seq` (0 for a free slot).
+  int length(int seq) const noexcept { return is_live(seq) ? lengths()[seq] : 0; }
+  /// Pages not referenced by any sequence.
+  int free_page_count() const noexcept { return *free_count_ptr(); }
+  /// The current selection of (seq, head), in rank order (empty for a free slot).
+  std::span<const std::int32_t> selection(int seq, int head) const noexcept {
+    if (!is_live(seq) || head < 0 || head >= config_.num_kv_heads) return {};
+    const std::size_t i = std::size_t(seq) * config_.num_kv_heads + head;
+    return {selection_ptr(seq, head), static_cast<std::size_t>(selection_counts()[i])};
+  }
+  /// Blocks loaded for (seq, head) by the last step that included the sequence.
+  int step_misses(int seq, int head) const noexcept {
+    if (!is_live(seq) || head < 0 || head >= config_.num_kv_heads) return 0;
+    return step_miss_counts()[seq * config_.num_kv_heads + head];
+  }
+  /// Block (-1 if free) held by each slot of (seq, head); empty for the resident store.
+  std::span<const std::int32_t> slots(int seq, int head) const noexcept {
+    if constexpr (!offloads) {
+      return {};
+    } else {
+      if (!is_live(seq) || head < 0 || head >= config_.num_kv_heads) return {};
+      return {slot_map(seq, head), static_cast<std::size_t>(layout_.slots)};
+    }
+  }
+  /// The state layout (offsets and extents), for tools that inspect the arenas.
+  const state_layout& layout() const noexcept { return layout_; }
+
+ private:
+  static constexpr bool offloads = P::store::offloads;
+  static constexpr bool query_agnostic = P::query_agnostic::enabled;
+  using attention = typename P::attention;
+  /// Largest GQA group the host executor keeps on its stack.
+  static constexpr int max_group = 64;
+
+  struct load_result {
+    std::uint64_t hits = 0;
+    std::uint64_t misses = 0;
+  };
+
+  layer_config config_{};
+  state_layout layout_{};
+  std::byte* device_ = nullptr;
+  std::byte* host_ = nullptr;
+
+  // --- typed access to the arenas ---------------------------------------------------------------------
+  template <class T>
+  T* dev(std::size_t offset) const noexcept {
+    return reinterpret_cast<T*>(device_ + offset);
+  }
+  template <class T>
+  T* hst(std::size_t offset) const noexcept {
+    return reinterpret_cast<T*>(host_ + offset);
+  }
+  std::size_t sh(int seq, int h) const noexcept { return std::size_t(seq) * config_.num_kv_heads + h; }
+
+  std::int32_t* lengths() const noexcept { return dev<std::int32_t>(layout_.seq_length); }
+  std::int32_t* live_flags() const noexcept { return dev<std::int32_t>(layout_.seq_live); }
+  std::int32_t* block_table(int seq) const noexcept {
+    return dev<std::int32_t>(layout_.block_table) + std::size_t(seq) * layout_.max_blocks;
+  }
+  float* token_scores(int seq, int h) const noexcept {
+    return dev<float>(layout_.token_scores) + sh(seq, h) * layout_.max_tokens;
+  }
+  float* compressed_keys(int seq, int h) const noexcept {
+    return dev<float>(layout_.compressed_keys) + sh(seq, h) * layout_.max_windows * head_dim;
+  }
+  float* compressed_scores(int seq, int h) const noexcept {
+    return dev<float>(layout_.compressed_scores) + sh(seq, h) * layout_.max_windows;
+  }
+  element_type* key_ring(int seq, int h) const noexcept {
+    return dev<element_type>(layout_.key_ring) + sh(seq, h) * layout_.window * head_dim;
+  }
+  std::int32_t* selection_ptr(int seq, int h) const noexcept {
+    return dev<std::int32_t>(layout_.selection) + sh(seq, h) * layout_.top_k;
+  }
+  std::int32_t* selection_counts() const noexcept { return dev<std::int32_t>(layout_.selection_count); }
+  std::int32_t* step_miss_counts() const noexcept { return dev<std::int32_t>(layout_.step_misses); }
+  std::int32_t* slot_map(int seq, int h) const noexcept {
+    return dev<std::int32_t>(layout_.slot_map) + sh(seq, h) * layout_.slots;
+  }
+  std::int32_t* block_slot(int seq, int h) const noexcept {
+    return dev<std::int32_t>(layout_.block_slot) + sh(seq, h) * layout_.max_blocks;
+  }
+  element_type* slot_keys(int seq, int h, int slot) const noexcept {
+    return dev<element_type>(layout_.slot_keys) + (sh(seq, h) * layout_.slots + slot) * layout_.block_elements();
+  }
+  element_type* slot_values(int seq, int h, int slot) const noexcept {
+    return dev<element_type>(layout_.slot_values) + (sh(seq, h) * layout_.slots + slot) * layout_.block_elements();
+  }
+  element_type* pool() const noexcept {
+    return offloads ? hst<element_type>(layout_.host_pool) : dev<element_type>(layout_.device_pool);
+  }
+  element_type* page_keys(int page, int h) const noexcept {
+    return pool() + std::size_t(page) * layout_.page_elements() + std::size_t(h) * layout_.block_elements();
+  }
+  element_type* page_values(int page, int h) const noexcept {
+    return pool() + std::size_t(page) * layout_.page_elements() +
+           std::size_t(config_.num_kv_heads + h) * layout_.block_elements();
+  }
+  counters* total_counters_ptr() const noexcept { return dev<counters>(layout_.totals); }
+  counters* last_step_counters_ptr() const noexcept { return dev<counters>(layout_.last_step); }
+  std::int32_t* page_refs() const noexcept { return hst<std::int32_t>(layout_.page_refs); }
+  std::int32_t* free_stack() const noexcept { return hst<std::int32_t>(layout_.free_pages); }
+  std::int32_t* free_count_ptr() const noexcept { return hst<std::int32_t>(layout_.free_count); }
+  std::uint64_t block_bytes() const noexcept { return layout_.block_elements() * sizeof(element_type); }
+
+  /// Keys (or values) of block m of (seq, h), wherever the store keeps it.
+  element_type* block_keys(int seq, int h, int m) const noexcept {
+    if constexpr (offloads) {
+      return slot_keys(seq, h, block_slot(seq, h)[m]);
+    } else {
+      return page_keys(block_table(seq)[m], h);
+    }
+  }
+  element_type* block_values(int seq, int h, int m) const noexcept {
+    if constexpr (offloads) {
+      return slot_values(seq, h, block_slot(seq, h)[m]);
+    } else {
+      return page_values(block_table(seq)[m], h);
+    }
+  }
+
+  static void copy_row(const element_type* src, element_type* dst) noexcept {
+    std::memcpy(dst, src, sizeof(element_type) * head_dim);
+  }
+
+  // --- state initialisation and page bookkeeping ------------------------------------------------------
+  void initialise() noexcept {
+    std::memset(device_, 0, layout_.device_bytes);
+    std::fill_n(dev<std::int32_t>(layout_.block_table), std::size_t(layout_.sequences) * layout_.max_blocks, -1);
+    if constexpr (offloads) {
+      const std::size_t sh_total = std::size_t(layout_.sequences) * layout_.kv_heads;
+      std::fill_n(dev<std::int32_t>(layout_.slot_map), sh_total * layout_.slots, -1);
+      std::fill_n(dev<std::int32_t>(layout_.block_slot), sh_total * layout_.max_blocks, -1);
+    }
+    std::fill_n(page_refs(), layout_.pages, 0);
+    // Pop order hands out page 0 first, which keeps tests and traces readable.
+    for (int i = 0; i < layout_.pages; ++i) free_stack()[i] = layout_.pages - 1 - i;
+    *free_count_ptr() = layout_.pages;
+  }
+
+  std::int32_t pop_page() noexcept {
+    const std::int32_t page = free_stack()[--*free_count_ptr()];
+    page_refs()[page] = 1;
+    return page;
+  }
+
+  void release_page(std::int32_t page) noexcept {
+    if (--page_refs()[page] == 0) free_stack()[(*free_count_ptr())++] = page;
+  }
+
+  status pages_missing(int seq, int tokens_ahead, int& needed) const noexcept {
+    const std::int64_t through = std::int64_t(lengths()[seq]) + tokens_ahead;
+    if (through > layout_.max_tokens) return status::sequence_full;
+    const int blocks = block_count(static_cast<int>(through), config_.selection);
+    needed = 0;
+    for (int m = 0; m < blocks; ++m) needed += block_table(seq)[m] < 0;
+    return status::success;
+  }
+
+  void fill_reservation(int seq, int tokens_ahead) noexcept {
+    const int blocks = block_count(lengths()[seq] + tokens_ahead, config_.selection);
+    for (int m = 0; m < blocks; ++m) {
+      if (block_table(seq)[m] < 0) block_table(seq)[m] = pop_page();
+    }
+  }
+
+  // --- validation ---------------------------------------------------------------------------------
+  template <storage_element Out>
+  status validate_step(const step_args<element_type, Out>& args) const noexcept {
+    const std::int64_t batch = args.sequences.extents[0];
+    if (batch < 0) return status::shape_mismatch;
+    const int hq = config_.num_q_heads, hkv = config_.num_kv_heads;
+    NOSA_TRY(check_view(args.sequences, {batch}));
+    NOSA_TRY(check_view(args.q, {batch, hq, head_dim}));
+    NOSA_TRY(check_view(args.k, {batch, hkv, head_dim}));
+    NOSA_TRY(check_view(args.v, {batch, hkv, head_dim}));
+    if (P::uses_eviction_scores || !args.c.empty()) NOSA_TRY(check_view(args.c, {batch, hkv}));
+    NOSA_TRY(check_view(args.o, {batch, hq, head_dim}));
+    std::int32_t* marks = dev<std::int32_t>(layout_.batch_mark);
+    status result = status::success;
+    std::int64_t checked = 0;
+    for (; checked < batch && ok(result); ++checked) {
+      const std::int32_t seq = args.sequences(checked);
+      if (seq < 0 || seq >= layout_.sequences || !live_flags()[seq]) {
+        result = status::unknown_sequence;
+      } else if (marks[seq]) {
+        result = status::duplicate_sequence;
+      } else {
+        marks[seq] = 1;
+        const int t = lengths()[seq];
+        if (t + 1 > layout_.max_tokens) {
+          result = status::sequence_full;
+        } else if (block_table(seq)[t / config_.selection.block_size] < 0) {
+          result = status::not_reserved;
+        }
+      }
+    }
+    for (std::int64_t b = 0; b < checked; ++b) {
+      const std::int32_t seq = args.sequences(b);
+      if (seq >= 0 && seq < layout_.sequences) marks[seq] = 0;
+    }
+    return result;
+  }
+
+  // --- stages -------------------------------------------------------------------------------------
+
+  /// Claims a free slot of (seq, h) for `block`. The slot cache has a spare, so one is always free.
+  int claim_free_slot(int seq, int h, int block) noexcept {
+    std::int32_t* map = slot_map(seq, h);
+    int slot = 0;
+    while (map[slot] >= 0) ++slot;
+    map[slot] = block;
+    block_slot(seq, h)[block] = slot;
+    return slot;
+  }
+
+  /// Append: the token at position t goes to the tail, the key ring and the score history; a window that
+  /// the token completes yields a compressed key and a compressed score (summed in token order).
+  void append(int seq, int h, int t, const element_type* k, const element_type* v, float c) noexcept {
+    const selection_params& sel = config_.selection;
+    const int block = t / sel.block_size;
+    const std::size_t row = std::size_t(t % sel.block_size) * head_dim;
+    if constexpr (offloads) {
+      if (t % sel.block_size == 0) claim_free_slot(seq, h, block);
+    }
+    copy_row(k, block_keys(seq, h, block) + row);
+    copy_row(v, block_values(seq, h, block) + row);
+    float* c_state = token_scores(seq, h);
+    c_state[t] = c;
+    element_type* ring = key_ring(seq, h);
+    copy_row(k, ring + std::size_t(t % sel.window) * head_dim);
+    const int w = window_completed_at(t, sel);
+    if (w < 0) return;
+    float sum[head_dim] = {};
+    float csum = 0.0f;
+    for (int i = 0; i < sel.window; ++i) {
+      const int token = w * sel.stride + i;
+      const element_type* kr = ring + std::size_t(token % sel.window) * head_dim;
+      for (int d = 0; d < head_dim; ++d) sum[d] += to_float(kr[d]);
+      csum += c_state[token];
+    }
+    float* kc = compressed_keys(seq, h) + std::size_t(w) * head_dim;
+    for (int d = 0; d < head_dim; ++d) kc[d] = sum[d] / static_cast<float>(sel.window);
+    compressed_scores(seq, h)[w] = csum / static_cast<float>(sel.window);
+  }
+
+  /// Score: Sq and Se of every block of (seq, h) for a sequence of `length` tokens. `q` holds the group's
+  /// queries in fp32, or is null when there is no query (Sq is then left at the pooling identity).
+  void score_blocks(int seq, int h, int length, const float (*q)[head_dim]) noexcept {
+    using scorer = typename P::query_aware;
+    using agnostic = typename P::query_agnostic;
+    const selection_params& sel = config_.selection;
+    const int n_blocks = block_count(length, sel);
+    const int n_windows = window_count(length, sel);
+    float* sq = dev<float>(layout_.query_scores) + sh(seq, h) * layout_.max_blocks;
+    float* se = dev<float>(layout_.agnostic_scores) + sh(seq, h) * layout_.max_blocks;
+    float* prob = dev<float>(layout_.window_scores) + sh(seq, h) * layout_.max_windows;
+    const float* kc = compressed_keys(seq, h);
+    const float* cc = compressed_scores(seq, h);
+    if (q != nullptr) {
+      const float scale = softmax_scale(head_dim);
+      std::fill_n(prob, n_windows, 0.0f);
+      for (int g = 0; g < config_.group_size(); ++g) {
+        // Softmax over the windows for one query head: logits first (kept in `sq` scratch space would alias;
+        // a second pass recomputes them, which keeps the scratch at one array per (sequence, head)).
+        float max_logit = negative_infinity;
+        for (int w = 0; w < n_windows; ++w) {
+          max_logit = max_keep_left(max_logit, scorer::window_logit(dot(q[g], kc + std::size_t(w) * head_dim), scale));
+        }
+        float denom = 0.0f;
+        for (int w = 0; w < n_windows; ++w) {
+          denom += std::exp(scorer::window_logit(dot(q[g], kc + std::size_t(w) * head_dim), scale) - max_logit);
+        }
+        for (int w = 0; w < n_windows; ++w) {
+          const float logit = scorer::window_logit(dot(q[g], kc + std::size_t(w) * head_dim), scale);
+          prob[w] += std::exp(logit - max_logit) / denom;
+        }
+      }
+    }
+    for (int m = 0; m < n_blocks; ++m) {
+      const window_range r = windows_overlapping_block(m, n_windows, sel);
+      float bq = scorer::pool_identity;
+      float be = agnostic::pool_identity;
+      for (int w = r.first; w < r.last; ++w) {
+        if (q != nullptr) bq = scorer::pool(bq, prob[w]);
+        be = agnostic::pool(be, cc[w]);
+      }
+      sq[m] = bq;
+      se[m] = be;
+    }
+  }
+
+  static float dot(const float* q, const float* k) noexcept {
+    float acc = 0.0f;
+    for (int d = 0; d < head_dim; ++d) acc += q[d] * k[d];
+    return acc;
+  }
+
+  /// Select: writes the ranked selection of (seq, h) to state and returns its size.
+  int select(int seq, int h, int length, bool have_query, bool with_budget) noexcept {
+    const std::size_t base = sh(seq, h) * layout_.max_blocks;
+    const selection_workspace ws{dev<float>(layout_.query_scores) + base, dev<float>(layout_.agnostic_scores) + base,
+                                 dev<std::int32_t>(layout_.block_order) + base,
+                                 dev<std::int32_t>(layout_.block_mark) + base};
+    residency resident{};
+    if constexpr (offloads) {
+      if (with_budget) resident = {slot_map(seq, h), block_slot(seq, h), layout_.slots};
+    }
+    return select_blocks<typename P::selector, query_agnostic>(config_.selection, block_count(length, config_.selection),
+                                                             have_query, ws, resident, selection_ptr(seq, h));
+  }
+
+  /// Diff + gather: frees the slots whose blocks left the selection (hits never move), then loads every
+  /// selected block that is not resident into a free slot.
+  load_result load_selection(int seq, int h) noexcept {
+    const std::int32_t* chosen = selection_ptr(seq, h);
+    const int n = selection_counts()[sh(seq, h)];
+    std::int32_t* mark = dev<std::int32_t>(layout_.block_mark) + sh(seq, h) * layout_.max_blocks;
+    std::int32_t* map = slot_map(seq, h);
+    std::int32_t* where = block_slot(seq, h);
+    for (int i = 0; i < n; ++i) mark[chosen[i]] = 1;
+    for (int slot = 0; slot < layout_.slots; ++slot) {
+      if (map[slot] >= 0 && !mark[map[slot]]) {
+        where[map[slot]] = -1;
+        map[slot] = -1;
+      }
+    }
+    load_result r;
+    int free_slot = 0;
+    for (int i = 0; i < n; ++i) {
+      const int b = chosen[i];
+      mark[b] = 0;
+      if (where[b] >= 0) {
+        ++r.hits;
+        continue;
+      }
+      while (map[free_slot] >= 0) ++free_slot;
+      map[free_slot] = b;
+      where[b] = free_slot;
+      const int page = block_table(seq)[b];
+      std::memcpy(slot_keys(seq, h, free_slot), page_keys(page, h), block_bytes());
+      std::memcpy(slot_values(seq, h, free_slot), page_values(page, h), block_bytes());
+      ++r.misses;
+    }
+    return r;
+  }
+
+  /// Attend: softmax over the tokens of the selected blocks with the policy's bias, one block at a time,
+  /// each block's partial softmax merged into the running one by log-sum-exp.
+  template <storage_element Out>
+  void attend(int seq, int h, int length, const float* q, Out* o) noexcept {
+    const selection_params& sel = config_.selection;
+    const float scale = softmax_scale(head_dim);
+    const std::int32_t* chosen = selection_ptr(seq, h);
+    const int n = selection_counts()[sh(seq, h)];
+    const float* c_state = token_scores(seq, h);
+    float* logits = dev<float>(layout_.logit_scratch);
+    softmax_partial total;
+    float acc[head_dim] = {};
+    for (int i = 0; i < n; ++i) {
+      const int m = chosen[i];
+      const int first = m * sel.block_size;
+      const int rows = std::min(sel.block_size, length - first);
+      const element_type* keys = block_keys(seq, h, m);
+      const element_type* values = block_values(seq, h, m);
+      softmax_partial part;
+      for (int r = 0; r < rows; ++r) {
+        float d = 0.0f;
+        for (int j = 0; j < head_dim; ++j) d += q[j] * to_float(keys[std::size_t(r) * head_dim + j]);
+        logits[r] = attention::logit(d, c_state[first + r], scale);
+        part.max = max_keep_left(part.max, logits[r]);
+      }
+      float block_acc[head_dim] = {};
+      for (int r = 0; r < rows; ++r) {
+        const float p = part.max == negative_infinity ? 0.0f : std::exp(logits[r] - part.max);
+        part.sum += p;
+        for (int j = 0; j < head_dim; ++j) block_acc[j] += p * to_float(values[std::size_t(r) * head_dim + j]);
+      }
+      float total_scale = 0.0f, part_scale = 0.0f;
+      const float merged_max = total.merge_factors(part, total_scale, part_scale);
+      total.sum = total.sum * total_scale + part.sum * part_scale;
+      total.max = merged_max;
+      for (int j = 0; j < head_dim; ++j) acc[j] = acc[j] * total_scale + block_acc[j] * part_scale;
+    }
+    const float inv = total.sum > 0.0f ? 1.0f / total.sum : 0.0f;
+    for (int j = 0; j < head_dim; ++j) o[j] = from_float<Out>(acc[j] * inv);
+  }
+
+  /// Write-back: the completed tail block goes from its slot to its reserved page; it stays resident.
+  void write_back(int seq, int h, int block) noexcept {
+    const int page = block_table(seq)[block];
+    std::memcpy(page_keys(page, h), block_keys(seq, h, block), block_bytes());
+    std::memcpy(page_values(page, h), block_values(seq, h, block), block_bytes());
+  }
+};
+
+}  // namespace nosa

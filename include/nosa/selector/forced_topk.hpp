@@ -1,0 +1,23 @@
+#pragma once
+/// \file
+/// The order every backend's top-k follows (spec §4, step 5): higher score first, the lower block index on
+/// equal scores (including `+inf == +inf`), NaN treated as `-inf`. With one strict total order the host and
+/// the GPU select the same set whatever algorithm each uses.
+
+#include <nosa/core/concepts.hpp>
+#include <nosa/core/math.hpp>
+
+namespace nosa {
+
+/// Forced blocks + query-aware top-`k_qa` + query-agnostic top-`k`, lower index wins ties.
+struct forced_topk_selector {
+  /// Maps NaN to -inf so that a NaN score can never be selected ahead of a real one.
+  NOSA_INLINE static constexpr float canonical(float s) noexcept { return s != s ? negative_infinity : s; }
+  /// Strict total order: does block `a` with score `sa` rank before block `b` with score `sb`?
+  NOSA_INLINE static constexpr bool ranks_before(float sa, int a, float sb, int b) noexcept {
+    return sa > sb || (sa == sb && a < b);
+  }
+};
+static_assert(selector_policy<forced_topk_selector>);
+
+}  // namespace nosa

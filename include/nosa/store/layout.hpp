@@ -1,0 +1,142 @@
+#pragma once
+/// \file
+/// Layout of a layer's state inside the two caller-owned arenas. Both backends place the same arrays at the
+/// same offsets, so the state is one design executed two ways. Every array is sized by a capacity.
+///
+/// Notation: S = max_sequences, H = num_kv_heads, MB = max_blocks_per_sequence, MT = MB * b_s (tokens),
+/// MW = window_count(MT), NS = top_k + spare_slots (slots per (sequence, KV head)), P = pool_pages,
+/// D = head_dim, E = sizeof(element).
+
+#include <nosa/core/params.hpp>
+#include <nosa/pipeline.hpp>
+#include <nosa/scorer/windows.hpp>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace nosa {
+
+/// Byte offsets of every state array within its arena, plus the derived extents.
+struct state_layout {
+  // Extents.
+  int sequences = 0, kv_heads = 0, head_dim = 0, block_size = 0, window = 0;
+  int max_blocks = 0, max_tokens = 0, max_windows = 0, top_k = 0, slots = 0, pages = 0;
+  std::size_t element_size = 0;
+  bool offloads = false;
+
+  // Device arena.
+  std::size_t seq_length = 0;       // int32 [S]                     tokens of each sequence
+  std::size_t seq_live = 0;         // int32 [S]                     1 when the slot holds a live sequence
+  std::size_t block_table = 0;      // int32 [S][MB]                 pool page of each block, -1 if none
+  std::size_t token_scores = 0;     // f32   [S][H][MT]              eviction score c of every token
+  std::size_t compressed_keys = 0;  // f32   [S][H][MW][D]           Kc, mean of K over each window
+  std::size_t compressed_scores = 0;// f32   [S][H][MW]              cc, mean of c over each window
+  std::size_t key_ring = 0;         // E     [S][H][l_c][D]          K of the last l_c tokens, ring by t % l_c
+  std::size_t selection = 0;        // int32 [S][H][k]               selected blocks in rank order
+  std::size_t selection_count = 0;  // int32 [S][H]                  entries of `selection` in use
+  std::size_t step_misses = 0;      // int32 [S][H]                  blocks loaded by the last step
+  std::size_t slot_map = 0;         // int32 [S][H][NS]              block held by each slot, -1 if free
+  std::size_t block_slot = 0;       // int32 [S][H][MB]              slot holding each block, -1 if none
+  std::size_t slot_keys = 0;        // E     [S][H][NS][b_s][D]      slot cache, K
+  std::size_t slot_values = 0;      // E     [S][H][NS][b_s][D]      slot cache, V
+  std::size_t query_scores = 0;     // f32   [S][H][MB]              scratch: Sq per block
+  std::size_t agnostic_scores = 0;  // f32   [S][H][MB]              scratch: Se per block
+  std::size_t window_scores = 0;    // f32   [S][H][MW]              scratch: P per window, summed over the group
+  std::size_t logit_scratch = 0;    // f32   [b_s]                   scratch: logits of one block (host backend)
+  std::size_t block_order = 0;      // int32 [S][H][MB]              scratch: ranking of blocks
+  std::size_t block_mark = 0;       // int32 [S][H][MB]              scratch: membership marks, kept zero
+  std::size_t batch_mark = 0;       // int32 [S]                     scratch: duplicate detection, kept zero
+  std::size_t totals = 0;           // counters                      accumulated over all steps
+  std::size_t last_step = 0;        // counters                      the last step only
+  std::size_t device_pool = 0;      // E     [P][2][H][b_s][D]       pool (resident store only)
+  std::size_t device_bytes = 0;
+
+  // Host arena.
+  std::size_t host_pool = 0;        // E     [P][2][H][b_s][D]       pool (offload store only)
+  std::size_t page_refs = 0;        // int32 [P]                     references to each page, 0 = free
+  std::size_t free_pages = 0;       // int32 [P]                     stack of free page ids
+  std::size_t free_count = 0;       // int32 [1]                     entries on the stack
+  std::size_t host_bytes = 0;
+
+  /// Elements of one page: K and V of one block of every KV head.
+  constexpr std::size_t page_elements() const noexcept {
+    return std::size_t{2} * kv_heads * block_size * head_dim;
+  }
+  /// Elements of one block of one KV head, K or V: the unit of transfer.
+  constexpr std::size_t block_elements() const noexcept { return std::size_t(block_size) * head_dim; }
+};
+
+namespace detail {
+constexpr std::size_t align_up(std::size_t n, std::size_t a) noexcept { return (n + a - 1) / a * a; }
+
+struct arena_cursor {
+  std::size_t bytes = 0;
+  constexpr std::size_t take(std::size_t n) noexcept {
+    const std::size_t at = bytes;
+    bytes = align_up(bytes + n, arena_alignment);
+    return at;
+  }
+};
+}  // namespace detail
+
+/// Computes the layout of a layer's state. `config` must already be valid.
+template <pipeline_policy P>
+constexpr state_layout make_state_layout(const layer_config& config) noexcept {
+  state_layout s;
+  const selection_params& sel = config.selection;
+  s.sequences = config.limits.max_sequences;
+  s.kv_heads = config.num_kv_heads;
+  s.head_dim = P::head_dim;
+  s.block_size = sel.block_size;
+  s.window = sel.window;
+  s.max_blocks = config.limits.max_blocks_per_sequence;
+  s.max_tokens = s.max_blocks * sel.block_size;
+  s.max_windows = window_count(s.max_tokens, sel);
+  s.top_k = sel.top_k;
+  s.slots = sel.top_k + P::store::spare_slots;
+  s.pages = config.limits.pool_pages;
+  s.element_size = sizeof(typename P::element_type);
+  s.offloads = P::store::offloads;
+
+  const std::size_t S = s.sequences, SH = S * s.kv_heads, D = s.head_dim, E = s.element_size;
+  const std::size_t i32 = sizeof(std::int32_t), f32 = sizeof(float);
+  detail::arena_cursor dev;
+  s.seq_length = dev.take(S * i32);
+  s.seq_live = dev.take(S * i32);
+  s.block_table = dev.take(S * s.max_blocks * i32);
+  s.token_scores = dev.take(SH * s.max_tokens * f32);
+  s.compressed_keys = dev.take(SH * s.max_windows * D * f32);
+  s.compressed_scores = dev.take(SH * s.max_windows * f32);
+  s.key_ring = dev.take(SH * sel.window * D * E);
+  s.selection = dev.take(SH * s.top_k * i32);
+  s.selection_count = dev.take(SH * i32);
+  s.step_misses = dev.take(SH * i32);
+  if (s.offloads) {
+    s.slot_map = dev.take(SH * s.slots * i32);
+    s.block_slot = dev.take(SH * s.max_blocks * i32);
+    s.slot_keys = dev.take(SH * s.slots * s.block_elements() * E);
+    s.slot_values = dev.take(SH * s.slots * s.block_elements() * E);
+  }
+  s.query_scores = dev.take(SH * s.max_blocks * f32);
+  s.agnostic_scores = dev.take(SH * s.max_blocks * f32);
+  s.window_scores = dev.take(SH * s.max_windows * f32);
+  s.logit_scratch = dev.take(std::size_t(sel.block_size) * f32);
+  s.block_order = dev.take(SH * s.max_blocks * i32);
+  s.block_mark = dev.take(SH * s.max_blocks * i32);
+  s.batch_mark = dev.take(S * i32);
+  s.totals = dev.take(sizeof(counters));
+  s.last_step = dev.take(sizeof(counters));
+  const std::size_t pool_bytes = std::size_t(s.pages) * s.page_elements() * E;
+  if (!s.offloads) s.device_pool = dev.take(pool_bytes);
+  s.device_bytes = dev.bytes;
+
+  detail::arena_cursor host;
+  if (s.offloads) s.host_pool = host.take(pool_bytes);
+  s.page_refs = host.take(std::size_t(s.pages) * i32);
+  s.free_pages = host.take(std::size_t(s.pages) * i32);
+  s.free_count = host.take(i32);
+  s.host_bytes = host.bytes;
+  return s;
+}
+
+}  // namespace nosa
