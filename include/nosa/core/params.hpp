@@ -39,7 +39,7 @@ struct capacity {
 struct layer_config {
   selection_params selection{};
   int num_q_heads = 32;  ///< H_q; query head h*G+g reads KV head h
-  int num_kv_heads = 2;  ///< H_kv; G = H_q / H_kv may be any integer >= 1
+  int num_kv_heads = 2;  ///< H_kv; G = H_q / H_kv may be any integer >= 1 up to the backend's `max_group`
   capacity limits{};
 
   NOSA_INLINE constexpr int group_size() const noexcept { return num_kv_heads > 0 ? num_q_heads / num_kv_heads : 0; }

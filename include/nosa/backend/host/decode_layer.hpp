@@ -35,12 +35,17 @@ class decode_layer<P, host_backend> {
   using element_type = typename P::element_type;
   using backend_type = host_backend;
   static constexpr int head_dim = P::head_dim;
+  /// Largest GQA group (H_q / H_kv) the host executor supports.
+  static constexpr int max_group = 64;
 
   decode_layer() = default;
 
   /// Sizes of the device and host arenas a layer with this configuration needs.
+  /// The host executor keeps a GQA group's queries on its stack: groups above `max_group` (64) give
+  /// `not_supported`.
   [[nodiscard]] static status required_bytes(const layer_config& config, arena_sizes& out) noexcept {
     NOSA_TRY(validate(config));
+    if (config.group_size() > max_group) return status::not_supported;
     const state_layout s = make_state_layout<P>(config);
     out = {s.device_bytes, s.host_bytes};
     return status::success;
@@ -320,8 +325,6 @@ class decode_layer<P, host_backend> {
   static constexpr bool offloads = P::store::offloads;
   static constexpr bool query_agnostic = P::query_agnostic::enabled;
   using attention = typename P::attention;
-  /// Largest GQA group the host executor keeps on its stack.
-  static constexpr int max_group = 64;
 
   struct load_result {
     std::uint64_t hits = 0;

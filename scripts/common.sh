@@ -1,0 +1,53 @@
+# Shared by scripts/test.sh and scripts/demo.sh (sourced, not run).
+
+# Debian packages needed to configure and build nosa with its tests, examples and benchmarks.
+NOSA_DEBIAN_PACKAGES=(cmake make g++ doctest-dev libbenchmark-dev)
+
+nosa_log() { printf '\n==> %s\n' "$*"; }
+
+# Installs whichever of NOSA_DEBIAN_PACKAGES dpkg does not report as installed.
+nosa_install_prerequisites() {
+  local missing=() pkg
+  for pkg in "${NOSA_DEBIAN_PACKAGES[@]}"; do
+    if ! dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed'; then
+      missing+=("$pkg")
+    fi
+  done
+  if ((${#missing[@]} == 0)); then
+    return 0
+  fi
+  nosa_log "installing missing packages: ${missing[*]}"
+  local sudo=()
+  if ((EUID != 0)); then
+    if ! command -v sudo >/dev/null; then
+      echo "error: need root (or sudo) to install: ${missing[*]}" >&2
+      return 1
+    fi
+    sudo=(sudo)
+  fi
+  "${sudo[@]}" apt-get update
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+# Fills the array NOSA_CMAKE_ARGS with the toolchain arguments of a configure step in build directory $1:
+# the generator (Ninja when available, unless the build directory already chose one), nvcc when the CUDA
+# toolkit is installed in its usual place (unless $2 is "host-only"), and ccache when present.
+nosa_cmake_args() {
+  local build_dir=$1 mode=${2:-}
+  NOSA_CMAKE_ARGS=()
+  if [[ ! -f "$build_dir/CMakeCache.txt" ]] && command -v ninja >/dev/null; then
+    NOSA_CMAKE_ARGS+=(-G Ninja)
+  fi
+  if [[ $mode != host-only && -x /usr/local/cuda/bin/nvcc ]]; then
+    export PATH="/usr/local/cuda/bin:$PATH"
+    NOSA_CMAKE_ARGS+=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
+  fi
+  if command -v ccache >/dev/null; then
+    NOSA_CMAKE_ARGS+=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+    if [[ $mode != host-only ]]; then
+      NOSA_CMAKE_ARGS+=(-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+    fi
+  fi
+}
+
+nosa_jobs() { nproc 2>/dev/null || echo 2; }
