@@ -1,0 +1,7 @@
+// The 12 pipelines of nosa-replay with fp32 storage and head dimension 64 (3 bias modes x 2 variants x
+// 2 stores).
+#include "../run_replay_impl.hpp"
+
+namespace replay {
+template replay_status run_replay<float, 64>(const options&, const replay_inputs&, replay_outputs&);
+}  // namespace replay

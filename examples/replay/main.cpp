@@ -1,0 +1,121 @@
+// nosa-replay: runs one nosa decode layer over inputs recorded from an engine (a directory of .npy files)
+// and writes the attention output, the selections and the per-step misses, so that an engine's own
+// implementation can be compared with the library tensor by tensor. File formats: docs/replay.md.
+
+#include "../common/npy.hpp"
+#include "inputs.hpp"
+#include "options.hpp"
+#include "run_replay.hpp"
+
+#include <nosa/core/dispatch.hpp>
+#include <nosa/core/numeric.hpp>
+#include <nosa/core/status.hpp>
+
+#include <cstdint>
+#include <exception>
+#include <filesystem>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+namespace replay {
+
+replay_status run_replay(const options& opt, const replay_inputs& in, replay_outputs& out) {
+  replay_status result;
+  const nosa::status dispatched =
+      nosa::dispatch_element<float, nosa::fp16, nosa::bf16>(opt.element, [&](auto element) {
+        return nosa::dispatch_value<64, 128, 256>(in.head_dim, [&](auto head_dim) {
+          result = run_replay<typename decltype(element)::type, decltype(head_dim)::value>(opt, in, out);
+          return result.status;
+        });
+      });
+  if (!nosa::ok(dispatched) && nosa::ok(result.status)) result = {dispatched, "dispatch"};
+  return result;
+}
+
+namespace {
+
+/// Exit status of every failure: bad options, bad inputs, a failed library call or output error.
+constexpr int exit_failure = 2;
+
+/// Prints "nosa-replay: <message>" as one line on stderr and returns the failure exit status.
+int report(std::string_view message) {
+  std::cerr << "nosa-replay: " << message << '\n';
+  return exit_failure;
+}
+
+/// Writes the three output files. Returns one line "FILE: problem" on failure.
+std::optional<std::string> write_outputs(const std::filesystem::path& dir, const options& opt,
+                                         const replay_inputs& in, const replay_outputs& out) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return dir.string() + ": cannot create the output directory (" + ec.message() + ")";
+  const std::int64_t T = in.steps, B = in.batch;
+  if (auto e = npy::save(dir / "o.npy", out.o, {T, B, in.q_heads, in.head_dim}))
+    return "o.npy: " + e->message;
+  if (auto e = npy::save(dir / "selected.npy", out.selected, {T, B, in.kv_heads, opt.selection.top_k})) {
+    return "selected.npy: " + e->message;
+  }
+  if (auto e = npy::save(dir / "misses.npy", out.misses, {T, B, in.kv_heads}))
+    return "misses.npy: " + e->message;
+  return std::nullopt;
+}
+
+std::string_view variant_name(variant_kind v) { return v == variant_kind::nosa ? "nosa" : "infllmv2"; }
+std::string_view store_name(store_kind s) { return s == store_kind::offload ? "offload" : "resident"; }
+std::string_view bias_name(nosa::bias_mode b) {
+  switch (b) {
+  case nosa::bias_mode::after_scale:
+    return "after_scale";
+  case nosa::bias_mode::before_scale:
+    return "before_scale";
+  case nosa::bias_mode::none:
+    return "none";
+  }
+  return "?";
+}
+
+int run(int argc, const char* const* argv) {
+  options opt;
+  const parse_result parsed = parse_options(argc, argv, opt);
+  if (parsed.what == parse_result::action::help) {
+    std::cout << usage_text;
+    return 0;
+  }
+  if (parsed.what == parse_result::action::fail) return report(parsed.error);
+
+  loaded_inputs inputs;
+  if (auto e = load_inputs(opt.in_dir, inputs)) return report(*e);
+  const replay_inputs& in = inputs.view;
+
+  replay_outputs out;
+  if (const replay_status s = run_replay(opt, in, out); !nosa::ok(s.status)) {
+    return report(std::string(s.call) + ": " + std::string(nosa::to_string(s.status)));
+  }
+  if (auto e = write_outputs(opt.out_dir, opt, in, out)) return report(*e);
+
+  const nosa::counters& c = out.totals;
+  std::cout << "nosa-replay: " << in.steps << " steps, " << in.batch << " sequences ("
+            << variant_name(opt.variant) << ", " << nosa::to_string(opt.element) << ", D=" << in.head_dim
+            << ", bias " << bias_name(opt.bias) << ", " << store_name(opt.store) << "): hits " << c.hits
+            << ", misses " << c.misses << ", bytes h2d " << c.bytes_h2d << ", bytes d2h " << c.bytes_d2h
+            << '\n';
+  return 0;
+}
+
+}  // namespace
+}  // namespace replay
+
+int main(int argc, char** argv) {
+  try {
+    return replay::run(argc, argv);
+  } catch (const std::exception& e) {
+    // Allocation of large inputs is the realistic source; the tool still fails with one line.
+    return replay::report(std::string("unexpected error: ") + e.what());
+  } catch (...) {
+    return replay::report("unexpected error");
+  }
+}

@@ -1,0 +1,166 @@
+#pragma once
+/// \file
+/// Definition of `run_replay<Element, HeadDim>`: turns the remaining run-time choices into a pipeline type
+/// and replays the recorded prompts and steps through one host decode layer. Included only by the
+/// translation units under `instances/` that instantiate it.
+
+#include "run_replay.hpp"
+
+#include <nosa/backend/host/arena.hpp>
+#include <nosa/backend/host/decode_layer.hpp>
+#include <nosa/core/dispatch.hpp>
+#include <nosa/core/tensor_view.hpp>
+#include <nosa/scorer/query_agnostic.hpp>
+#include <nosa/store/policies.hpp>
+
+#include <algorithm>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+namespace replay {
+
+namespace detail {
+
+/// A float input as the layer's storage element: the input itself for fp32, otherwise a copy rounded to
+/// nearest even, made once before the first step so the steps never convert or allocate.
+template <nosa::storage_element Element>
+class storage_array {
+ public:
+  storage_array(const float* src, std::size_t count) {
+    if constexpr (std::same_as<Element, float>) {
+      data_ = src;
+    } else {
+      copy_.resize(count);
+      std::transform(src, src + count, copy_.begin(), [](float x) { return Element(x); });
+      data_ = copy_.data();
+    }
+  }
+  const Element* data() const noexcept { return data_; }
+
+ private:
+  std::vector<Element> copy_;
+  const Element* data_ = nullptr;
+};
+
+/// The capacities docs/replay.md documents: room for the longest prompt plus every step, one block of
+/// slack, and enough pages for every sequence to reach that length. Values beyond `int` are clamped, which
+/// the layer's own validation then rejects.
+inline nosa::capacity replay_capacity(const options& opt, const replay_inputs& in) {
+  const std::int64_t block = opt.selection.block_size;
+  // A non-positive block size is left for the layer to reject as an invalid configuration.
+  const std::int64_t blocks = block > 0 ? (in.prompt_rows + in.steps + block - 1) / block + 1 : 1;
+  const auto clamp = [](std::int64_t n) {
+    return static_cast<int>(std::min<std::int64_t>(n, std::numeric_limits<int>::max()));
+  };
+  nosa::capacity c;
+  c.max_sequences = clamp(in.batch);
+  c.max_blocks_per_sequence = clamp(blocks);
+  c.pool_pages = clamp(in.batch * blocks);
+  return c;
+}
+
+/// Replays everything through one layer of pipeline `Pipeline`.
+template <class Pipeline>
+replay_status run_pipeline(const options& opt, const replay_inputs& in, replay_outputs& out) {
+  using element = typename Pipeline::element_type;
+  using layer_type = nosa::decode_layer<Pipeline, nosa::host_backend>;
+  const std::int64_t T = in.steps, B = in.batch, P = in.prompt_rows;
+  const std::int64_t hq = in.q_heads, hkv = in.kv_heads, D = in.head_dim;
+  const std::int64_t top_k = opt.selection.top_k;
+
+  nosa::layer_config config;
+  config.selection = opt.selection;
+  config.num_q_heads = static_cast<int>(hq);
+  config.num_kv_heads = static_cast<int>(hkv);
+  config.limits = replay_capacity(opt, in);
+
+  nosa::owning_layer<layer_type> layer;
+  if (const nosa::status s = layer.create(config); !nosa::ok(s)) return {s, "create"};
+
+  const storage_array<element> prompt_k(in.prompt_k, std::size_t(B * P * hkv * D));
+  const storage_array<element> prompt_v(in.prompt_v, std::size_t(B * P * hkv * D));
+  const storage_array<element> q(in.q, std::size_t(T * B * hq * D));
+  const storage_array<element> k(in.k, std::size_t(T * B * hkv * D));
+  const storage_array<element> v(in.v, std::size_t(T * B * hkv * D));
+  out.o.assign(std::size_t(T * B * hq * D), 0.0f);
+  out.selected.assign(std::size_t(T * B * hkv * top_k), -1);
+  out.misses.assign(std::size_t(T * B * hkv), 0);
+
+  // Sequence b's prompt is the first prompt_len[b] rows of its [P][H_kv][D] slab, viewed in place.
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t len = in.prompt_len[b];
+    nosa::prompt_args<element> prompt;
+    prompt.k = nosa::make_contiguous<3>(prompt_k.data() + b * P * hkv * D, {len, hkv, D});
+    prompt.v = nosa::make_contiguous<3>(prompt_v.data() + b * P * hkv * D, {len, hkv, D});
+    prompt.c = nosa::make_contiguous<2>(in.prompt_c + b * P * hkv, {len, hkv});
+    if (const nosa::status s = layer->add_sequence(static_cast<int>(b), prompt); !nosa::ok(s)) {
+      return {s, "add_sequence"};
+    }
+  }
+
+  std::vector<std::int32_t> sequences(std::size_t(B), 0);
+  std::iota(sequences.begin(), sequences.end(), 0);
+  for (std::int64_t t = 0; t < T; ++t) {
+    if (const nosa::status s = layer->reserve(1); !nosa::ok(s)) return {s, "reserve"};
+    nosa::step_args<element, float> args;
+    args.sequences = nosa::make_contiguous<1>(static_cast<const std::int32_t*>(sequences.data()), {B});
+    args.q = nosa::make_contiguous<3>(q.data() + t * B * hq * D, {B, hq, D});
+    args.k = nosa::make_contiguous<3>(k.data() + t * B * hkv * D, {B, hkv, D});
+    args.v = nosa::make_contiguous<3>(v.data() + t * B * hkv * D, {B, hkv, D});
+    args.c = nosa::make_contiguous<2>(in.c + t * B * hkv, {B, hkv});
+    args.o = nosa::make_contiguous<3>(out.o.data() + t * B * hq * D, {B, hq, D});
+    if (const nosa::status s = layer->step(args); !nosa::ok(s)) return {s, "step"};
+
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t h = 0; h < hkv; ++h) {
+        const std::size_t row = std::size_t((t * B + b) * hkv + h);
+        // The layer keeps its selection in rank order; the file lists it as a set, so engines can compare
+        // it with their own top-k whatever their tie order.
+        const auto chosen = layer->selection(static_cast<int>(b), static_cast<int>(h));
+        std::int32_t* dst = out.selected.data() + row * std::size_t(top_k);
+        std::copy(chosen.begin(), chosen.end(), dst);
+        std::sort(dst, dst + chosen.size());
+        out.misses[row] = layer->step_misses(static_cast<int>(b), static_cast<int>(h));
+      }
+    }
+  }
+  out.totals = layer->total_counters();
+  return {};
+}
+
+template <variant_kind Variant>
+using query_agnostic_of =
+    std::conditional_t<Variant == variant_kind::nosa, nosa::eviction_score_pooling, nosa::no_query_agnostic>;
+
+template <store_kind Store>
+using store_of = std::conditional_t<Store == store_kind::offload, nosa::offload_store, nosa::resident_store>;
+
+}  // namespace detail
+
+template <nosa::storage_element Element, int HeadDim>
+replay_status run_replay(const options& opt, const replay_inputs& in, replay_outputs& out) {
+  using nosa::bias_mode;
+  replay_status result;
+  const nosa::status dispatched = nosa::dispatch_value<bias_mode::after_scale, bias_mode::before_scale,
+                                                       bias_mode::none>(opt.bias, [&](auto bias) {
+    return nosa::dispatch_value<variant_kind::nosa, variant_kind::infllmv2>(opt.variant, [&](auto variant) {
+      return nosa::dispatch_value<store_kind::offload, store_kind::resident>(opt.store, [&](auto store) {
+        using pipeline = nosa::pipeline<Element, HeadDim, detail::query_agnostic_of<decltype(variant)::value>,
+                                        detail::store_of<decltype(store)::value>,
+                                        nosa::sparse_attention<decltype(bias)::value>>;
+        result = detail::run_pipeline<pipeline>(opt, in, out);
+        return result.status;
+      });
+    });
+  });
+  // A value outside the compiled lists never reached a pipeline.
+  if (!nosa::ok(dispatched) && nosa::ok(result.status)) result = {dispatched, "dispatch"};
+  return result;
+}
+
+}  // namespace replay
