@@ -26,7 +26,9 @@ TEST_CASE_TEMPLATE("every policy combination matches the reference (fp32)", P,
                    combo<float, nosa::eviction_score_pooling, nosa::resident_store, bias_mode::before_scale>,
                    combo<float, nosa::eviction_score_pooling, nosa::resident_store, bias_mode::none>,
                    combo<float, nosa::no_query_agnostic, nosa::offload_store, bias_mode::after_scale>,
+                   combo<float, nosa::no_query_agnostic, nosa::offload_store, bias_mode::before_scale>,
                    combo<float, nosa::no_query_agnostic, nosa::offload_store, bias_mode::none>,
+                   combo<float, nosa::no_query_agnostic, nosa::resident_store, bias_mode::after_scale>,
                    combo<float, nosa::no_query_agnostic, nosa::resident_store, bias_mode::before_scale>,
                    combo<float, nosa::no_query_agnostic, nosa::resident_store, bias_mode::none>) {
   check_combination<P>(11);
