@@ -42,6 +42,7 @@ struct state_layout {
   std::size_t query_scores = 0;     // f32   [S][H][MB]              scratch: Sq per block
   std::size_t agnostic_scores = 0;  // f32   [S][H][MB]              scratch: Se per block
   std::size_t window_scores = 0;    // f32   [S][H][MW]              scratch: P per window, summed over the group
+  std::size_t window_logits = 0;    // f32   [S][H][MW]              scratch: one query head's logits per window
   std::size_t logit_scratch = 0;    // f32   [b_s]                   scratch: logits of one block (host backend)
   std::size_t block_order = 0;      // int32 [S][H][MB]              scratch: ranking of blocks
   std::size_t block_mark = 0;       // int32 [S][H][MB]              scratch: membership marks, kept zero
@@ -120,6 +121,7 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.query_scores = dev.take(SH * s.max_blocks * f32);
   s.agnostic_scores = dev.take(SH * s.max_blocks * f32);
   s.window_scores = dev.take(SH * s.max_windows * f32);
+  s.window_logits = dev.take(SH * s.max_windows * f32);
   s.logit_scratch = dev.take(std::size_t(sel.block_size) * f32);
   s.block_order = dev.take(SH * s.max_blocks * i32);
   s.block_mark = dev.take(SH * s.max_blocks * i32);

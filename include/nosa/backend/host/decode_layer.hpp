@@ -550,26 +550,25 @@ class decode_layer<P, host_backend> {
     float* sq = dev<float>(layout_.query_scores) + sh(seq, h) * layout_.max_blocks;
     float* se = dev<float>(layout_.agnostic_scores) + sh(seq, h) * layout_.max_blocks;
     float* prob = dev<float>(layout_.window_scores) + sh(seq, h) * layout_.max_windows;
+    float* logits = dev<float>(layout_.window_logits) + sh(seq, h) * layout_.max_windows;
     const float* kc = compressed_keys(seq, h);
     const float* cc = compressed_scores(seq, h);
     if (q != nullptr) {
       const float scale = softmax_scale(head_dim);
       std::fill_n(prob, n_windows, 0.0f);
       for (int g = 0; g < config_.group_size(); ++g) {
-        // Softmax over the windows for one query head: logits first (kept in `sq` scratch space would alias;
-        // a second pass recomputes them, which keeps the scratch at one array per (sequence, head)).
+        // Softmax over the windows for one query head, each logit computed once.
         float max_logit = negative_infinity;
         for (int w = 0; w < n_windows; ++w) {
-          max_logit = max_keep_left(max_logit, scorer::window_logit(dot(q[g], kc + std::size_t(w) * head_dim), scale));
+          logits[w] = scorer::window_logit(dot(q[g], kc + std::size_t(w) * head_dim), scale);
+          max_logit = max_keep_left(max_logit, logits[w]);
         }
         float denom = 0.0f;
         for (int w = 0; w < n_windows; ++w) {
-          denom += std::exp(scorer::window_logit(dot(q[g], kc + std::size_t(w) * head_dim), scale) - max_logit);
+          logits[w] = std::exp(logits[w] - max_logit);
+          denom += logits[w];
         }
-        for (int w = 0; w < n_windows; ++w) {
-          const float logit = scorer::window_logit(dot(q[g], kc + std::size_t(w) * head_dim), scale);
-          prob[w] += std::exp(logit - max_logit) / denom;
-        }
+        for (int w = 0; w < n_windows; ++w) prob[w] += logits[w] / denom;
       }
     }
     for (int m = 0; m < n_blocks; ++m) {
