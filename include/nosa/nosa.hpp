@@ -21,6 +21,7 @@
 #include <nosa/selector/forced_topk.hpp>
 #include <nosa/selector/select_blocks.hpp>
 #include <nosa/store/layout.hpp>
+#include <nosa/store/page_pool.hpp>
 #include <nosa/store/policies.hpp>
 
 #include <nosa/pipeline.hpp>

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -132,4 +133,32 @@ TEST_CASE("M <= k selects every block, in forced-then-score order") {
   for (int m = 0; m < n_blocks; ++m) CHECK(sorted[std::size_t(m)] == m);
   CHECK(out[0] == 0);   // the sink first
   CHECK(out[1] == 23);  // then the local blocks 23 .. 39 in ascending order
+}
+
+TEST_CASE("the selector's 64-bit key orders blocks exactly as ranks_before") {
+  using sel = nosa::forced_topk_selector;
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> values = {0.0f, -0.0f, inf, -inf, std::numeric_limits<float>::quiet_NaN(), 1.0f, -1.0f,
+                               std::numeric_limits<float>::denorm_min(), -std::numeric_limits<float>::denorm_min(),
+                               std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(), 0.5f, 0.5f};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (int i = 0; i < 200; ++i) values.push_back(normal(rng));
+  const int blocks[] = {0, 1, 2, 17, 4095, 1 << 20};
+  int pairs = 0;
+  for (const float a : values) {
+    for (const float b : values) {
+      for (const int ia : blocks) {
+        for (const int ib : blocks) {
+          if (ia == ib) continue;
+          const bool by_order = sel::ranks_before(sel::canonical(a), ia, sel::canonical(b), ib);
+          const bool by_key = sel::sort_key(a, ia) > sel::sort_key(b, ib);
+          INFO("a=" << a << " block " << ia << ", b=" << b << " block " << ib);
+          REQUIRE(by_order == by_key);
+          ++pairs;
+        }
+      }
+    }
+  }
+  CHECK(pairs > 100000);
 }

@@ -12,4 +12,10 @@ struct host_backend {
   struct stream_type {};
 };
 
+/// The owning memory types a backend's arenas live in, for `owning_layer`: `device_arena` and `host_arena`,
+/// each with `status allocate(std::size_t)` and `std::span<std::byte> span() const`. Specialised next to
+/// each backend.
+template <class Backend>
+struct arena_traits;
+
 }  // namespace nosa

@@ -6,7 +6,10 @@
 
 #include <nosa/core/math.hpp>
 #include <nosa/core/numeric.hpp>
+#include <nosa/core/status.hpp>
 #include <nosa/core/tensor_view.hpp>
+
+#include <cstdint>
 
 namespace nosa {
 
@@ -19,6 +22,21 @@ struct eviction_head_args {
   tensor_view<const float, 1> scale; ///< [H_kv] the per-head factor A
   tensor_view<float, 2> scores;      ///< [N][H_kv] output c
 };
+
+/// Checks the views of `args` against each other (every backend runs this before any work).
+template <storage_element T, storage_element W>
+constexpr status validate(const eviction_head_args<T, W>& args) noexcept {
+  const std::int64_t n = args.values.extents[0];
+  const std::int64_t heads = args.values.extents[1];
+  const std::int64_t dim = args.values.extents[2];
+  if (n < 0 || heads <= 0 || dim <= 0) return status::shape_mismatch;
+  NOSA_TRY(check_view(args.values, {n, heads, dim}));
+  NOSA_TRY(check_view(args.w_delta, {heads, heads * dim}));
+  if (!args.beta.empty()) NOSA_TRY(check_view(args.beta, {heads}));
+  NOSA_TRY(check_view(args.scale, {heads}));
+  NOSA_TRY(check_view(args.scores, {n, heads}));
+  return status::success;
+}
 
 /// The head's output for one (token, head) from the projection `dot = W_delta[h] . v_t`.
 NOSA_INLINE float eviction_score(float dot, float beta, float a) noexcept { return a * softplus(dot + beta); }

@@ -16,11 +16,17 @@
 
 namespace nosa {
 
+/// Most parts one (sequence, KV head)'s attention is split into; each part's partial softmax is merged by
+/// log-sum-exp. Bounds the split scratch at `min(k, 32)` parts.
+inline constexpr int max_attention_splits = 32;
+
 /// Byte offsets of every state array within its arena, plus the derived extents.
 struct state_layout {
   // Extents.
   int sequences = 0, kv_heads = 0, head_dim = 0, block_size = 0, window = 0;
   int max_blocks = 0, max_tokens = 0, max_windows = 0, top_k = 0, slots = 0, pages = 0;
+  int group = 0;       // G = H_q / H_kv
+  int max_splits = 0;  // parts a (sequence, KV head)'s attention may be split into (CUDA backend)
   std::size_t element_size = 0;
   bool offloads = false;
 
@@ -42,11 +48,15 @@ struct state_layout {
   std::size_t query_scores = 0;     // f32   [S][H][MB]              scratch: Sq per block
   std::size_t agnostic_scores = 0;  // f32   [S][H][MB]              scratch: Se per block
   std::size_t window_scores = 0;    // f32   [S][H][MW]              scratch: P per window, summed over the group
-  std::size_t window_logits = 0;    // f32   [S][H][MW]              scratch: one query head's logits per window
+  std::size_t window_logits = 0;    // f32   [S][H][G][MW]           scratch: each query head's logits per window
   std::size_t logit_scratch = 0;    // f32   [b_s]                   scratch: logits of one block (host backend)
   std::size_t block_order = 0;      // int32 [S][H][MB]              scratch: ranking of blocks
   std::size_t block_mark = 0;       // int32 [S][H][MB]              scratch: membership marks, kept zero
   std::size_t batch_mark = 0;       // int32 [S]                     scratch: duplicate detection, kept zero
+  std::size_t miss_list = 0;        // int32 [S][H][k]               scratch: blocks the last diff found missing
+  std::size_t partial_acc = 0;      // f32   [S][H][X][G][D]         scratch: split attention, weighted V sums
+  std::size_t partial_stats = 0;    // f32   [S][H][X][G][2]         scratch: split attention, (max, sum)
+  std::size_t step_status = 0;      // int32 [1]                     status of the last step's state checks
   std::size_t totals = 0;           // counters                      accumulated over all steps
   std::size_t last_step = 0;        // counters                      the last step only
   std::size_t device_pool = 0;      // E     [P][2][H][b_s][D]       pool (resident store only)
@@ -57,6 +67,9 @@ struct state_layout {
   std::size_t page_refs = 0;        // int32 [P]                     references to each page, 0 = free
   std::size_t free_pages = 0;       // int32 [P]                     stack of free page ids
   std::size_t free_count = 0;       // int32 [1]                     entries on the stack
+  std::size_t staging = 0;          // int32 [S*(MB+2)]              plan calls: state copied to the host
+  std::size_t inspect_selection = 0;// int32 [k]                     inspection: one selection
+  std::size_t inspect_slots = 0;    // int32 [NS]                    inspection: one slot map
   std::size_t host_bytes = 0;
 
   /// Elements of one page: K and V of one block of every KV head.
@@ -96,6 +109,8 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.top_k = sel.top_k;
   s.slots = sel.top_k + P::store::spare_slots;
   s.pages = config.limits.pool_pages;
+  s.group = config.group_size();
+  s.max_splits = sel.top_k < max_attention_splits ? sel.top_k : max_attention_splits;
   s.element_size = sizeof(typename P::element_type);
   s.offloads = P::store::offloads;
 
@@ -121,11 +136,15 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.query_scores = dev.take(SH * s.max_blocks * f32);
   s.agnostic_scores = dev.take(SH * s.max_blocks * f32);
   s.window_scores = dev.take(SH * s.max_windows * f32);
-  s.window_logits = dev.take(SH * s.max_windows * f32);
+  s.window_logits = dev.take(SH * s.group * s.max_windows * f32);
   s.logit_scratch = dev.take(std::size_t(sel.block_size) * f32);
   s.block_order = dev.take(SH * s.max_blocks * i32);
   s.block_mark = dev.take(SH * s.max_blocks * i32);
   s.batch_mark = dev.take(S * i32);
+  s.miss_list = dev.take(SH * s.top_k * i32);
+  s.partial_acc = dev.take(SH * s.max_splits * s.group * D * f32);
+  s.partial_stats = dev.take(SH * s.max_splits * s.group * 2 * f32);
+  s.step_status = dev.take(i32);
   s.totals = dev.take(sizeof(counters));
   s.last_step = dev.take(sizeof(counters));
   const std::size_t pool_bytes = std::size_t(s.pages) * s.page_elements() * E;
@@ -137,6 +156,9 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.page_refs = host.take(std::size_t(s.pages) * i32);
   s.free_pages = host.take(std::size_t(s.pages) * i32);
   s.free_count = host.take(i32);
+  s.staging = host.take(S * (s.max_blocks + 2) * i32);
+  s.inspect_selection = host.take(std::size_t(s.top_k) * i32);
+  s.inspect_slots = host.take(std::size_t(s.slots) * i32);
   s.host_bytes = host.bytes;
   return s;
 }

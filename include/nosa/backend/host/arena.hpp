@@ -43,10 +43,20 @@ class host_arena {
   std::size_t size_ = 0;
 };
 
-/// A host-backend layer together with the memory it runs in: the convenient form for tests, tools and CPU
-/// engines. `Layer` is a `decode_layer<P, host_backend>`.
+/// The host backend's two tiers are both ordinary memory.
+template <>
+struct arena_traits<host_backend> {
+  using device_arena = nosa::host_arena;
+  using host_arena = nosa::host_arena;
+};
+
+/// A layer together with the memory it runs in: the convenient form for tests, tools and engines that do
+/// not manage memory themselves. `Layer` is a `decode_layer<P, Backend>`; the arenas come from
+/// `arena_traits<Backend>` (include the backend's arena header).
 template <class Layer>
 class owning_layer {
+  using traits = arena_traits<typename Layer::backend_type>;
+
  public:
   /// Allocates both arenas and creates the layer.
   [[nodiscard]] status create(const layer_config& config) noexcept {
@@ -63,8 +73,8 @@ class owning_layer {
   const Layer* operator->() const noexcept { return &layer_; }
 
  private:
-  host_arena device_;
-  host_arena host_;
+  typename traits::device_arena device_;
+  typename traits::host_arena host_;
   Layer layer_;
 };
 

@@ -15,6 +15,7 @@
 #include <nosa/scorer/windows.hpp>
 #include <nosa/selector/select_blocks.hpp>
 #include <nosa/store/layout.hpp>
+#include <nosa/store/page_pool.hpp>
 
 #include <algorithm>
 #include <cstddef>
@@ -103,7 +104,7 @@ class decode_layer<P, host_backend> {
 
     // Validated: from here on nothing fails.
     std::int32_t* table = block_table(seq);
-    for (int m = 0; m < pages_needed; ++m) table[m] = pop_page();
+    for (int m = 0; m < pages_needed; ++m) table[m] = pages().pop();
     live_flags()[seq] = 1;
     lengths()[seq] = length;
     const selection_params& sel = config_.selection;
@@ -179,7 +180,7 @@ class decode_layer<P, host_backend> {
     if (seq < 0 || seq >= layout_.sequences || !live_flags()[seq]) return status::unknown_sequence;
     std::int32_t* table = block_table(seq);
     for (int m = 0; m < layout_.max_blocks; ++m) {
-      if (table[m] >= 0) release_page(table[m]);
+      if (table[m] >= 0) pages().release(table[m]);
       table[m] = -1;
     }
     for (int h = 0; h < config_.num_kv_heads; ++h) {
@@ -203,12 +204,13 @@ class decode_layer<P, host_backend> {
     for (int seq = 0; seq < layout_.sequences; ++seq) {
       if (!live_flags()[seq]) continue;
       int n = 0;
-      NOSA_TRY(pages_missing(seq, tokens_ahead, n));
+      NOSA_TRY(page_pool::missing(block_table(seq), lengths()[seq], tokens_ahead, layout_.max_tokens,
+                                    config_.selection, n));
       needed += n;
     }
     if (needed > free_page_count()) return status::host_pool_full;
     for (int seq = 0; seq < layout_.sequences; ++seq) {
-      if (live_flags()[seq]) fill_reservation(seq, tokens_ahead);
+      if (live_flags()[seq]) pages().fill(block_table(seq), lengths()[seq], tokens_ahead, config_.selection);
     }
     return status::success;
   }
@@ -218,9 +220,10 @@ class decode_layer<P, host_backend> {
     if (seq < 0 || seq >= layout_.sequences || !live_flags()[seq]) return status::unknown_sequence;
     if (tokens_ahead < 0) return status::invalid_argument;
     int needed = 0;
-    NOSA_TRY(pages_missing(seq, tokens_ahead, needed));
+    NOSA_TRY(page_pool::missing(block_table(seq), lengths()[seq], tokens_ahead, layout_.max_tokens,
+                                  config_.selection, needed));
     if (needed > free_page_count()) return status::host_pool_full;
-    fill_reservation(seq, tokens_ahead);
+    pages().fill(block_table(seq), lengths()[seq], tokens_ahead, config_.selection);
     return status::success;
   }
 
@@ -233,7 +236,9 @@ class decode_layer<P, host_backend> {
   /// changes.
   template <storage_element Out>
   [[nodiscard]] status step(const step_args<element_type, Out>& args, host_backend::stream_type = {}) noexcept {
-    NOSA_TRY(validate_step(args));
+    const status checked = validate_step(args);
+    *dev<std::int32_t>(layout_.step_status) = static_cast<std::int32_t>(checked);
+    NOSA_TRY(checked);
     const std::int64_t batch = args.sequences.extents[0];
     const selection_params& sel = config_.selection;
     const int hkv = config_.num_kv_heads;
@@ -288,6 +293,10 @@ class decode_layer<P, host_backend> {
   // Inspection (reads state memory; on the host backend this never waits).
   // ---------------------------------------------------------------------------------------------------
 
+  /// Status of the most recent step (`success` before the first). The CUDA backend finds some errors
+  /// (unknown, duplicate, full or unreserved sequences) only while the step runs and reports them here;
+  /// the host backend also returns them from `step`.
+  status step_status() const noexcept { return static_cast<status>(*dev<std::int32_t>(layout_.step_status)); }
   /// Counters accumulated over every step and plan call (bytes) since creation.
   counters total_counters() const noexcept { return *total_counters_ptr(); }
   /// Counters of the most recent step.
@@ -297,7 +306,7 @@ class decode_layer<P, host_backend> {
   /// Tokens of sequence `seq` (0 for a free slot).
   int length(int seq) const noexcept { return is_live(seq) ? lengths()[seq] : 0; }
   /// Pages not referenced by any sequence.
-  int free_page_count() const noexcept { return *free_count_ptr(); }
+  int free_page_count() const noexcept { return pages().free_count(); }
   /// The current selection of (seq, head), in rank order (empty for a free slot).
   std::span<const std::int32_t> selection(int seq, int head) const noexcept {
     if (!is_live(seq) || head < 0 || head >= config_.num_kv_heads) return {};
@@ -393,9 +402,7 @@ class decode_layer<P, host_backend> {
   }
   counters* total_counters_ptr() const noexcept { return dev<counters>(layout_.totals); }
   counters* last_step_counters_ptr() const noexcept { return dev<counters>(layout_.last_step); }
-  std::int32_t* page_refs() const noexcept { return hst<std::int32_t>(layout_.page_refs); }
-  std::int32_t* free_stack() const noexcept { return hst<std::int32_t>(layout_.free_pages); }
-  std::int32_t* free_count_ptr() const noexcept { return hst<std::int32_t>(layout_.free_count); }
+  page_pool pages() const noexcept { return page_pool(layout_, host_); }
   std::uint64_t block_bytes() const noexcept { return layout_.block_elements() * sizeof(element_type); }
 
   /// Keys (or values) of block m of (seq, h), wherever the store keeps it.
@@ -427,36 +434,7 @@ class decode_layer<P, host_backend> {
       std::fill_n(dev<std::int32_t>(layout_.slot_map), sh_total * layout_.slots, -1);
       std::fill_n(dev<std::int32_t>(layout_.block_slot), sh_total * layout_.max_blocks, -1);
     }
-    std::fill_n(page_refs(), layout_.pages, 0);
-    // Pop order hands out page 0 first, which keeps tests and traces readable.
-    for (int i = 0; i < layout_.pages; ++i) free_stack()[i] = layout_.pages - 1 - i;
-    *free_count_ptr() = layout_.pages;
-  }
-
-  std::int32_t pop_page() noexcept {
-    const std::int32_t page = free_stack()[--*free_count_ptr()];
-    page_refs()[page] = 1;
-    return page;
-  }
-
-  void release_page(std::int32_t page) noexcept {
-    if (--page_refs()[page] == 0) free_stack()[(*free_count_ptr())++] = page;
-  }
-
-  status pages_missing(int seq, int tokens_ahead, int& needed) const noexcept {
-    const std::int64_t through = std::int64_t(lengths()[seq]) + tokens_ahead;
-    if (through > layout_.max_tokens) return status::sequence_full;
-    const int blocks = block_count(static_cast<int>(through), config_.selection);
-    needed = 0;
-    for (int m = 0; m < blocks; ++m) needed += block_table(seq)[m] < 0;
-    return status::success;
-  }
-
-  void fill_reservation(int seq, int tokens_ahead) noexcept {
-    const int blocks = block_count(lengths()[seq] + tokens_ahead, config_.selection);
-    for (int m = 0; m < blocks; ++m) {
-      if (block_table(seq)[m] < 0) block_table(seq)[m] = pop_page();
-    }
+    pages().reset();
   }
 
   // --- validation ---------------------------------------------------------------------------------
@@ -550,7 +528,7 @@ class decode_layer<P, host_backend> {
     float* sq = dev<float>(layout_.query_scores) + sh(seq, h) * layout_.max_blocks;
     float* se = dev<float>(layout_.agnostic_scores) + sh(seq, h) * layout_.max_blocks;
     float* prob = dev<float>(layout_.window_scores) + sh(seq, h) * layout_.max_windows;
-    float* logits = dev<float>(layout_.window_logits) + sh(seq, h) * layout_.max_windows;
+    float* logits = dev<float>(layout_.window_logits) + sh(seq, h) * layout_.group * layout_.max_windows;
     const float* kc = compressed_keys(seq, h);
     const float* cc = compressed_scores(seq, h);
     if (q != nullptr) {

@@ -17,12 +17,7 @@ template <storage_element T, storage_element W>
   const std::int64_t n = args.values.extents[0];
   const std::int64_t heads = args.values.extents[1];
   const std::int64_t dim = args.values.extents[2];
-  if (n < 0 || heads <= 0 || dim <= 0) return status::shape_mismatch;
-  NOSA_TRY(check_view(args.values, {n, heads, dim}));
-  NOSA_TRY(check_view(args.w_delta, {heads, heads * dim}));
-  if (!args.beta.empty()) NOSA_TRY(check_view(args.beta, {heads}));
-  NOSA_TRY(check_view(args.scale, {heads}));
-  NOSA_TRY(check_view(args.scores, {n, heads}));
+  NOSA_TRY(validate(args));
   for (std::int64_t t = 0; t < n; ++t) {
     for (std::int64_t h = 0; h < heads; ++h) {
       float dot = 0.0f;

@@ -1,0 +1,389 @@
+#pragma once
+/// \file
+/// The CUDA executor of a decode layer: the same state layout as the host backend, every stage of a step
+/// as kernels on the caller's stream. `decode_layer<P, cuda_backend>` and `decode_layer<P, host_backend>`
+/// have the same members; only the memory the arenas live in and the stream arguments differ.
+///
+/// Memory: the device arena is device memory (`cudaMalloc`); the host arena is pinned host memory mapped
+/// into the device address space (`cudaHostAlloc(..., cudaHostAllocMapped)`, or `cudaHostRegister` with
+/// `cudaHostRegisterMapped`). `owning_layer` with `<nosa/backend/cuda/arena.cuh>` allocates both.
+///
+/// Steps only enqueue kernels: no allocation, no synchronisation, no host read of device memory, so a step
+/// can be captured once in a CUDA graph and replayed while sequences grow. Checks that need the state
+/// (unknown, duplicate, full or unreserved sequences) run on the device; a failing step changes nothing and
+/// leaves its status for `step_status()`. Plan calls and inspection synchronise the stream they are given
+/// (pass the stream the steps run on, or a stream ordered after it).
+
+#include <nosa/backend/cuda/backend.cuh>
+#include <nosa/backend/cuda/detail/kernels.cuh>
+#include <nosa/backend/cuda/detail/state.cuh>
+#include <nosa/core/params.hpp>
+#include <nosa/core/status.hpp>
+#include <nosa/core/tensor_view.hpp>
+#include <nosa/pipeline.hpp>
+#include <nosa/scorer/windows.hpp>
+#include <nosa/store/layout.hpp>
+#include <nosa/store/page_pool.hpp>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+namespace nosa {
+
+/// One layer's decode state and its CUDA executor. Cheap to copy; copies share the state.
+template <pipeline_policy P>
+class decode_layer<P, cuda_backend> {
+ public:
+  using pipeline_type = P;
+  using element_type = typename P::element_type;
+  using backend_type = cuda_backend;
+  static constexpr int head_dim = P::head_dim;
+  /// Largest GQA group (H_q / H_kv) the kernels support.
+  static constexpr int max_group = detail::cuda_max_group;
+  /// Largest `k` the kernels support.
+  static constexpr int max_top_k = detail::cuda_max_top_k;
+
+  static_assert(head_dim == 64 || head_dim == 128 || head_dim == 256, "the CUDA backend supports D = 64, 128, 256");
+
+  decode_layer() = default;
+
+  /// Sizes of the two arenas. Groups above 16, `k` above 256 and block sizes that are not a multiple of 8
+  /// give `not_supported`.
+  [[nodiscard]] static status required_bytes(const layer_config& config, arena_sizes& out) noexcept {
+    NOSA_TRY(check_config(config));
+    const state_layout s = make_state_layout<P>(config);
+    out = {s.device_bytes, s.host_bytes};
+    return status::success;
+  }
+
+  /// Builds a layer over caller-owned arenas (device memory; pinned, mapped host memory) and initialises
+  /// its state on `stream`, which it synchronises.
+  [[nodiscard]] static status create(const layer_config& config, std::span<std::byte> device_arena,
+                                     std::span<std::byte> host_arena, decode_layer& out,
+                                     cudaStream_t stream = nullptr) noexcept {
+    NOSA_TRY(check_config(config));
+    const state_layout s = make_state_layout<P>(config);
+    if (device_arena.size() < s.device_bytes || host_arena.size() < s.host_bytes) return status::insufficient_memory;
+    if (device_arena.data() == nullptr || host_arena.data() == nullptr) return status::null_pointer;
+    if (reinterpret_cast<std::uintptr_t>(device_arena.data()) % arena_alignment != 0 ||
+        reinterpret_cast<std::uintptr_t>(host_arena.data()) % arena_alignment != 0) {
+      return status::misaligned_pointer;
+    }
+    cudaPointerAttributes attr{};
+    if (cudaPointerGetAttributes(&attr, device_arena.data()) != cudaSuccess ||
+        (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)) {
+      cudaGetLastError();
+      return status::invalid_argument;
+    }
+    void* mapped = nullptr;
+    if (cudaHostGetDevicePointer(&mapped, host_arena.data(), 0) != cudaSuccess || mapped == nullptr) {
+      cudaGetLastError();
+      return status::invalid_argument;
+    }
+    int device = 0;
+    NOSA_CUDA_TRY(cudaGetDevice(&device));
+    int sms = 0;
+    NOSA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+
+    decode_layer layer;
+    layer.config_ = config;
+    layer.layout_ = s;
+    layer.device_ = device_arena.data();
+    layer.host_ = host_arena.data();
+    layer.host_mapped_ = static_cast<std::byte*>(mapped);
+    layer.sms_ = sms;
+    layer.state_ = detail::make_cuda_state<element_type, head_dim>(
+        config, s, layer.device_, offloads ? layer.host_mapped_ : layer.device_);
+    NOSA_TRY(layer.initialise(stream));
+    out = layer;
+    return status::success;
+  }
+
+  const layer_config& config() const noexcept { return config_; }
+
+  // ---------------------------------------------------------------------------------------------------
+  // Plan calls. Each synchronises `stream`.
+  // ---------------------------------------------------------------------------------------------------
+
+  /// Admits a sequence (see the host backend). The prompt views must be readable by the device (device,
+  /// managed or mapped pinned memory).
+  [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt,
+                                    cudaStream_t stream = nullptr) noexcept {
+    if (seq < 0 || seq >= layout_.sequences) return status::unknown_sequence;
+    if (is_live(seq, stream)) return status::sequence_exists;
+    const int hkv = config_.num_kv_heads;
+    const std::int64_t len = prompt.k.extents[0];
+    if (len < 0) return status::shape_mismatch;
+    NOSA_TRY(check_view(prompt.k, {len, hkv, head_dim}));
+    NOSA_TRY(check_view(prompt.v, {len, hkv, head_dim}));
+    if (P::uses_eviction_scores || !prompt.c.empty()) NOSA_TRY(check_view(prompt.c, {len, hkv}));
+    if (!prompt.last_query.empty()) NOSA_TRY(check_view(prompt.last_query, {config_.num_q_heads, head_dim}));
+    if (len > layout_.max_tokens) return status::sequence_full;
+    const int length = static_cast<int>(len);
+    const int pages_needed = block_count(std::min(length + 1, layout_.max_tokens), config_.selection);
+    if (pages_needed > free_page_count()) return status::host_pool_full;
+
+    // Validated: the pages are taken on the host, everything else runs on the device.
+    std::int32_t* row = staging();
+    for (int m = 0; m < layout_.max_blocks; ++m) row[m] = m < pages_needed ? pages().pop() : -1;
+    const std::int32_t* row_dev = reinterpret_cast<const std::int32_t*>(host_mapped_ + layout_.staging);
+    const int chunks = static_cast<int>(std::clamp<std::int64_t>((len * head_dim + 255) / 256, 1, 64));
+    detail::admit_kernel<offloads><<<hkv, detail::cuda_threads, 0, stream>>>(state_, seq, length, row_dev);
+    if (length > 0) {
+      detail::ingest_kernel<offloads>
+          <<<dim3(hkv, chunks), detail::cuda_threads, 0, stream>>>(state_, seq, length, prompt.k, prompt.v, prompt.c);
+      const int windows = window_count(length, config_.selection);
+      if (windows > 0) {
+        detail::compress_prompt_kernel<<<dim3(hkv, std::min(windows, 64)), head_dim, 0, stream>>>(state_, seq, length,
+                                                                                                   prompt.k);
+      }
+    }
+    const detail::sequence_source one{{}, seq};
+    detail::prompt_score_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(state_, seq, length, prompt.last_query);
+    detail::select_diff_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(
+        state_, one, 0, !prompt.last_query.empty(), false, detail::count_mode::ingest);
+    if constexpr (offloads) {
+      detail::gather_kernel<<<dim3(hkv, layout_.top_k), detail::cuda_threads, 0, stream>>>(state_, one, false);
+    }
+    detail::clear_step_misses_kernel<<<1, 32, 0, stream>>>(state_, seq);
+    return finish_plan(stream);
+  }
+
+  /// Retires the sequence in slot `seq`, returning its pages to the pool.
+  [[nodiscard]] status remove_sequence(int seq, cudaStream_t stream = nullptr) noexcept {
+    if (seq < 0 || seq >= layout_.sequences) return status::unknown_sequence;
+    NOSA_CUDA_TRY(cudaStreamSynchronize(stream));
+    std::int32_t live = 0;
+    NOSA_TRY(read_device(&live, layout_.seq_live + sizeof(std::int32_t) * seq, 1, stream));
+    if (live == 0) return status::unknown_sequence;
+    std::int32_t* row = staging();
+    NOSA_TRY(read_device(row, layout_.block_table + sizeof(std::int32_t) * seq * layout_.max_blocks,
+                         layout_.max_blocks, stream));
+    for (int m = 0; m < layout_.max_blocks; ++m) {
+      if (row[m] >= 0) pages().release(row[m]);
+    }
+    detail::retire_kernel<offloads><<<config_.num_kv_heads, detail::cuda_threads, 0, stream>>>(state_, seq);
+    return finish_plan(stream);
+  }
+
+  /// Reserves pages so that every live sequence can run `tokens_ahead` more steps. All or nothing.
+  [[nodiscard]] status reserve(int tokens_ahead, cudaStream_t stream = nullptr) noexcept {
+    if (tokens_ahead < 0) return status::invalid_argument;
+    NOSA_TRY(load_plan_state(stream));
+    int needed = 0;
+    for (int seq = 0; seq < layout_.sequences; ++seq) {
+      if (!staged_live()[seq]) continue;
+      int n = 0;
+      NOSA_TRY(page_pool::missing(staged_table(seq), staged_lengths()[seq], tokens_ahead, layout_.max_tokens,
+                                    config_.selection, n));
+      needed += n;
+    }
+    if (needed > free_page_count()) return status::host_pool_full;
+    for (int seq = 0; seq < layout_.sequences; ++seq) {
+      if (staged_live()[seq]) pages().fill(staged_table(seq), staged_lengths()[seq], tokens_ahead, config_.selection);
+    }
+    return store_block_table(stream);
+  }
+
+  /// Reserves pages so that sequence `seq` can run `tokens_ahead` more steps. All or nothing.
+  [[nodiscard]] status reserve(int seq, int tokens_ahead, cudaStream_t stream = nullptr) noexcept {
+    if (seq < 0 || seq >= layout_.sequences) return status::unknown_sequence;
+    NOSA_TRY(load_plan_state(stream));
+    if (!staged_live()[seq]) return status::unknown_sequence;
+    if (tokens_ahead < 0) return status::invalid_argument;
+    int needed = 0;
+    NOSA_TRY(page_pool::missing(staged_table(seq), staged_lengths()[seq], tokens_ahead, layout_.max_tokens,
+                                  config_.selection, needed));
+    if (needed > free_page_count()) return status::host_pool_full;
+    pages().fill(staged_table(seq), staged_lengths()[seq], tokens_ahead, config_.selection);
+    return store_block_table(stream);
+  }
+
+  // ---------------------------------------------------------------------------------------------------
+  // The step.
+  // ---------------------------------------------------------------------------------------------------
+
+  /// Enqueues one decode step of this layer on `stream`. Returns a status for bad views at once; errors
+  /// that depend on the state are found on the device and read with `step_status()`.
+  template <storage_element Out>
+  [[nodiscard]] status step(const step_args<element_type, Out>& args, cudaStream_t stream = nullptr) noexcept {
+    const std::int64_t batch = args.sequences.extents[0];
+    if (batch < 0) return status::shape_mismatch;
+    const int hq = config_.num_q_heads, hkv = config_.num_kv_heads;
+    NOSA_TRY(check_view(args.sequences, {batch}));
+    NOSA_TRY(check_view(args.q, {batch, hq, head_dim}));
+    NOSA_TRY(check_view(args.k, {batch, hkv, head_dim}));
+    NOSA_TRY(check_view(args.v, {batch, hkv, head_dim}));
+    if (P::uses_eviction_scores || !args.c.empty()) NOSA_TRY(check_view(args.c, {batch, hkv}));
+    NOSA_TRY(check_view(args.o, {batch, hq, head_dim}));
+    if (batch > std::int64_t(1) << 20) return status::invalid_argument;
+    const int rows = static_cast<int>(batch) * hkv;
+    const detail::sequence_source seqs{args.sequences, -1};
+    detail::begin_step_kernel<<<1, detail::cuda_threads, 0, stream>>>(state_, seqs, static_cast<int>(batch));
+    if (rows > 0) {
+      detail::append_score_kernel<P>
+          <<<rows, detail::cuda_threads, 0, stream>>>(state_, seqs, args.q, args.k, args.v, args.c);
+      detail::select_diff_kernel<P>
+          <<<rows, detail::cuda_threads, 0, stream>>>(state_, seqs, 1, true, true, detail::count_mode::step);
+      if constexpr (offloads) {
+        detail::gather_kernel<<<dim3(rows, layout_.top_k + 1), detail::cuda_threads, 0, stream>>>(state_, seqs, true);
+      }
+      const int splits = attention_splits(rows);
+      detail::attention_kernel<P><<<dim3(rows, splits), head_dim, 0, stream>>>(state_, seqs, args.q);
+      detail::merge_kernel<<<rows, head_dim, 0, stream>>>(state_, seqs, args.o, splits);
+    }
+    return detail::from_cuda(cudaGetLastError());
+  }
+
+  // ---------------------------------------------------------------------------------------------------
+  // Inspection: each call synchronises `stream` and reads state memory. Spans point into the host arena
+  // and stay valid until the next call of the same function.
+  // ---------------------------------------------------------------------------------------------------
+
+  /// Status of the most recent step's state checks (`success` before the first step).
+  status step_status(cudaStream_t stream = nullptr) const noexcept {
+    std::int32_t code = 0;
+    const status r = read_device(&code, layout_.step_status, 1, stream);
+    return ok(r) ? static_cast<status>(code) : r;
+  }
+  counters total_counters(cudaStream_t stream = nullptr) const noexcept { return read_counters(layout_.totals, stream); }
+  counters last_step_counters(cudaStream_t stream = nullptr) const noexcept {
+    return read_counters(layout_.last_step, stream);
+  }
+  bool is_live(int seq, cudaStream_t stream = nullptr) const noexcept {
+    if (seq < 0 || seq >= layout_.sequences) return false;
+    std::int32_t live = 0;
+    return ok(read_device(&live, layout_.seq_live + sizeof(std::int32_t) * seq, 1, stream)) && live != 0;
+  }
+  int length(int seq, cudaStream_t stream = nullptr) const noexcept {
+    if (!is_live(seq, stream)) return 0;
+    std::int32_t len = 0;
+    return ok(read_device(&len, layout_.seq_length + sizeof(std::int32_t) * seq, 1, stream)) ? len : 0;
+  }
+  /// Pages not referenced by any sequence (host bookkeeping; does not synchronise).
+  int free_page_count() const noexcept { return pages().free_count(); }
+  std::span<const std::int32_t> selection(int seq, int head, cudaStream_t stream = nullptr) const noexcept {
+    if (!is_live(seq, stream) || head < 0 || head >= config_.num_kv_heads) return {};
+    const std::size_t i = std::size_t(seq) * config_.num_kv_heads + head;
+    std::int32_t count = 0;
+    if (!ok(read_device(&count, layout_.selection_count + sizeof(std::int32_t) * i, 1, stream))) return {};
+    std::int32_t* out = hst<std::int32_t>(layout_.inspect_selection);
+    if (!ok(read_device(out, layout_.selection + sizeof(std::int32_t) * i * layout_.top_k, count, stream))) return {};
+    return {out, static_cast<std::size_t>(count)};
+  }
+  int step_misses(int seq, int head, cudaStream_t stream = nullptr) const noexcept {
+    if (!is_live(seq, stream) || head < 0 || head >= config_.num_kv_heads) return 0;
+    std::int32_t n = 0;
+    const std::size_t i = std::size_t(seq) * config_.num_kv_heads + head;
+    return ok(read_device(&n, layout_.step_misses + sizeof(std::int32_t) * i, 1, stream)) ? n : 0;
+  }
+  std::span<const std::int32_t> slots(int seq, int head, cudaStream_t stream = nullptr) const noexcept {
+    if constexpr (!offloads) {
+      return {};
+    } else {
+      if (!is_live(seq, stream) || head < 0 || head >= config_.num_kv_heads) return {};
+      const std::size_t i = std::size_t(seq) * config_.num_kv_heads + head;
+      std::int32_t* out = hst<std::int32_t>(layout_.inspect_slots);
+      if (!ok(read_device(out, layout_.slot_map + sizeof(std::int32_t) * i * layout_.slots, layout_.slots, stream))) {
+        return {};
+      }
+      return {out, static_cast<std::size_t>(layout_.slots)};
+    }
+  }
+  const state_layout& layout() const noexcept { return layout_; }
+
+ private:
+  static constexpr bool offloads = P::store::offloads;
+
+  layer_config config_{};
+  state_layout layout_{};
+  std::byte* device_ = nullptr;
+  std::byte* host_ = nullptr;
+  std::byte* host_mapped_ = nullptr;
+  int sms_ = 1;
+  detail::cuda_state<element_type, head_dim> state_{};
+
+  static status check_config(const layer_config& config) noexcept {
+    NOSA_TRY(validate(config));
+    if (config.group_size() > max_group || config.selection.top_k > max_top_k) return status::not_supported;
+    if (config.selection.block_size % 8 != 0) return status::not_supported;
+    return status::success;
+  }
+
+  template <class T>
+  T* hst(std::size_t offset) const noexcept {
+    return reinterpret_cast<T*>(host_ + offset);
+  }
+  std::int32_t* staging() const noexcept { return hst<std::int32_t>(layout_.staging); }
+  // The staging area during `reserve`: block tables [S][MB], then live flags [S], then lengths [S].
+  std::int32_t* staged_table(int seq) const noexcept { return staging() + std::size_t(seq) * layout_.max_blocks; }
+  std::int32_t* staged_live() const noexcept { return staging() + std::size_t(layout_.sequences) * layout_.max_blocks; }
+  std::int32_t* staged_lengths() const noexcept { return staged_live() + layout_.sequences; }
+
+  /// Copies `count` int32 values (or any trivially copyable T) from the device arena and waits.
+  template <class T>
+  status read_device(T* dst, std::size_t offset, std::size_t count, cudaStream_t stream) const noexcept {
+    if (count == 0) return status::success;
+    NOSA_CUDA_TRY(cudaMemcpyAsync(dst, device_ + offset, sizeof(T) * count, cudaMemcpyDeviceToHost, stream));
+    return detail::from_cuda(cudaStreamSynchronize(stream));
+  }
+
+  counters read_counters(std::size_t offset, cudaStream_t stream) const noexcept {
+    counters c{};
+    if (!ok(read_device(&c, offset, 1, stream))) return counters{};
+    return c;
+  }
+
+  status finish_plan(cudaStream_t stream) noexcept {
+    NOSA_CUDA_TRY(cudaGetLastError());
+    return detail::from_cuda(cudaStreamSynchronize(stream));
+  }
+
+  int attention_splits(int rows) const noexcept {
+    const int wanted = (2 * sms_ + rows - 1) / rows;
+    return std::max(1, std::min(wanted, layout_.max_splits));
+  }
+
+  status initialise(cudaStream_t stream) noexcept {
+    NOSA_CUDA_TRY(cudaMemsetAsync(device_, 0, layout_.device_bytes, stream));
+    const std::size_t i32 = sizeof(std::int32_t);
+    const std::size_t sh_total = std::size_t(layout_.sequences) * layout_.kv_heads;
+    NOSA_CUDA_TRY(cudaMemsetAsync(device_ + layout_.block_table, 0xff,
+                                  std::size_t(layout_.sequences) * layout_.max_blocks * i32, stream));
+    if constexpr (offloads) {
+      NOSA_CUDA_TRY(cudaMemsetAsync(device_ + layout_.slot_map, 0xff, sh_total * layout_.slots * i32, stream));
+      NOSA_CUDA_TRY(cudaMemsetAsync(device_ + layout_.block_slot, 0xff, sh_total * layout_.max_blocks * i32, stream));
+    }
+    pages().reset();
+    return detail::from_cuda(cudaStreamSynchronize(stream));
+  }
+
+  page_pool pages() const noexcept { return page_pool(layout_, host_); }
+
+  /// Brings block tables, live flags and lengths into the staging area.
+  status load_plan_state(cudaStream_t stream) noexcept {
+    const std::size_t i32 = sizeof(std::int32_t);
+    NOSA_CUDA_TRY(cudaStreamSynchronize(stream));
+    NOSA_CUDA_TRY(cudaMemcpyAsync(staged_table(0), device_ + layout_.block_table,
+                                  std::size_t(layout_.sequences) * layout_.max_blocks * i32, cudaMemcpyDeviceToHost,
+                                  stream));
+    NOSA_CUDA_TRY(cudaMemcpyAsync(staged_live(), device_ + layout_.seq_live, layout_.sequences * i32,
+                                  cudaMemcpyDeviceToHost, stream));
+    NOSA_CUDA_TRY(cudaMemcpyAsync(staged_lengths(), device_ + layout_.seq_length, layout_.sequences * i32,
+                                  cudaMemcpyDeviceToHost, stream));
+    return detail::from_cuda(cudaStreamSynchronize(stream));
+  }
+
+  status store_block_table(cudaStream_t stream) noexcept {
+    NOSA_CUDA_TRY(cudaMemcpyAsync(device_ + layout_.block_table, staged_table(0),
+                                  std::size_t(layout_.sequences) * layout_.max_blocks * sizeof(std::int32_t),
+                                  cudaMemcpyHostToDevice, stream));
+    return detail::from_cuda(cudaStreamSynchronize(stream));
+  }
+};
+
+}  // namespace nosa

@@ -1,0 +1,137 @@
+#pragma once
+/// \file
+/// Kernel-side view of a layer's state: typed pointers into the device arena (and the device address of the
+/// mapped host pool), built once at creation from the shared `state_layout` and passed to kernels by value.
+
+#include <nosa/core/params.hpp>
+#include <nosa/pipeline.hpp>
+#include <nosa/scorer/windows.hpp>
+#include <nosa/store/layout.hpp>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace nosa::detail {
+
+template <class E, int D>
+struct cuda_state {
+  selection_params sel;
+  int sequences, kv_heads, group, max_blocks, max_tokens, max_windows, top_k, slots, max_splits;
+
+  std::int32_t* lengths;
+  std::int32_t* live;
+  std::int32_t* block_table;
+  float* token_scores;
+  float* compressed_keys;
+  float* compressed_scores;
+  E* key_ring;
+  std::int32_t* selection;
+  std::int32_t* selection_count;
+  std::int32_t* step_misses;
+  std::int32_t* slot_map;
+  std::int32_t* block_slot;
+  E* slot_keys;
+  E* slot_values;
+  float* query_scores;
+  float* agnostic_scores;
+  float* window_scores;
+  float* window_logits;
+  std::int32_t* block_mark;
+  std::int32_t* batch_mark;
+  std::int32_t* miss_list;
+  float* partial_acc;
+  float* partial_stats;
+  std::int32_t* status;
+  counters* totals;
+  counters* last_step;
+  E* pool;  ///< device address of the pool: mapped host memory (offload) or device memory (resident)
+
+  NOSA_HOST_DEVICE std::size_t sh(int seq, int h) const { return std::size_t(seq) * kv_heads + h; }
+  NOSA_HOST_DEVICE std::size_t block_elements() const { return std::size_t(sel.block_size) * D; }
+  NOSA_HOST_DEVICE std::size_t page_elements() const { return 2 * std::size_t(kv_heads) * block_elements(); }
+  NOSA_HOST_DEVICE std::size_t block_bytes() const { return block_elements() * sizeof(E); }
+
+  NOSA_HOST_DEVICE std::int32_t* table(int seq) const { return block_table + std::size_t(seq) * max_blocks; }
+  NOSA_HOST_DEVICE float* scores_of(int seq, int h) const { return token_scores + sh(seq, h) * max_tokens; }
+  NOSA_HOST_DEVICE float* kc_of(int seq, int h) const { return compressed_keys + sh(seq, h) * max_windows * D; }
+  NOSA_HOST_DEVICE float* cc_of(int seq, int h) const { return compressed_scores + sh(seq, h) * max_windows; }
+  NOSA_HOST_DEVICE E* ring_of(int seq, int h) const { return key_ring + sh(seq, h) * sel.window * D; }
+  NOSA_HOST_DEVICE std::int32_t* selection_of(int seq, int h) const { return selection + sh(seq, h) * top_k; }
+  NOSA_HOST_DEVICE std::int32_t* slot_map_of(int seq, int h) const { return slot_map + sh(seq, h) * slots; }
+  NOSA_HOST_DEVICE std::int32_t* block_slot_of(int seq, int h) const { return block_slot + sh(seq, h) * max_blocks; }
+  NOSA_HOST_DEVICE E* slot_k(int seq, int h, int slot) const {
+    return slot_keys + (sh(seq, h) * slots + slot) * block_elements();
+  }
+  NOSA_HOST_DEVICE E* slot_v(int seq, int h, int slot) const {
+    return slot_values + (sh(seq, h) * slots + slot) * block_elements();
+  }
+  NOSA_HOST_DEVICE E* page_k(int page, int h) const {
+    return pool + std::size_t(page) * page_elements() + std::size_t(h) * block_elements();
+  }
+  NOSA_HOST_DEVICE E* page_v(int page, int h) const {
+    return pool + std::size_t(page) * page_elements() + std::size_t(kv_heads + h) * block_elements();
+  }
+  NOSA_HOST_DEVICE float* sq_of(int seq, int h) const { return query_scores + sh(seq, h) * max_blocks; }
+  NOSA_HOST_DEVICE float* se_of(int seq, int h) const { return agnostic_scores + sh(seq, h) * max_blocks; }
+  NOSA_HOST_DEVICE float* prob_of(int seq, int h) const { return window_scores + sh(seq, h) * max_windows; }
+  NOSA_HOST_DEVICE float* logits_of(int seq, int h) const {
+    return window_logits + sh(seq, h) * group * max_windows;
+  }
+  NOSA_HOST_DEVICE std::int32_t* mark_of(int seq, int h) const { return block_mark + sh(seq, h) * max_blocks; }
+  NOSA_HOST_DEVICE std::int32_t* misses_of(int seq, int h) const { return miss_list + sh(seq, h) * top_k; }
+  NOSA_HOST_DEVICE float* acc_of(int seq, int h, int split) const {
+    return partial_acc + ((sh(seq, h) * max_splits + split) * group) * D;
+  }
+  NOSA_HOST_DEVICE float* stats_of(int seq, int h, int split) const {
+    return partial_stats + ((sh(seq, h) * max_splits + split) * group) * 2;
+  }
+};
+
+/// Builds the kernel view of a state from the arenas' base addresses (`pool_base` is the device address
+/// of the arena that holds the pool).
+template <class E, int D>
+cuda_state<E, D> make_cuda_state(const layer_config& config, const state_layout& l, std::byte* device,
+                                 std::byte* pool_base) noexcept {
+  const auto at = [device](std::size_t offset) { return device + offset; };
+  cuda_state<E, D> s{};
+  s.sel = config.selection;
+  s.sequences = l.sequences;
+  s.kv_heads = l.kv_heads;
+  s.group = l.group;
+  s.max_blocks = l.max_blocks;
+  s.max_tokens = l.max_tokens;
+  s.max_windows = l.max_windows;
+  s.top_k = l.top_k;
+  s.slots = l.slots;
+  s.max_splits = l.max_splits;
+  s.lengths = reinterpret_cast<std::int32_t*>(at(l.seq_length));
+  s.live = reinterpret_cast<std::int32_t*>(at(l.seq_live));
+  s.block_table = reinterpret_cast<std::int32_t*>(at(l.block_table));
+  s.token_scores = reinterpret_cast<float*>(at(l.token_scores));
+  s.compressed_keys = reinterpret_cast<float*>(at(l.compressed_keys));
+  s.compressed_scores = reinterpret_cast<float*>(at(l.compressed_scores));
+  s.key_ring = reinterpret_cast<E*>(at(l.key_ring));
+  s.selection = reinterpret_cast<std::int32_t*>(at(l.selection));
+  s.selection_count = reinterpret_cast<std::int32_t*>(at(l.selection_count));
+  s.step_misses = reinterpret_cast<std::int32_t*>(at(l.step_misses));
+  s.slot_map = reinterpret_cast<std::int32_t*>(at(l.slot_map));
+  s.block_slot = reinterpret_cast<std::int32_t*>(at(l.block_slot));
+  s.slot_keys = reinterpret_cast<E*>(at(l.slot_keys));
+  s.slot_values = reinterpret_cast<E*>(at(l.slot_values));
+  s.query_scores = reinterpret_cast<float*>(at(l.query_scores));
+  s.agnostic_scores = reinterpret_cast<float*>(at(l.agnostic_scores));
+  s.window_scores = reinterpret_cast<float*>(at(l.window_scores));
+  s.window_logits = reinterpret_cast<float*>(at(l.window_logits));
+  s.block_mark = reinterpret_cast<std::int32_t*>(at(l.block_mark));
+  s.batch_mark = reinterpret_cast<std::int32_t*>(at(l.batch_mark));
+  s.miss_list = reinterpret_cast<std::int32_t*>(at(l.miss_list));
+  s.partial_acc = reinterpret_cast<float*>(at(l.partial_acc));
+  s.partial_stats = reinterpret_cast<float*>(at(l.partial_stats));
+  s.status = reinterpret_cast<std::int32_t*>(at(l.step_status));
+  s.totals = reinterpret_cast<counters*>(at(l.totals));
+  s.last_step = reinterpret_cast<counters*>(at(l.last_step));
+  s.pool = reinterpret_cast<E*>(pool_base + (l.offloads ? l.host_pool : l.device_pool));
+  return s;
+}
+
+}  // namespace nosa::detail

@@ -1,0 +1,73 @@
+#pragma once
+/// \file
+/// Host-side bookkeeping of the paged pool, shared by every backend's plan calls: reference counts, a stack
+/// of free pages, and the reservation of pages for the blocks a sequence will reach. Lives in the host
+/// arena at the offsets of `state_layout`.
+
+#include <nosa/core/params.hpp>
+#include <nosa/core/status.hpp>
+#include <nosa/scorer/windows.hpp>
+#include <nosa/store/layout.hpp>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace nosa {
+
+/// A view of the pool's bookkeeping arrays in a host arena. Cheap to copy.
+class page_pool {
+ public:
+  page_pool() = default;
+  page_pool(const state_layout& l, std::byte* host_arena) noexcept
+      : refs_(reinterpret_cast<std::int32_t*>(host_arena + l.page_refs)),
+        stack_(reinterpret_cast<std::int32_t*>(host_arena + l.free_pages)),
+        count_(reinterpret_cast<std::int32_t*>(host_arena + l.free_count)),
+        pages_(l.pages) {}
+
+  /// Every page free; pops hand out page 0 first, which keeps tests and traces readable.
+  void reset() noexcept {
+    for (int i = 0; i < pages_; ++i) {
+      refs_[i] = 0;
+      stack_[i] = pages_ - 1 - i;
+    }
+    *count_ = pages_;
+  }
+  int free_count() const noexcept { return *count_; }
+  /// Takes a free page (the caller checked `free_count`).
+  std::int32_t pop() noexcept {
+    const std::int32_t page = stack_[--*count_];
+    refs_[page] = 1;
+    return page;
+  }
+  /// Drops one reference; the page is free again when none is left.
+  void release(std::int32_t page) noexcept {
+    if (--refs_[page] == 0) stack_[(*count_)++] = page;
+  }
+
+  /// Pages that block-table row `table` still lacks for a sequence of `length` tokens to run `tokens_ahead`
+  /// more steps; `sequence_full` when that passes `max_tokens`.
+  static status missing(const std::int32_t* table, int length, int tokens_ahead, int max_tokens,
+                        const selection_params& sel, int& needed) noexcept {
+    const std::int64_t through = std::int64_t(length) + tokens_ahead;
+    if (through > max_tokens) return status::sequence_full;
+    const int blocks = block_count(static_cast<int>(through), sel);
+    needed = 0;
+    for (int m = 0; m < blocks; ++m) needed += table[m] < 0;
+    return status::success;
+  }
+  /// Fills the pages `missing` counted (the caller checked that enough are free).
+  void fill(std::int32_t* table, int length, int tokens_ahead, const selection_params& sel) noexcept {
+    const int blocks = block_count(length + tokens_ahead, sel);
+    for (int m = 0; m < blocks; ++m) {
+      if (table[m] < 0) table[m] = pop();
+    }
+  }
+
+ private:
+  std::int32_t* refs_ = nullptr;
+  std::int32_t* stack_ = nullptr;
+  std::int32_t* count_ = nullptr;
+  int pages_ = 0;
+};
+
+}  // namespace nosa
