@@ -2,6 +2,7 @@
 // and writes the attention output, the selections and the per-step misses, so that an engine's own
 // implementation can be compared with the library tensor by tensor. File formats: docs/replay.md.
 
+#include "../common/cuda_device.hpp"
 #include "../common/npy.hpp"
 #include "inputs.hpp"
 #include "options.hpp"
@@ -36,6 +37,21 @@ replay_status run_replay(const options& opt, const replay_inputs& in, replay_out
   return result;
 }
 
+#ifdef NOSA_REPLAY_CUDA
+replay_status run_replay_cuda(const options& opt, const replay_inputs& in, replay_outputs& out) {
+  replay_status result;
+  const nosa::status dispatched =
+      nosa::dispatch_element<float, nosa::fp16, nosa::bf16>(opt.element, [&](auto element) {
+        return nosa::dispatch_value<64, 128, 256>(in.head_dim, [&](auto head_dim) {
+          result = run_replay_cuda<typename decltype(element)::type, decltype(head_dim)::value>(opt, in, out);
+          return result.status;
+        });
+      });
+  if (!nosa::ok(dispatched) && nosa::ok(result.status)) result = {dispatched, "dispatch"};
+  return result;
+}
+#endif
+
 namespace {
 
 /// Exit status of every failure: bad options, bad inputs, a failed library call or output error.
@@ -64,18 +80,13 @@ std::optional<std::string> write_outputs(const std::filesystem::path& dir, const
   return std::nullopt;
 }
 
-std::string_view variant_name(variant_kind v) { return v == variant_kind::nosa ? "nosa" : "infllmv2"; }
-std::string_view store_name(store_kind s) { return s == store_kind::offload ? "offload" : "resident"; }
-std::string_view bias_name(nosa::bias_mode b) {
-  switch (b) {
-  case nosa::bias_mode::after_scale:
-    return "after_scale";
-  case nosa::bias_mode::before_scale:
-    return "before_scale";
-  case nosa::bias_mode::none:
-    return "none";
-  }
-  return "?";
+/// Runs the replay on the backend `opt` names (parse_options has already refused `cuda` where this build
+/// lacks it).
+replay_status run_on_backend(const options& opt, const replay_inputs& in, replay_outputs& out) {
+#ifdef NOSA_REPLAY_CUDA
+  if (opt.backend == backend_kind::cuda) return run_replay_cuda(opt, in, out);
+#endif
+  return run_replay(opt, in, out);
 }
 
 int run(int argc, const char* const* argv) {
@@ -86,14 +97,23 @@ int run(int argc, const char* const* argv) {
     return 0;
   }
   if (parsed.what == parse_result::action::fail) return report(parsed.error);
+#ifdef NOSA_REPLAY_CUDA
+  if (opt.backend == backend_kind::cuda) {
+    // The build has CUDA (parse_options checked that), but a usable GPU is a property of the machine.
+    if (const cuda_device::probe_result device = cuda_device::probe(); !device.usable) {
+      return report("backend 'cuda' is not available: " + device.description);
+    }
+  }
+#endif
 
   loaded_inputs inputs;
   if (auto e = load_inputs(opt.in_dir, inputs)) return report(*e);
   const replay_inputs& in = inputs.view;
 
   replay_outputs out;
-  if (const replay_status s = run_replay(opt, in, out); !nosa::ok(s.status)) {
-    return report(std::string(s.call) + ": " + std::string(nosa::to_string(s.status)));
+  if (const replay_status s = run_on_backend(opt, in, out); !nosa::ok(s.status)) {
+    const std::string_view reason = s.reason.empty() ? nosa::to_string(s.status) : s.reason;
+    return report(std::string(s.call) + ": " + std::string(reason));
   }
   if (auto e = write_outputs(opt.out_dir, opt, in, out)) return report(*e);
 

@@ -42,11 +42,30 @@ options (defaults are the paper's):
   --variant NAME        nosa | infllmv2                         (nosa)
   --dtype NAME          fp32 | fp16 | bf16 storage of q, K, V   (fp32)
   --store NAME          offload | resident                      (offload)
-  --backend NAME        host                                    (host)
+  --backend NAME        host | cuda (CUDA builds, with a GPU)   (host)
   --help                print this text and exit
 
 exit status: 0 success, 2 bad options, bad inputs or a failed library call (one line on stderr).
 )";
+
+/// Names of the choices, as the command line spells them.
+constexpr std::string_view variant_name(variant_kind v) noexcept {
+  return v == variant_kind::nosa ? "nosa" : "infllmv2";
+}
+constexpr std::string_view store_name(store_kind s) noexcept {
+  return s == store_kind::offload ? "offload" : "resident";
+}
+constexpr std::string_view bias_name(nosa::bias_mode b) noexcept {
+  switch (b) {
+  case nosa::bias_mode::after_scale:
+    return "after_scale";
+  case nosa::bias_mode::before_scale:
+    return "before_scale";
+  case nosa::bias_mode::none:
+    return "none";
+  }
+  return "?";
+}
 
 /// Outcome of parsing: run, print help, or stop with `error` (one line, without the program name).
 struct parse_result {
@@ -168,7 +187,11 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
         if (!v) return bad_choice("offload or resident");
         opt.store = *v;
       } else {
-        opt.backend = *text;
+        static constexpr std::string_view names[] = {"host", "cuda"};
+        static constexpr backend_kind values[] = {backend_kind::host, backend_kind::cuda};
+        const auto v = detail::parse_choice(*text, names, values);
+        if (!v) return bad_choice("host or cuda");
+        opt.backend = *v;
       }
     } else {
       return fail("unknown option '" + std::string(name) + "' (see --help)");
@@ -177,9 +200,16 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
   }
   if (opt.in_dir.empty()) return fail("--in DIR is required (see --help)");
   if (opt.out_dir.empty()) return fail("--out DIR is required (see --help)");
-  // Only the host executor is built into this tool; the check comes last so that every other mistake on
-  // the command line is reported first.
-  if (opt.backend != "host") return fail("backend '" + opt.backend + "' is not available in this build");
+  // The backend checks come last so that every other mistake on the command line is reported first.
+  // Whether a GPU is present is a run-time question that the caller asks next.
+  if (opt.backend == backend_kind::cuda) {
+    if (!cuda_in_build) return fail("backend 'cuda' is not available in this build");
+    if (opt.bias != cuda_bias(opt.variant)) {
+      return fail("--backend cuda builds --variant " + std::string(variant_name(opt.variant)) +
+                  " with --bias " + std::string(bias_name(cuda_bias(opt.variant))) + " only (got --bias " +
+                  std::string(bias_name(opt.bias)) + ")");
+    }
+  }
   return {};
 }
 

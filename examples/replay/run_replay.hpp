@@ -1,9 +1,13 @@
 #pragma once
 /// \file
 /// The part of `nosa-replay` that runs the library: options, the loaded inputs as plain pointers, the
-/// outputs, and `run_replay`. The 108 pipelines (3 storage elements x 3 head dims x 3 bias modes x
-/// 2 variants x 2 stores) are instantiated in nine translation units, one per (element, head dim), under
-/// `instances/`: each stays quick to compile and a parallel build spreads them over the cores.
+/// outputs, `run_replay` (host backend) and `run_replay_cuda` (CUDA backend).
+///
+/// The 108 host pipelines (3 storage elements x 3 head dims x 3 bias modes x 2 variants x 2 stores) are
+/// instantiated in nine translation units, one per (element, head dim), under `instances/`: each stays
+/// quick to compile and a parallel build spreads them over the cores. A CUDA build adds 36 CUDA pipelines
+/// (3 elements x 3 head dims x 2 variants x 2 stores, each variant with one bias mode, see `cuda_bias`) in
+/// nine CUDA sources under `cuda/`. This header stays plain C++: only those sources include CUDA headers.
 
 #include <nosa/core/numeric.hpp>
 #include <nosa/core/params.hpp>
@@ -23,6 +27,24 @@ enum class variant_kind : unsigned char { nosa, infllmv2 };
 /// Where the KV blocks live: host pool + slot cache (`offload`), or everything in the device tier.
 enum class store_kind : unsigned char { offload, resident };
 
+/// The executor the layer runs on.
+enum class backend_kind : unsigned char { host, cuda };
+
+/// True when this build contains the CUDA replay (the sources under `cuda/`, compiled when CMake enables
+/// the CUDA language; they define `NOSA_REPLAY_CUDA` for the whole program).
+#ifdef NOSA_REPLAY_CUDA
+inline constexpr bool cuda_in_build = true;
+#else
+inline constexpr bool cuda_in_build = false;
+#endif
+
+/// The one bias mode the CUDA replay compiles for each variant: the library's `nosa_pipeline` (the trained
+/// `after_scale`) and `infllmv2_pipeline` (no bias). Compiling every bias mode for CUDA would triple the
+/// build time of the CUDA sources.
+constexpr nosa::bias_mode cuda_bias(variant_kind v) noexcept {
+  return v == variant_kind::nosa ? nosa::bias_mode::after_scale : nosa::bias_mode::none;
+}
+
 /// Everything the command line chooses. Defaults are the paper's.
 struct options {
   std::string in_dir;                  ///< input directory (`--in`)
@@ -32,7 +54,7 @@ struct options {
   variant_kind variant = variant_kind::nosa;
   nosa::dtype element = nosa::dtype::fp32;  ///< storage type of q, K, V inside the library
   store_kind store = store_kind::offload;
-  std::string backend = "host";
+  backend_kind backend = backend_kind::host;
 };
 
 /// The recorded inputs, validated against each other. Every pointer refers to a contiguous row-major
@@ -65,7 +87,12 @@ struct replay_outputs {
 /// Outcome of a replay: the first library call that failed, if any.
 struct replay_status {
   nosa::status status = nosa::status::success;
-  std::string_view call;  ///< the failing call, e.g. "add_sequence"; empty on success
+  std::string_view call;    ///< the failing call, e.g. "add_sequence"; empty on success
+  std::string_view reason;  ///< the problem when it says more than `nosa::to_string(status)`, else empty
+
+  constexpr replay_status() noexcept = default;
+  constexpr replay_status(nosa::status s, std::string_view failed_call, std::string_view why = {}) noexcept
+      : status(s), call(failed_call), reason(why) {}
 };
 
 /// Runs the prompts and the decode steps of `in` through one layer of the pipeline `opt` describes, with
@@ -93,5 +120,15 @@ extern template replay_status run_replay<nosa::bf16, 128>(const options&, const 
                                                           replay_outputs&);
 extern template replay_status run_replay<nosa::bf16, 256>(const options&, const replay_inputs&,
                                                           replay_outputs&);
+
+/// As `run_replay`, on the CUDA backend: the inputs are copied to device memory once, the steps run on the
+/// default stream, and the outputs are copied back. `opt.bias` must be `cuda_bias(opt.variant)`. Defined
+/// only in CUDA builds (`cuda_in_build`), in the sources under `cuda/`.
+template <nosa::storage_element Element, int HeadDim>
+replay_status run_replay_cuda(const options& opt, const replay_inputs& in, replay_outputs& out);
+
+/// Runs `run_replay_cuda<Element, HeadDim>` for the element and head dimension chosen at run time. CUDA
+/// builds only.
+replay_status run_replay_cuda(const options& opt, const replay_inputs& in, replay_outputs& out);
 
 }  // namespace replay

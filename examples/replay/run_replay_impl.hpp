@@ -1,8 +1,9 @@
 #pragma once
 /// \file
-/// Definition of `run_replay<Element, HeadDim>`: turns the remaining run-time choices into a pipeline type
-/// and replays the recorded prompts and steps through one host decode layer. Included only by the
-/// translation units under `instances/` that instantiate it.
+/// Definition of `run_replay<Element, HeadDim>` and of the replay loop both backends share: turns the
+/// remaining run-time choices into a pipeline type and replays the recorded prompts and steps through one
+/// decode layer. Included only by the translation units that instantiate it (`instances/` for the host
+/// backend; `cuda/run_replay_cuda.cuh`, which adds the CUDA memory, for the CUDA backend).
 
 #include "run_replay.hpp"
 
@@ -17,6 +18,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -26,25 +28,52 @@ namespace replay {
 
 namespace detail {
 
-/// A float input as the layer's storage element: the input itself for fp32, otherwise a copy rounded to
-/// nearest even, made once before the first step so the steps never convert or allocate.
-template <nosa::storage_element Element>
-class storage_array {
- public:
-  storage_array(const float* src, std::size_t count) {
-    if constexpr (std::same_as<Element, float>) {
-      data_ = src;
-    } else {
-      copy_.resize(count);
-      std::transform(src, src + count, copy_.begin(), [](float x) { return Element(x); });
-      data_ = copy_.data();
-    }
-  }
-  const Element* data() const noexcept { return data_; }
+/// Where the replay keeps what it hands to the layer, per backend:
+///  - `input<T>(src, count)`: `count` values of `src` as `T` (rounded to nearest even when `T` is fp16 or
+///    bf16), made once before the first step so the steps never convert or allocate; `data()`, `status()`;
+///  - `output(o)`: where the steps write the attention output of every step; `data()`, `status()`, and
+///    `copy_back()`, which leaves it in `o`;
+///  - `explain_create(s)`: a backend-specific reason for a `create` failure, or empty.
+/// The host backend reads the loaded inputs in place and writes `o` directly; the CUDA backend
+/// (`cuda/run_replay_cuda.cuh`) copies them to device memory.
+template <class Backend>
+struct replay_memory;
 
- private:
-  std::vector<Element> copy_;
-  const Element* data_ = nullptr;
+template <>
+struct replay_memory<nosa::host_backend> {
+  template <class T>
+  class input {
+   public:
+    template <class Source>
+    input(const Source* src, std::size_t count) {
+      if constexpr (std::same_as<T, Source>) {
+        data_ = src;
+      } else {
+        copy_.resize(count);
+        std::transform(src, src + count, copy_.begin(), [](Source x) { return T(x); });
+        data_ = copy_.data();
+      }
+    }
+    replay_status status() const noexcept { return {}; }
+    const T* data() const noexcept { return data_; }
+
+   private:
+    std::vector<T> copy_;
+    const T* data_ = nullptr;
+  };
+
+  class output {
+   public:
+    explicit output(std::vector<float>& o) noexcept : data_(o.data()) {}
+    replay_status status() const noexcept { return {}; }
+    float* data() const noexcept { return data_; }
+    replay_status copy_back() noexcept { return {}; }
+
+   private:
+    float* data_;
+  };
+
+  static std::string_view explain_create(nosa::status) noexcept { return {}; }
 };
 
 /// The capacities docs/replay.md documents: room for the longest prompt plus every step, one block of
@@ -64,11 +93,18 @@ inline nosa::capacity replay_capacity(const options& opt, const replay_inputs& i
   return c;
 }
 
-/// Replays everything through one layer of pipeline `Pipeline`.
-template <class Pipeline>
+/// Replays everything through one layer of pipeline `Pipeline` on `Backend`. Every call uses the backend's
+/// default stream, so the same code serves both backends: on CUDA the plan calls and the inspection
+/// synchronise, and the step only enqueues, which is why its state checks are read with `step_status()`.
+/// Allocates only before the first step.
+template <class Pipeline, class Backend>
 replay_status run_pipeline(const options& opt, const replay_inputs& in, replay_outputs& out) {
   using element = typename Pipeline::element_type;
-  using layer_type = nosa::decode_layer<Pipeline, nosa::host_backend>;
+  using layer_type = nosa::decode_layer<Pipeline, Backend>;
+  using memory = replay_memory<Backend>;
+  using element_input = typename memory::template input<element>;
+  using float_input = typename memory::template input<float>;
+  using id_input = typename memory::template input<std::int32_t>;
   const std::int64_t T = in.steps, B = in.batch, P = in.prompt_rows;
   const std::int64_t hq = in.q_heads, hkv = in.kv_heads, D = in.head_dim;
   const std::int64_t top_k = opt.selection.top_k;
@@ -80,16 +116,28 @@ replay_status run_pipeline(const options& opt, const replay_inputs& in, replay_o
   config.limits = replay_capacity(opt, in);
 
   nosa::owning_layer<layer_type> layer;
-  if (const nosa::status s = layer.create(config); !nosa::ok(s)) return {s, "create"};
+  if (const nosa::status s = layer.create(config); !nosa::ok(s)) {
+    return {s, "create", memory::explain_create(s)};
+  }
 
-  const storage_array<element> prompt_k(in.prompt_k, std::size_t(B * P * hkv * D));
-  const storage_array<element> prompt_v(in.prompt_v, std::size_t(B * P * hkv * D));
-  const storage_array<element> q(in.q, std::size_t(T * B * hq * D));
-  const storage_array<element> k(in.k, std::size_t(T * B * hkv * D));
-  const storage_array<element> v(in.v, std::size_t(T * B * hkv * D));
+  std::vector<std::int32_t> ids(std::size_t(B), 0);
+  std::iota(ids.begin(), ids.end(), 0);
+  const element_input prompt_k(in.prompt_k, std::size_t(B * P * hkv * D));
+  const element_input prompt_v(in.prompt_v, std::size_t(B * P * hkv * D));
+  const float_input prompt_c(in.prompt_c, std::size_t(B * P * hkv));
+  const element_input q(in.q, std::size_t(T * B * hq * D));
+  const element_input k(in.k, std::size_t(T * B * hkv * D));
+  const element_input v(in.v, std::size_t(T * B * hkv * D));
+  const float_input c(in.c, std::size_t(T * B * hkv));
+  const id_input sequences(ids.data(), ids.size());
   out.o.assign(std::size_t(T * B * hq * D), 0.0f);
   out.selected.assign(std::size_t(T * B * hkv * top_k), -1);
   out.misses.assign(std::size_t(T * B * hkv), 0);
+  typename memory::output o(out.o);
+  for (const replay_status& s : {prompt_k.status(), prompt_v.status(), prompt_c.status(), q.status(),
+                                 k.status(), v.status(), c.status(), sequences.status(), o.status()}) {
+    if (!nosa::ok(s.status)) return s;
+  }
 
   // Sequence b's prompt is the first prompt_len[b] rows of its [P][H_kv][D] slab, viewed in place.
   for (std::int64_t b = 0; b < B; ++b) {
@@ -97,24 +145,23 @@ replay_status run_pipeline(const options& opt, const replay_inputs& in, replay_o
     nosa::prompt_args<element> prompt;
     prompt.k = nosa::make_contiguous<3>(prompt_k.data() + b * P * hkv * D, {len, hkv, D});
     prompt.v = nosa::make_contiguous<3>(prompt_v.data() + b * P * hkv * D, {len, hkv, D});
-    prompt.c = nosa::make_contiguous<2>(in.prompt_c + b * P * hkv, {len, hkv});
+    prompt.c = nosa::make_contiguous<2>(prompt_c.data() + b * P * hkv, {len, hkv});
     if (const nosa::status s = layer->add_sequence(static_cast<int>(b), prompt); !nosa::ok(s)) {
       return {s, "add_sequence"};
     }
   }
 
-  std::vector<std::int32_t> sequences(std::size_t(B), 0);
-  std::iota(sequences.begin(), sequences.end(), 0);
   for (std::int64_t t = 0; t < T; ++t) {
     if (const nosa::status s = layer->reserve(1); !nosa::ok(s)) return {s, "reserve"};
     nosa::step_args<element, float> args;
-    args.sequences = nosa::make_contiguous<1>(static_cast<const std::int32_t*>(sequences.data()), {B});
+    args.sequences = nosa::make_contiguous<1>(sequences.data(), {B});
     args.q = nosa::make_contiguous<3>(q.data() + t * B * hq * D, {B, hq, D});
     args.k = nosa::make_contiguous<3>(k.data() + t * B * hkv * D, {B, hkv, D});
     args.v = nosa::make_contiguous<3>(v.data() + t * B * hkv * D, {B, hkv, D});
-    args.c = nosa::make_contiguous<2>(in.c + t * B * hkv, {B, hkv});
-    args.o = nosa::make_contiguous<3>(out.o.data() + t * B * hq * D, {B, hq, D});
+    args.c = nosa::make_contiguous<2>(c.data() + t * B * hkv, {B, hkv});
+    args.o = nosa::make_contiguous<3>(o.data() + t * B * hq * D, {B, hq, D});
     if (const nosa::status s = layer->step(args); !nosa::ok(s)) return {s, "step"};
+    if (const nosa::status s = layer->step_status(); !nosa::ok(s)) return {s, "step"};
 
     for (std::int64_t b = 0; b < B; ++b) {
       for (std::int64_t h = 0; h < hkv; ++h) {
@@ -130,7 +177,7 @@ replay_status run_pipeline(const options& opt, const replay_inputs& in, replay_o
     }
   }
   out.totals = layer->total_counters();
-  return {};
+  return o.copy_back();
 }
 
 template <variant_kind Variant>
@@ -153,7 +200,7 @@ replay_status run_replay(const options& opt, const replay_inputs& in, replay_out
         using pipeline = nosa::pipeline<Element, HeadDim, detail::query_agnostic_of<decltype(variant)::value>,
                                         detail::store_of<decltype(store)::value>,
                                         nosa::sparse_attention<decltype(bias)::value>>;
-        result = detail::run_pipeline<pipeline>(opt, in, out);
+        result = detail::run_pipeline<pipeline, nosa::host_backend>(opt, in, out);
         return result.status;
       });
     });

@@ -1,6 +1,7 @@
 // Tests of the nosa-replay tool, run as a separate process exactly as an engine developer would run it:
 // its outputs must match the library called directly on the same inputs, and every malformed input
-// directory must fail with exit status 2 and one stderr line naming the file.
+// directory must fail with exit status 2 and one stderr line naming the file. With --backend cuda it must
+// agree with the host backend where a GPU is usable, and refuse with one line where none is.
 
 #include <doctest/doctest.h>
 
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -404,7 +406,7 @@ TEST_CASE("nosa-replay command line") {
                  "--bias: unknown value 'sideways' (expected after_scale, before_scale or none)");
     expect_error("--frobnicate 1", "unknown option '--frobnicate' (see --help)");
     expect_error("--topk", "--topk needs a value");
-    expect_error("--backend cuda", "backend 'cuda' is not available in this build");
+    expect_error("--backend gpu", "--backend: unknown value 'gpu' (expected host or cuda)");
   }
   SUBCASE("a library status names the call") {
     expect_error("--topk-qa 70 --topk 64", "create: invalid selection configuration");
@@ -415,5 +417,101 @@ TEST_CASE("nosa-replay command line") {
     REQUIRE_MESSAGE(r.exit_status == 0, r.err);
     const auto misses = load_output<std::int32_t>(out_dir / "misses.npy", {70, 2, 2});
     CHECK(std::all_of(misses.begin(), misses.end(), [](std::int32_t m) { return m == 0; }));
+  }
+}
+
+TEST_CASE("nosa-replay --backend cuda runs on a GPU or says in one line why it cannot") {
+  // One test for every build: without CUDA, or without a usable GPU, the tool must refuse with one line
+  // and exit status 2; with both it must agree with the host backend on the same inputs.
+  temp_dir scratch;
+  const replay_case in;
+  const fs::path in_dir = scratch.path / "in";
+  fs::create_directory(in_dir);
+  in.write(in_dir);
+  const nosa::selection_params sel = small_selection();
+  const std::int64_t T = in.T, B = in.B, hq = in.hq, hkv = in.hkv, D = in.D, top_k = sel.top_k;
+  const std::int64_t group = hq / hkv;
+
+  SUBCASE("a bias the CUDA build does not compile for the variant is refused up front") {
+    const run_result r =
+        run_replay(scratch, in_dir, scratch.path / "out", small_flags + " --backend cuda --variant infllmv2");
+    CAPTURE(r.err);
+    CHECK(r.exit_status == 2);
+    CHECK(r.out.empty());
+    const bool refused =
+        r.err == "nosa-replay: --backend cuda builds --variant infllmv2 with --bias none only (got --bias "
+                 "after_scale)\n";
+    const bool not_built = r.err == "nosa-replay: backend 'cuda' is not available in this build\n";
+    CHECK((refused || not_built));
+  }
+
+  SUBCASE("the outputs agree with the host backend, or one line says why the GPU cannot be used") {
+    const char* const cases[] = {"", " --variant infllmv2 --bias none --store resident --dtype bf16"};
+    for (const char* extra : cases) {
+      const std::string flags = small_flags + extra;
+      CAPTURE(flags);
+      const fs::path host_dir = scratch.path / "host", cuda_dir = scratch.path / "cuda";
+      fs::remove_all(host_dir);
+      fs::remove_all(cuda_dir);
+      const run_result host = run_replay(scratch, in_dir, host_dir, flags);
+      REQUIRE_MESSAGE(host.exit_status == 0, host.err);
+      const run_result cuda = run_replay(scratch, in_dir, cuda_dir, flags + " --backend cuda");
+      if (cuda.exit_status != 0) {
+        CAPTURE(cuda.err);
+        CHECK(cuda.exit_status == 2);
+        CHECK(line_count(cuda.err) == 1);
+        CHECK(cuda.out.empty());
+        CHECK(cuda.err.rfind("nosa-replay: backend 'cuda' is not available", 0) == 0);
+        CHECK_FALSE(fs::exists(cuda_dir / "o.npy"));
+        MESSAGE("the CUDA replay did not run: " << cuda.err);
+        continue;
+      }
+      CHECK(cuda.err.empty());
+
+      const auto host_o = load_output<float>(host_dir / "o.npy", {T, B, hq, D});
+      const auto cuda_o = load_output<float>(cuda_dir / "o.npy", {T, B, hq, D});
+      const auto host_sel = load_output<std::int32_t>(host_dir / "selected.npy", {T, B, hkv, top_k});
+      const auto cuda_sel = load_output<std::int32_t>(cuda_dir / "selected.npy", {T, B, hkv, top_k});
+      const auto host_miss = load_output<std::int32_t>(host_dir / "misses.npy", {T, B, hkv});
+      const auto cuda_miss = load_output<std::int32_t>(cuda_dir / "misses.npy", {T, B, hkv});
+
+      // The backends sum in different orders, so a selection may differ at an fp32 near-tie (the design's
+      // allowance: under 1% of selections). Where the selection agrees the outputs must agree within the
+      // fp32 tolerance, and the misses must agree until the selections of that (sequence, head) first part.
+      const float rtol = 1e-4f, atol = 2e-5f + 0.05f * rtol;
+      std::int64_t differing = 0;
+      std::vector<bool> parted(std::size_t(B * hkv), false);
+      for (std::int64_t t = 0; t < T; ++t) {
+        for (std::int64_t b = 0; b < B; ++b) {
+          for (std::int64_t h = 0; h < hkv; ++h) {
+            CAPTURE(t);
+            CAPTURE(b);
+            CAPTURE(h);
+            const std::size_t row = std::size_t((t * B + b) * hkv + h);
+            const bool same = std::equal(host_sel.begin() + std::ptrdiff_t(row * top_k),
+                                         host_sel.begin() + std::ptrdiff_t((row + 1) * top_k),
+                                         cuda_sel.begin() + std::ptrdiff_t(row * top_k));
+            if (!same) {
+              ++differing;
+              parted[std::size_t(b * hkv + h)] = true;
+              continue;
+            }
+            if (!parted[std::size_t(b * hkv + h)]) CHECK(cuda_miss[row] == host_miss[row]);
+            for (std::int64_t g = 0; g < group; ++g) {
+              const std::size_t first = std::size_t(((t * B + b) * hq + h * group + g) * D);
+              for (std::size_t i = first; i < first + std::size_t(D); ++i) {
+                if (std::abs(cuda_o[i] - host_o[i]) > atol + rtol * std::abs(host_o[i])) {
+                  FAIL_CHECK("o[" << i << "]: cuda " << cuda_o[i] << ", host " << host_o[i]);
+                  break;
+                }
+              }
+            }
+          }
+        }
+      }
+      CHECK(differing * 100 <= T * B * hkv);
+      // Same counters, so the same summary line, whenever the selections agree everywhere.
+      if (differing == 0) CHECK(cuda.out == host.out);
+    }
   }
 }

@@ -22,7 +22,7 @@ enum class status : std::uint8_t {
   sequence_full,        ///< the sequence would exceed the blocks-per-sequence capacity
   host_pool_full,       ///< not enough free pages in the paged pool
   not_reserved,         ///< a step needs a page that no plan call reserved
-  insufficient_memory,  ///< a caller-provided arena is smaller than `required_bytes`
+  insufficient_memory,  ///< an arena is smaller than `required_bytes`, or allocating one failed
   not_supported,        ///< a value outside the compiled set (head dim, dtype, ...)
   backend_error,        ///< the execution backend reported a failure
 };
@@ -43,7 +43,7 @@ constexpr std::string_view to_string(status s) noexcept {
     case status::sequence_full: return "sequence exceeds its block capacity";
     case status::host_pool_full: return "page pool exhausted";
     case status::not_reserved: return "page not reserved by a plan call";
-    case status::insufficient_memory: return "arena smaller than required";
+    case status::insufficient_memory: return "not enough memory (arena smaller than required, or allocation failed)";
     case status::not_supported: return "not supported";
     case status::backend_error: return "backend error";
   }

@@ -64,7 +64,11 @@ class cuda_allocation {
 struct device_memory {
   static cudaError_t allocate(void** p, std::size_t n) noexcept { return cudaMalloc(p, n); }
   static void release(void* p) noexcept { cudaFree(p); }
-  static cudaError_t zero(void* p, std::size_t n) noexcept { return cudaMemset(p, 0, n); }
+  /// Zero-fills and waits, so that work on any stream (non-blocking ones too) sees the zeros.
+  static cudaError_t zero(void* p, std::size_t n) noexcept {
+    const cudaError_t e = cudaMemset(p, 0, n);
+    return e != cudaSuccess ? e : cudaDeviceSynchronize();
+  }
 };
 
 struct mapped_host_memory {

@@ -260,37 +260,50 @@ class decode_layer<P, cuda_backend> {
     return ok(read_device(&live, layout_.seq_live + sizeof(std::int32_t) * seq, 1, stream)) && live != 0;
   }
   int length(int seq, cudaStream_t stream = nullptr) const noexcept {
-    if (!is_live(seq, stream)) return 0;
-    std::int32_t len = 0;
-    return ok(read_device(&len, layout_.seq_length + sizeof(std::int32_t) * seq, 1, stream)) ? len : 0;
+    if (seq < 0 || seq >= layout_.sequences) return 0;
+    std::int32_t live = 0, len = 0;
+    const bool read = ok(copy_from_device(&live, layout_.seq_live + sizeof(std::int32_t) * seq, 1, stream)) &&
+                      ok(copy_from_device(&len, layout_.seq_length + sizeof(std::int32_t) * seq, 1, stream)) &&
+                      cudaStreamSynchronize(stream) == cudaSuccess;
+    return read && live != 0 ? len : 0;
   }
   /// Pages not referenced by any sequence (host bookkeeping; does not synchronise).
   int free_page_count() const noexcept { return pages().free_count(); }
   std::span<const std::int32_t> selection(int seq, int head, cudaStream_t stream = nullptr) const noexcept {
-    if (!is_live(seq, stream) || head < 0 || head >= config_.num_kv_heads) return {};
+    if (seq < 0 || seq >= layout_.sequences || head < 0 || head >= config_.num_kv_heads) return {};
     const std::size_t i = std::size_t(seq) * config_.num_kv_heads + head;
-    std::int32_t count = 0;
-    if (!ok(read_device(&count, layout_.selection_count + sizeof(std::int32_t) * i, 1, stream))) return {};
+    std::int32_t live = 0, count = 0;
     std::int32_t* out = hst<std::int32_t>(layout_.inspect_selection);
-    if (!ok(read_device(out, layout_.selection + sizeof(std::int32_t) * i * layout_.top_k, count, stream))) return {};
-    return {out, static_cast<std::size_t>(count)};
+    const bool read =
+        ok(copy_from_device(&live, layout_.seq_live + sizeof(std::int32_t) * seq, 1, stream)) &&
+        ok(copy_from_device(&count, layout_.selection_count + sizeof(std::int32_t) * i, 1, stream)) &&
+        ok(copy_from_device(out, layout_.selection + sizeof(std::int32_t) * i * layout_.top_k, layout_.top_k, stream)) &&
+        cudaStreamSynchronize(stream) == cudaSuccess;
+    if (!read || live == 0) return {};
+    return {out, static_cast<std::size_t>(std::clamp(count, 0, layout_.top_k))};
   }
   int step_misses(int seq, int head, cudaStream_t stream = nullptr) const noexcept {
-    if (!is_live(seq, stream) || head < 0 || head >= config_.num_kv_heads) return 0;
-    std::int32_t n = 0;
+    if (seq < 0 || seq >= layout_.sequences || head < 0 || head >= config_.num_kv_heads) return 0;
     const std::size_t i = std::size_t(seq) * config_.num_kv_heads + head;
-    return ok(read_device(&n, layout_.step_misses + sizeof(std::int32_t) * i, 1, stream)) ? n : 0;
+    std::int32_t live = 0, n = 0;
+    const bool read = ok(copy_from_device(&live, layout_.seq_live + sizeof(std::int32_t) * seq, 1, stream)) &&
+                      ok(copy_from_device(&n, layout_.step_misses + sizeof(std::int32_t) * i, 1, stream)) &&
+                      cudaStreamSynchronize(stream) == cudaSuccess;
+    return read && live != 0 ? n : 0;
   }
   std::span<const std::int32_t> slots(int seq, int head, cudaStream_t stream = nullptr) const noexcept {
     if constexpr (!offloads) {
       return {};
     } else {
-      if (!is_live(seq, stream) || head < 0 || head >= config_.num_kv_heads) return {};
+      if (seq < 0 || seq >= layout_.sequences || head < 0 || head >= config_.num_kv_heads) return {};
       const std::size_t i = std::size_t(seq) * config_.num_kv_heads + head;
+      std::int32_t live = 0;
       std::int32_t* out = hst<std::int32_t>(layout_.inspect_slots);
-      if (!ok(read_device(out, layout_.slot_map + sizeof(std::int32_t) * i * layout_.slots, layout_.slots, stream))) {
-        return {};
-      }
+      const bool read =
+          ok(copy_from_device(&live, layout_.seq_live + sizeof(std::int32_t) * seq, 1, stream)) &&
+          ok(copy_from_device(out, layout_.slot_map + sizeof(std::int32_t) * i * layout_.slots, layout_.slots, stream)) &&
+          cudaStreamSynchronize(stream) == cudaSuccess;
+      if (!read || live == 0) return {};
       return {out, static_cast<std::size_t>(layout_.slots)};
     }
   }
@@ -324,11 +337,16 @@ class decode_layer<P, cuda_backend> {
   std::int32_t* staged_live() const noexcept { return staging() + std::size_t(layout_.sequences) * layout_.max_blocks; }
   std::int32_t* staged_lengths() const noexcept { return staged_live() + layout_.sequences; }
 
-  /// Copies `count` int32 values (or any trivially copyable T) from the device arena and waits.
+  /// Enqueues a copy of `count` values of T at `offset` in the device arena to `dst`.
+  template <class T>
+  status copy_from_device(T* dst, std::size_t offset, std::size_t count, cudaStream_t stream) const noexcept {
+    if (count == 0) return status::success;
+    return detail::from_cuda(cudaMemcpyAsync(dst, device_ + offset, sizeof(T) * count, cudaMemcpyDeviceToHost, stream));
+  }
+  /// Copies `count` values of T from the device arena and waits.
   template <class T>
   status read_device(T* dst, std::size_t offset, std::size_t count, cudaStream_t stream) const noexcept {
-    if (count == 0) return status::success;
-    NOSA_CUDA_TRY(cudaMemcpyAsync(dst, device_ + offset, sizeof(T) * count, cudaMemcpyDeviceToHost, stream));
+    NOSA_TRY(copy_from_device(dst, offset, count, stream));
     return detail::from_cuda(cudaStreamSynchronize(stream));
   }
 

@@ -86,7 +86,8 @@ class decode_layer<P, host_backend> {
   /// Admits a sequence into slot `seq` with a prompt of P >= 0 tokens: stores the complete blocks in the
   /// pool, keeps the tail, builds the compressed state, computes the initial selection and loads it into the
   /// slot cache. Reserves the page of the block that the next token will start or continue.
-  [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt) noexcept {
+  [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt,
+                                    host_backend::stream_type = {}) noexcept {
     if (seq < 0 || seq >= layout_.sequences) return status::unknown_sequence;
     if (live_flags()[seq]) return status::sequence_exists;
     const int hkv = config_.num_kv_heads;
@@ -176,7 +177,7 @@ class decode_layer<P, host_backend> {
   }
 
   /// Retires the sequence in slot `seq`, returning its pages to the pool. Other sequences are untouched.
-  [[nodiscard]] status remove_sequence(int seq) noexcept {
+  [[nodiscard]] status remove_sequence(int seq, host_backend::stream_type = {}) noexcept {
     if (seq < 0 || seq >= layout_.sequences || !live_flags()[seq]) return status::unknown_sequence;
     std::int32_t* table = block_table(seq);
     for (int m = 0; m < layout_.max_blocks; ++m) {
@@ -198,7 +199,7 @@ class decode_layer<P, host_backend> {
 
   /// Reserves pages so that every live sequence can run `tokens_ahead` more steps without a plan call.
   /// All or nothing: on `host_pool_full` or `sequence_full` no page is reserved.
-  [[nodiscard]] status reserve(int tokens_ahead) noexcept {
+  [[nodiscard]] status reserve(int tokens_ahead, host_backend::stream_type = {}) noexcept {
     if (tokens_ahead < 0) return status::invalid_argument;
     int needed = 0;
     for (int seq = 0; seq < layout_.sequences; ++seq) {
@@ -216,7 +217,7 @@ class decode_layer<P, host_backend> {
   }
 
   /// Reserves pages so that sequence `seq` can run `tokens_ahead` more steps. All or nothing.
-  [[nodiscard]] status reserve(int seq, int tokens_ahead) noexcept {
+  [[nodiscard]] status reserve(int seq, int tokens_ahead, host_backend::stream_type = {}) noexcept {
     if (seq < 0 || seq >= layout_.sequences || !live_flags()[seq]) return status::unknown_sequence;
     if (tokens_ahead < 0) return status::invalid_argument;
     int needed = 0;
@@ -296,30 +297,30 @@ class decode_layer<P, host_backend> {
   /// Status of the most recent step (`success` before the first). The CUDA backend finds some errors
   /// (unknown, duplicate, full or unreserved sequences) only while the step runs and reports them here;
   /// the host backend also returns them from `step`.
-  status step_status() const noexcept { return static_cast<status>(*dev<std::int32_t>(layout_.step_status)); }
+  status step_status(host_backend::stream_type = {}) const noexcept { return static_cast<status>(*dev<std::int32_t>(layout_.step_status)); }
   /// Counters accumulated over every step and plan call (bytes) since creation.
-  counters total_counters() const noexcept { return *total_counters_ptr(); }
+  counters total_counters(host_backend::stream_type = {}) const noexcept { return *total_counters_ptr(); }
   /// Counters of the most recent step.
-  counters last_step_counters() const noexcept { return *last_step_counters_ptr(); }
+  counters last_step_counters(host_backend::stream_type = {}) const noexcept { return *last_step_counters_ptr(); }
   /// True when slot `seq` holds a live sequence.
-  bool is_live(int seq) const noexcept { return seq >= 0 && seq < layout_.sequences && live_flags()[seq] != 0; }
+  bool is_live(int seq, host_backend::stream_type = {}) const noexcept { return seq >= 0 && seq < layout_.sequences && live_flags()[seq] != 0; }
   /// Tokens of sequence `seq` (0 for a free slot).
-  int length(int seq) const noexcept { return is_live(seq) ? lengths()[seq] : 0; }
+  int length(int seq, host_backend::stream_type = {}) const noexcept { return is_live(seq) ? lengths()[seq] : 0; }
   /// Pages not referenced by any sequence.
   int free_page_count() const noexcept { return pages().free_count(); }
   /// The current selection of (seq, head), in rank order (empty for a free slot).
-  std::span<const std::int32_t> selection(int seq, int head) const noexcept {
+  std::span<const std::int32_t> selection(int seq, int head, host_backend::stream_type = {}) const noexcept {
     if (!is_live(seq) || head < 0 || head >= config_.num_kv_heads) return {};
     const std::size_t i = std::size_t(seq) * config_.num_kv_heads + head;
     return {selection_ptr(seq, head), static_cast<std::size_t>(selection_counts()[i])};
   }
   /// Blocks loaded for (seq, head) by the last step that included the sequence.
-  int step_misses(int seq, int head) const noexcept {
+  int step_misses(int seq, int head, host_backend::stream_type = {}) const noexcept {
     if (!is_live(seq) || head < 0 || head >= config_.num_kv_heads) return 0;
     return step_miss_counts()[seq * config_.num_kv_heads + head];
   }
   /// Block (-1 if free) held by each slot of (seq, head); empty for the resident store.
-  std::span<const std::int32_t> slots(int seq, int head) const noexcept {
+  std::span<const std::int32_t> slots(int seq, int head, host_backend::stream_type = {}) const noexcept {
     if constexpr (!offloads) {
       return {};
     } else {

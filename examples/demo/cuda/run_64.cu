@@ -1,0 +1,7 @@
+// nosa-demo on the CUDA backend, head dimension 64: fp32 and bf16 storage, NOSA and InfLLMv2 each.
+#include "runner.cuh"
+
+namespace demo {
+template run_error run_demo_cuda<float, 64>(const options&);
+template run_error run_demo_cuda<nosa::bf16, 64>(const options&);
+}  // namespace demo

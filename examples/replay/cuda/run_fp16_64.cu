@@ -1,0 +1,7 @@
+// The 4 CUDA pipelines of nosa-replay with fp16 storage and head dimension 64 (2 variants x 2 stores;
+// nosa with the after_scale bias, infllmv2 without bias).
+#include "run_replay_cuda.cuh"
+
+namespace replay {
+template replay_status run_replay_cuda<nosa::fp16, 64>(const options&, const replay_inputs&, replay_outputs&);
+}  // namespace replay

@@ -1,0 +1,7 @@
+// The 4 CUDA pipelines of nosa-replay with fp32 storage and head dimension 128 (2 variants x 2 stores;
+// nosa with the after_scale bias, infllmv2 without bias).
+#include "run_replay_cuda.cuh"
+
+namespace replay {
+template replay_status run_replay_cuda<float, 128>(const options&, const replay_inputs&, replay_outputs&);
+}  // namespace replay
