@@ -344,7 +344,8 @@ template <class P, class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
     select_diff_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, bool have_query,
                        bool with_budget, count_mode mode) {
-  if (*s.status != 0) return;
+  // Plan calls (ingest) run whatever the last step's status; a step runs only when its checks passed.
+  if (mode == count_mode::step && *s.status != 0) return;
   using selector = typename P::selector;
   constexpr bool offloads = P::store::offloads;
   constexpr bool agnostic = P::query_agnostic::enabled;
@@ -546,7 +547,7 @@ __device__ inline void copy_pair(const void* src_k, const void* src_v, void* dst
 template <class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
     gather_kernel(cuda_state<E, D> s, sequence_source seqs, bool write_back) {
-  if (*s.status != 0) return;
+  if (write_back && *s.status != 0) return;  // `write_back` is set by steps only; plan calls always run
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int seq = seqs(b);
   const int j = blockIdx.y;

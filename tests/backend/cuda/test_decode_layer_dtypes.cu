@@ -1,0 +1,38 @@
+// The CUDA decode layer against the host decode layer with 16-bit storage (bf16, fp16), output in fp32 and
+// in the storage type, GQA groups up to 16 (not only powers of two), blocks of 32, 64 and 128 tokens and
+// hard budgets of 0 and 2 blocks (D = 64).
+#include "twin.cuh"
+
+#include <doctest/doctest.h>
+
+namespace {
+
+using nosa::bias_mode;
+using nosa_cuda_test::make_config;
+using nosa_cuda_test::ragged_spec;
+using nosa_cuda_test::run_differential;
+using nosa_cuda_test::scaled;
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("16-bit storage decodes like the host backend, output in fp32 and in the storage type", T,
+                   nosa::bf16, nosa::fp16) {
+  NOSA_REQUIRE_GPU();
+  const int steps = scaled(300, 10);
+  using nosa_p = nosa::nosa_pipeline<T, 64>;
+  using infllm_resident = nosa::infllmv2_pipeline<T, 64, nosa::resident_store>;
+  using nosi = nosa::pipeline<T, 64, nosa::eviction_score_pooling, nosa::offload_store,
+                              nosa::sparse_attention<bias_mode::before_scale>>;
+
+  run_differential<nosa_p, float>(ragged_spec(make_config(32, 16, 1, 5, 64), 201, steps), "G 16, fp32 output");
+  run_differential<nosa_p, T>(ragged_spec(make_config(64, 6, 2, 5, 64, 2), 202, steps),
+                              "G 3, budget 2, storage-type output");
+  run_differential<infllm_resident, T>(ragged_spec(make_config(128, 20, 4, 5, 64), 203, steps),
+                                       "G 5, storage-type output");
+  // No sinks and no local blocks: only the current block is forced.
+  nosa_cuda_test::run_spec bare = ragged_spec(make_config(32, 14, 2, 5, 64, 0), 204, steps);
+  bare.config.selection.n_init = 0;
+  bare.config.selection.n_local = 0;
+  bare.config.selection.top_k_query_aware = 4;
+  run_differential<nosi, float>(bare, "G 7, budget 0, only the current block forced, fp32 output");
+}
