@@ -308,6 +308,15 @@ class decode_layer<P, cuda_backend> {
     }
   }
   const state_layout& layout() const noexcept { return layout_; }
+  /// The kernels' view of the state (typed device pointers and extents), for tools and benchmarks that
+  /// launch one stage's kernel on its own. Not needed to run a layer.
+  const detail::cuda_state<element_type, head_dim>& kernel_state() const noexcept { return state_; }
+  /// Parts each (sequence, KV head)'s attention is split into for a batch of `rows` (sequence, KV head)
+  /// pairs: as many as fill the device twice over, at most `layout().max_splits`.
+  int attention_splits(int rows) const noexcept {
+    const int wanted = (2 * sms_ + rows - 1) / rows;
+    return std::max(1, std::min(wanted, layout_.max_splits));
+  }
 
  private:
   static constexpr bool offloads = P::store::offloads;
@@ -359,11 +368,6 @@ class decode_layer<P, cuda_backend> {
   status finish_plan(cudaStream_t stream) noexcept {
     NOSA_CUDA_TRY(cudaGetLastError());
     return detail::from_cuda(cudaStreamSynchronize(stream));
-  }
-
-  int attention_splits(int rows) const noexcept {
-    const int wanted = (2 * sms_ + rows - 1) / rows;
-    return std::max(1, std::min(wanted, layout_.max_splits));
   }
 
   status initialise(cudaStream_t stream) noexcept {
