@@ -628,35 +628,16 @@ class bench_layer final : public resource {
     fill_random(c_.data(), B * spec_.hkv, seed + 13, s);
   }
 
-  /// Enqueues one step exactly as decode_layer::step does, with events 0..6 around the kernels when `ev` is
-  /// given: 0 | begin | 1 | append_score | 2 | select_diff | 3 | gather (offload store) | 4 | attention | 5 |
-  /// merge | 6.
+  /// Enqueues one step through decode_layer::enqueue_step (the launches `step` makes), with events 0..6
+  /// around the stages when `ev` is given: 0 | begin | 1 | append_score | 2 | select_diff | 3 | gather
+  /// (offload store) | 4 | attention | 5 | merge | 6.
   void launch_step_kernels(int batch, event_set* ev) {
     const cudaStream_t s = st();
-    const auto a = args(batch);
-    const auto& state = layer_.kernel_state();
-    const nd::sequence_source seqs{a.sequences, -1};
-    const int rows = batch * spec_.hkv;
-    const auto mark = [&](int i) {
-      if (ev != nullptr) ev->record(i, s);
-    };
-    mark(0);
-    nd::begin_step_kernel<<<1, nd::cuda_threads, 0, s>>>(state, seqs, batch);
-    mark(1);
-    nd::append_score_kernel<P><<<rows, nd::cuda_threads, 0, s>>>(state, seqs, a.q, a.k, a.v, a.c);
-    mark(2);
-    nd::select_diff_kernel<P>
-        <<<rows, nd::cuda_threads, 0, s>>>(state, seqs, 1, true, true, nd::count_mode::step);
-    mark(3);
-    if constexpr (offloads) {
-      nd::gather_kernel<<<dim3(rows, state.top_k + 1), nd::cuda_threads, 0, s>>>(state, seqs, true);
-    }
-    mark(4);
-    const int splits = layer_.attention_splits(rows);
-    nd::attention_kernel<P><<<dim3(rows, splits), D, 0, s>>>(state, seqs, a.q);
-    mark(5);
-    nd::merge_kernel<<<rows, D, 0, s>>>(state, seqs, a.o, splits);
-    mark(6);
+    using stage = typename nosa::decode_layer<P, nosa::cuda_backend>::step_stage;
+    if (ev != nullptr) ev->record(0, s);
+    BENCH_NOSA(layer_.enqueue_step(args(batch), s, [&](stage x) {
+      if (ev != nullptr) ev->record(static_cast<int>(x) + 1, s);
+    }));
     BENCH_LAUNCHED();
   }
 
@@ -1102,7 +1083,6 @@ void bench_attention(benchmark::State& state, const std::string& key, const laye
     const cudaStream_t s = L.st();
     const auto& st = L.layer().kernel_state();
     const auto a = L.args(batch);
-    const nd::sequence_source seqs = L.source(batch);
     const int rows = batch * spec.hkv;
     const int splits = L.layer().attention_splits(rows);
     const double kv_bytes = L.selected_kv_bytes(batch, 1);
@@ -1110,12 +1090,16 @@ void bench_attention(benchmark::State& state, const std::string& key, const laye
     // merge_kernel advances the lengths; each run puts them back (outside the timed region).
     const std::size_t len_bytes = std::size_t(spec.sequences) * sizeof(std::int32_t);
     BENCH_CUDA(cudaMemcpyAsync(L.lengths_backup(), st.lengths, len_bytes, cudaMemcpyDeviceToDevice, s));
+    using stage = typename nosa::decode_layer<P, nosa::cuda_backend>::step_stage;
+    auto layer = L.layer();  // a copy shares the state
     const auto enqueue = [&](event_set* ev) {
       if (ev != nullptr) ev->record(0, s);
-      nd::attention_kernel<P><<<dim3(rows, splits), head_dim, 0, s>>>(st, seqs, a.q);
-      if (ev != nullptr) ev->record(1, s);
-      nd::merge_kernel<<<rows, head_dim, 0, s>>>(st, seqs, a.o, splits);
-      if (ev != nullptr) ev->record(2, s);
+      BENCH_NOSA(layer.enqueue_step(
+          a, s,
+          [&](stage x) {
+            if (ev != nullptr) ev->record(x == stage::attention ? 1 : 2, s);
+          },
+          stage::attention, stage::merge));
       BENCH_LAUNCHED();
       BENCH_CUDA(cudaMemcpyAsync(st.lengths, L.lengths_backup(), len_bytes, cudaMemcpyDeviceToDevice, s));
     };

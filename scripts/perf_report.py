@@ -719,6 +719,9 @@ def main() -> int:
     ap.add_argument("--machine", help="text file with nvidia-smi readings to include")
     ap.add_argument("--image-prefix", default="", help="prefix of the image links in the markdown")
     ap.add_argument("--skeleton", action="store_true", help="write the page without results")
+    ap.add_argument("--analysis", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs",
+                                                       "performance-analysis.md"),
+                    help="hand-written analysis of the misses, appended to the page when the file exists")
     ap.add_argument("--fail-on-errors", action="store_true",
                     help="exit with 2 when a benchmark reported an error (the page is written all the same)")
     args = ap.parse_args()
@@ -736,6 +739,9 @@ def main() -> int:
         made = make_plots(data, args.out)
         text = document(data, machine, args.image_prefix, made)
         results, errors = collect(data)
+        if args.analysis and os.path.exists(args.analysis):
+            with open(args.analysis, encoding="utf-8") as f:
+                text = text.rstrip("\n") + "\n\n" + f.read()
     path = os.path.join(args.out, "performance.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)

@@ -20,6 +20,9 @@ namespace nosa {
 /// log-sum-exp. Bounds the split scratch at `min(k, 32)` parts.
 inline constexpr int max_attention_splits = 32;
 
+/// Compression windows one scoring task covers; each chunk leaves its softmax partials (CUDA backend).
+inline constexpr int score_chunk_windows = 256;
+
 /// Byte offsets of every state array within its arena, plus the derived extents.
 struct state_layout {
   // Extents.
@@ -27,6 +30,7 @@ struct state_layout {
   int max_blocks = 0, max_tokens = 0, max_windows = 0, top_k = 0, slots = 0, pages = 0;
   int group = 0;       // G = H_q / H_kv
   int max_splits = 0;  // parts a (sequence, KV head)'s attention may be split into (CUDA backend)
+  int score_chunks = 0;  // MC: chunks of score_chunk_windows windows covering MW
   std::size_t element_size = 0;
   bool offloads = false;
 
@@ -49,6 +53,7 @@ struct state_layout {
   std::size_t agnostic_scores = 0;  // f32   [S][H][MB]              scratch: Se per block
   std::size_t window_scores = 0;    // f32   [S][H][MW]              scratch: P per window, summed over the group
   std::size_t window_logits = 0;    // f32   [S][H][G][MW]           scratch: each query head's logits per window
+  std::size_t score_partials = 0;   // f32   [S][H][MC][G][2]        scratch: softmax (max, sum) per window chunk
   std::size_t logit_scratch = 0;    // f32   [b_s]                   scratch: logits of one block (host backend)
   std::size_t block_order = 0;      // int32 [S][H][MB]              scratch: ranking of blocks
   std::size_t block_mark = 0;       // int32 [S][H][MB]              scratch: membership marks, kept zero
@@ -137,6 +142,8 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.agnostic_scores = dev.take(SH * s.max_blocks * f32);
   s.window_scores = dev.take(SH * s.max_windows * f32);
   s.window_logits = dev.take(SH * s.group * s.max_windows * f32);
+  s.score_chunks = (s.max_windows + score_chunk_windows - 1) / score_chunk_windows;
+  s.score_partials = dev.take(SH * s.score_chunks * s.group * 2 * f32);
   s.logit_scratch = dev.take(std::size_t(sel.block_size) * f32);
   s.block_order = dev.take(SH * s.max_blocks * i32);
   s.block_mark = dev.take(SH * s.max_blocks * i32);

@@ -143,9 +143,23 @@ class decode_layer<P, cuda_backend> {
       }
     }
     const detail::sequence_source one{{}, seq};
-    detail::prompt_score_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(state_, seq, length, prompt.last_query);
+    const bool have_query = !prompt.last_query.empty();
+    if (have_query) {
+      // The last query as a batch of one row.
+      tensor_view<const element_type, 3> q;
+      q.data = prompt.last_query.data;
+      q.extents[0] = 1;
+      q.extents[1] = prompt.last_query.extents[0];
+      q.extents[2] = prompt.last_query.extents[1];
+      q.strides[0] = 0;
+      q.strides[1] = prompt.last_query.strides[0];
+      q.strides[2] = prompt.last_query.strides[1];
+      detail::window_logits_kernel<P>
+          <<<dim3(hkv, layout_.score_chunks), detail::cuda_threads, 0, stream>>>(state_, one, 0, q);
+    }
+    detail::pool_scores_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(state_, one, 0, have_query);
     detail::select_diff_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(
-        state_, one, 0, !prompt.last_query.empty(), false, detail::count_mode::ingest);
+        state_, one, 0, have_query, false, detail::count_mode::ingest);
     if constexpr (offloads) {
       detail::gather_kernel<<<dim3(hkv, layout_.top_k), detail::cuda_threads, 0, stream>>>(state_, one, false);
     }
@@ -211,6 +225,19 @@ class decode_layer<P, cuda_backend> {
   /// that depend on the state are found on the device and read with `step_status()`.
   template <storage_element Out>
   [[nodiscard]] status step(const step_args<element_type, Out>& args, cudaStream_t stream = nullptr) noexcept {
+    return enqueue_step(args, stream, [](step_stage) {});
+  }
+
+  /// The stages of a step, in launch order.
+  enum class step_stage : int { begin, append_score, select_diff, gather, attention, merge };
+
+  /// `step`, with `after(stage)` called on the host right after each stage's kernels are enqueued (to
+  /// record events around them), restricted to the stages `first` to `last`. Running part of a step is for
+  /// benchmarks and tools: the stages left out must have run before, as `step` runs them.
+  template <storage_element Out, class After>
+  [[nodiscard]] status enqueue_step(const step_args<element_type, Out>& args, cudaStream_t stream, After&& after,
+                                    step_stage first = step_stage::begin,
+                                    step_stage last = step_stage::merge) noexcept {
     const std::int64_t batch = args.sequences.extents[0];
     if (batch < 0) return status::shape_mismatch;
     const int hq = config_.num_q_heads, hkv = config_.num_kv_heads;
@@ -223,18 +250,36 @@ class decode_layer<P, cuda_backend> {
     if (batch > std::int64_t(1) << 20) return status::invalid_argument;
     const int rows = static_cast<int>(batch) * hkv;
     const detail::sequence_source seqs{args.sequences, -1};
-    detail::begin_step_kernel<<<1, detail::cuda_threads, 0, stream>>>(state_, seqs, static_cast<int>(batch));
-    if (rows > 0) {
-      detail::append_score_kernel<P>
-          <<<rows, detail::cuda_threads, 0, stream>>>(state_, seqs, args.q, args.k, args.v, args.c);
-      detail::select_diff_kernel<P>
-          <<<rows, detail::cuda_threads, 0, stream>>>(state_, seqs, 1, true, true, detail::count_mode::step);
+    const auto runs = [&](step_stage stage) { return first <= stage && stage <= last && (rows > 0 || stage == step_stage::begin); };
+    constexpr int threads = detail::cuda_threads;
+    if (runs(step_stage::begin)) {
+      detail::begin_step_kernel<<<1, threads, 0, stream>>>(state_, seqs, static_cast<int>(batch));
+      after(step_stage::begin);
+    }
+    if (runs(step_stage::append_score)) {
+      detail::append_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, args.k, args.v, args.c);
+      detail::window_logits_kernel<P><<<dim3(rows, layout_.score_chunks), threads, 0, stream>>>(state_, seqs, 1, args.q);
+      detail::pool_scores_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, 1, true);
+      after(step_stage::append_score);
+    }
+    if (runs(step_stage::select_diff)) {
+      detail::select_diff_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, 1, true, true, detail::count_mode::step);
+      after(step_stage::select_diff);
+    }
+    if (runs(step_stage::gather)) {
       if constexpr (offloads) {
-        detail::gather_kernel<<<dim3(rows, layout_.top_k + 1), detail::cuda_threads, 0, stream>>>(state_, seqs, true);
+        detail::gather_kernel<<<dim3(rows, layout_.top_k + 1), threads, 0, stream>>>(state_, seqs, true);
       }
-      const int splits = attention_splits(rows);
+      after(step_stage::gather);
+    }
+    const int splits = rows > 0 ? attention_splits(rows) : 1;
+    if (runs(step_stage::attention)) {
       detail::attention_kernel<P><<<dim3(rows, splits), head_dim, 0, stream>>>(state_, seqs, args.q);
-      detail::merge_kernel<<<rows, head_dim, 0, stream>>>(state_, seqs, args.o, splits);
+      after(step_stage::attention);
+    }
+    if (runs(step_stage::merge)) {
+      detail::merge_kernel<<<dim3(rows, config_.group_size()), head_dim, 0, stream>>>(state_, seqs, args.o, splits);
+      after(step_stage::merge);
     }
     return detail::from_cuda(cudaGetLastError());
   }

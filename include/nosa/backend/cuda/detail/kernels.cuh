@@ -126,94 +126,14 @@ __device__ void compress_window(const cuda_state<E, D>& s, int seq, int h, int w
   }
 }
 
-/// Sq and Se of every block of (seq, h) for a sequence of `length` tokens, from the group's queries in
-/// shared memory (`q` null: no query, Sq stays at the pooling identity). Called by the whole CTA.
-template <class P, class E, int D>
-__device__ void score_blocks(const cuda_state<E, D>& s, int seq, int h, int length, const float* q) {
-  using scorer = typename P::query_aware;
-  using agnostic = typename P::query_agnostic;
-  const selection_params& sel = s.sel;
-  const int n_windows = window_count(length, sel);
-  const int n_blocks = block_count(length, sel);
-  const int group = s.group;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  float* logits = s.logits_of(seq, h);
-  float* prob = s.prob_of(seq, h);
-  const float* kc = s.kc_of(seq, h);
-  const float* cc = s.cc_of(seq, h);
-  __shared__ float group_max[cuda_max_group];
-  __shared__ float group_sum[cuda_max_group];
-  if (q != nullptr) {
-    const float scale = softmax_scale(D);
-    for (int w = warp; w < n_windows; w += warps) {
-      float acc[cuda_max_group];
-#pragma unroll
-      for (int g = 0; g < cuda_max_group; ++g) acc[g] = 0.0f;
-      const float* row = kc + std::size_t(w) * D;
-      for (int d = lane; d < D; d += 32) {
-        const float k = row[d];
-#pragma unroll
-        for (int g = 0; g < cuda_max_group; ++g) {
-          if (g < group) acc[g] += q[g * D + d] * k;
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < cuda_max_group; ++g) {
-        if (g < group) {
-          const float dot = warp_sum(acc[g]);
-          if (lane == 0) logits[std::size_t(g) * s.max_windows + w] = scorer::window_logit(dot, scale);
-        }
-      }
-    }
-    __syncthreads();
-    for (int g = warp; g < group; g += warps) {
-      const float* lg = logits + std::size_t(g) * s.max_windows;
-      float m = negative_infinity;
-      for (int w = lane; w < n_windows; w += 32) m = max_keep_left(m, lg[w]);
-      m = warp_max(m);
-      float sum = 0.0f;
-      for (int w = lane; w < n_windows; w += 32) sum += expf(lg[w] - m);
-      sum = warp_sum(sum);
-      if (lane == 0) {
-        group_max[g] = m;
-        group_sum[g] = sum;
-      }
-    }
-    __syncthreads();
-    for (int w = threadIdx.x; w < n_windows; w += blockDim.x) {
-      float p = 0.0f;
-      for (int g = 0; g < group; ++g) {
-        p += expf(logits[std::size_t(g) * s.max_windows + w] - group_max[g]) / group_sum[g];
-      }
-      prob[w] = p;
-    }
-    __syncthreads();
-  }
-  float* sq = s.sq_of(seq, h);
-  float* se = s.se_of(seq, h);
-  for (int m = threadIdx.x; m < n_blocks; m += blockDim.x) {
-    const window_range r = windows_overlapping_block(m, n_windows, sel);
-    float bq = scorer::pool_identity;
-    float be = agnostic::pool_identity;
-    for (int w = r.first; w < r.last; ++w) {
-      if (q != nullptr) bq = scorer::pool(bq, prob[w]);
-      be = agnostic::pool(be, cc[w]);
-    }
-    sq[m] = bq;
-    se[m] = be;
-  }
-  __syncthreads();
-}
-
-/// Step stage 1, one CTA per (batch row, KV head): append the new token (tail slot or page, key ring, score
-/// history), compress a completed window, then score every block with the group's queries.
+/// Step stage 1a, one CTA per (batch row, KV head): append the new token (tail slot or page, key ring, score
+/// history) and compress the window it completes, if any.
 template <class P, class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
-    append_score_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> q,
-                        tensor_view<const E, 3> k, tensor_view<const E, 3> v, tensor_view<const float, 2> c) {
+    append_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> k, tensor_view<const E, 3> v,
+                  tensor_view<const float, 2> c) {
   if (*s.status != 0) return;
   constexpr bool offloads = P::store::offloads;
-  __shared__ float qs[cuda_max_group * D];
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int seq = seqs(b);
   const int t = s.lengths[seq];
@@ -243,15 +163,149 @@ __global__ void __launch_bounds__(cuda_threads)
     ring[std::size_t(t % sel.window) * D + d] = kd;
   }
   if (threadIdx.x == 0) s.scores_of(seq, h)[t] = c.empty() ? 0.0f : c(b, h);
+  __syncthreads();
+  const int w = window_completed_at(t, sel);
+  if (w >= 0) compress_window(s, seq, h, w, [&](int token) { return ring + std::size_t(token % sel.window) * D; });
+}
+
+/// Windows one CTA of `window_logits_kernel` scores: one per thread.
+inline constexpr int score_chunk = score_chunk_windows;
+static_assert(score_chunk == cuda_threads, "one window per thread");
+
+/// Step stage 1b, grid (batch rows x KV heads, window chunks): the logit of every query head of the group
+/// against every compressed key of its chunk (one window per thread, the group's queries broadcast from
+/// shared memory), and the chunk's softmax partials (max, sum of exp) per query head. `q` row `b` holds the
+/// queries of batch row `b` (plan calls pass one row with a zero batch stride).
+template <class P, class E, int D>
+__global__ void __launch_bounds__(cuda_threads)
+    window_logits_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, tensor_view<const E, 3> q) {
+  if (length_offset > 0 && *s.status != 0) return;
+  using scorer = typename P::query_aware;
+  __shared__ __align__(16) float qs[cuda_max_group * D];
+  __shared__ float red[cuda_threads / 32][cuda_max_group];
+  const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
+  const int seq = seqs(b);
+  const int length = s.lengths[seq] + length_offset;
+  const int n_windows = window_count(length, s.sel);
+  const int first = blockIdx.y * score_chunk;
+  if (first >= n_windows) return;
   const int group = s.group;
   for (int i = threadIdx.x; i < group * D; i += blockDim.x) qs[i] = to_float(q(b, h * group + i / D, i % D));
   __syncthreads();
-  const int w = window_completed_at(t, sel);
-  if (w >= 0) {
-    compress_window(s, seq, h, w, [&](int token) { return ring + std::size_t(token % sel.window) * D; });
+  const int w = first + threadIdx.x;
+  const bool active = w < n_windows;
+  float acc[cuda_max_group];
+#pragma unroll
+  for (int g = 0; g < cuda_max_group; ++g) acc[g] = 0.0f;
+  if (active) {
+    const float4* row = reinterpret_cast<const float4*>(s.kc_of(seq, h) + std::size_t(w) * D);
+    for (int d4 = 0; d4 < D / 4; ++d4) {
+      const float4 kv = row[d4];
+#pragma unroll
+      for (int g = 0; g < cuda_max_group; ++g) {
+        if (g < group) {
+          const float4 qv = reinterpret_cast<const float4*>(qs + g * D)[d4];
+          acc[g] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+        }
+      }
+    }
+  }
+  const float scale = softmax_scale(D);
+  float* logits = s.logits_of(seq, h);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int g = 0; g < cuda_max_group; ++g) {
+    if (g < group) {
+      acc[g] = active ? scorer::window_logit(acc[g], scale) : negative_infinity;
+      if (active) logits[std::size_t(g) * s.max_windows + w] = acc[g];
+      const float m = warp_max(acc[g]);
+      if (lane == 0) red[warp][g] = m;
+    }
+  }
+  __syncthreads();
+  __shared__ float chunk_max[cuda_max_group];
+  if (threadIdx.x < group) {
+    float m = negative_infinity;
+    for (int x = 0; x < cuda_threads / 32; ++x) m = max_keep_left(m, red[x][threadIdx.x]);
+    chunk_max[threadIdx.x] = m;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < cuda_max_group; ++g) {
+    if (g < group) {
+      const float e = active ? expf(acc[g] - chunk_max[g]) : 0.0f;
+      const float sum = warp_sum(e);
+      if (lane == 0) red[warp][g] = sum;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < group) {
+    float sum = 0.0f;
+    for (int x = 0; x < cuda_threads / 32; ++x) sum += red[x][threadIdx.x];
+    float* part = s.score_partials_of(seq, h) + (std::size_t(blockIdx.y) * group + threadIdx.x) * 2;
+    part[0] = chunk_max[threadIdx.x];
+    part[1] = sum;
+  }
+}
+
+/// Step stage 1c, one CTA per (batch row, KV head): combines the chunks' softmax partials, sums each
+/// window's probability over the group (`P[w]`), and pools windows into block scores: `Sq` (max of P over
+/// the windows overlapping a block; the pooling identity without a query) and `Se` (max of the compressed
+/// eviction scores).
+template <class P, class E, int D>
+__global__ void __launch_bounds__(cuda_threads)
+    pool_scores_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, bool have_query) {
+  if (length_offset > 0 && *s.status != 0) return;
+  using scorer = typename P::query_aware;
+  using agnostic = typename P::query_agnostic;
+  __shared__ float group_max[cuda_max_group];
+  __shared__ float group_inv[cuda_max_group];
+  const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
+  const int seq = seqs(b);
+  const int length = s.lengths[seq] + length_offset;
+  const selection_params& sel = s.sel;
+  const int n_windows = window_count(length, sel);
+  const int n_blocks = block_count(length, sel);
+  const int group = s.group;
+  float* prob = s.prob_of(seq, h);
+  if (have_query && n_windows > 0) {
+    const int chunks = (n_windows + score_chunk - 1) / score_chunk;
+    const float* parts = s.score_partials_of(seq, h);
+    if (threadIdx.x < group) {
+      const int g = threadIdx.x;
+      float m = negative_infinity;
+      for (int x = 0; x < chunks; ++x) m = max_keep_left(m, parts[(std::size_t(x) * group + g) * 2]);
+      float sum = 0.0f;
+      for (int x = 0; x < chunks; ++x) {
+        const float* part = parts + (std::size_t(x) * group + g) * 2;
+        sum += part[1] * expf(part[0] - m);
+      }
+      group_max[g] = m;
+      group_inv[g] = 1.0f / sum;
+    }
+    __syncthreads();
+    const float* logits = s.logits_of(seq, h);
+    for (int w = threadIdx.x; w < n_windows; w += blockDim.x) {
+      float p = 0.0f;
+      for (int g = 0; g < group; ++g) p += expf(logits[std::size_t(g) * s.max_windows + w] - group_max[g]) * group_inv[g];
+      prob[w] = p;
+    }
     __syncthreads();
   }
-  score_blocks<P>(s, seq, h, t + 1, qs);
+  const float* cc = s.cc_of(seq, h);
+  float* sq = s.sq_of(seq, h);
+  float* se = s.se_of(seq, h);
+  for (int m = threadIdx.x; m < n_blocks; m += blockDim.x) {
+    const window_range r = windows_overlapping_block(m, n_windows, sel);
+    float bq = scorer::pool_identity;
+    float be = agnostic::pool_identity;
+    for (int w = r.first; w < r.last; ++w) {
+      if (have_query) bq = scorer::pool(bq, prob[w]);
+      be = agnostic::pool(be, cc[w]);
+    }
+    sq[m] = bq;
+    se[m] = be;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -688,31 +742,35 @@ __global__ void __launch_bounds__(D)
   }
 }
 
-/// One CTA per (batch row, KV head), D threads: merges the splits by log-sum-exp into the output and
-/// advances the sequence by the token this step appended.
+/// Grid (batch rows x KV heads, group), D threads: merges one query head's splits by log-sum-exp into the
+/// output; CTA (row of KV head 0, head 0) also advances the sequence by the token this step appended.
 template <class E, int D, class Out>
 __global__ void __launch_bounds__(D)
     merge_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<Out, 3> o, int splits) {
   if (*s.status != 0) return;
+  __shared__ float weight[max_attention_splits];
+  __shared__ float total;
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
+  const int g = blockIdx.y;
   const int seq = seqs(b);
   const int d = threadIdx.x;
-  for (int g = 0; g < s.group; ++g) {
-    float m = negative_infinity;
-    for (int x = 0; x < splits; ++x) m = max_keep_left(m, s.stats_of(seq, h, x)[2 * g]);
-    float sum = 0.0f, acc = 0.0f;
-    if (m != negative_infinity) {
-      for (int x = 0; x < splits; ++x) {
-        const float mx = s.stats_of(seq, h, x)[2 * g];
-        if (mx == negative_infinity) continue;
-        const float f = expf(mx - m);
-        sum += s.stats_of(seq, h, x)[2 * g + 1] * f;
-        acc += s.acc_of(seq, h, x)[g * D + d] * f;
-      }
-    }
-    o(b, h * s.group + g, d) = from_float<Out>(sum > 0.0f ? acc / sum : 0.0f);
+  if (d < 32) {
+    const bool in = d < splits;
+    const float m = in ? s.stats_of(seq, h, d)[2 * g] : negative_infinity;
+    const float l = in ? s.stats_of(seq, h, d)[2 * g + 1] : 0.0f;
+    const float top = warp_max(m);
+    const float w = top == negative_infinity || m == negative_infinity ? 0.0f : expf(m - top);
+    const float sum = warp_sum(w * l);
+    if (in) weight[d] = w;
+    if (d == 0) total = sum;
   }
-  if (h == 0 && d == 0) s.lengths[seq] += 1;
+  __syncthreads();
+  float acc = 0.0f;
+  for (int x = 0; x < splits; ++x) {
+    if (weight[x] != 0.0f) acc += s.acc_of(seq, h, x)[g * D + d] * weight[x];
+  }
+  o(b, h * s.group + g, d) = from_float<Out>(total > 0.0f ? acc / total : 0.0f);
+  if (h == 0 && g == 0 && d == 0) s.lengths[seq] += 1;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -792,21 +850,6 @@ __global__ void compress_prompt_kernel(cuda_state<E, D> s, int seq, int length, 
   for (int w = blockIdx.y; w < n_windows; w += gridDim.y) {
     compress_window(s, seq, h, w, [&](int token) { return &k(token, h, 0); });
   }
-}
-
-/// One CTA per KV head: scores the blocks of a new sequence with the last prompt query, if any.
-template <class P, class E, int D>
-__global__ void __launch_bounds__(cuda_threads)
-    prompt_score_kernel(cuda_state<E, D> s, int seq, int length, tensor_view<const E, 2> last_query) {
-  __shared__ float qs[cuda_max_group * D];
-  const int h = blockIdx.x;
-  const int group = s.group;
-  const bool have_query = !last_query.empty();
-  if (have_query) {
-    for (int i = threadIdx.x; i < group * D; i += blockDim.x) qs[i] = to_float(last_query(h * group + i / D, i % D));
-  }
-  __syncthreads();
-  score_blocks<P>(s, seq, h, length, have_query ? qs : nullptr);
 }
 
 /// After the initial load: a new sequence reports no misses of its own.

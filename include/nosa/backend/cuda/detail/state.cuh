@@ -16,7 +16,7 @@ namespace nosa::detail {
 template <class E, int D>
 struct cuda_state {
   selection_params sel;
-  int sequences, kv_heads, group, max_blocks, max_tokens, max_windows, top_k, slots, max_splits;
+  int sequences, kv_heads, group, max_blocks, max_tokens, max_windows, top_k, slots, max_splits, score_chunks;
 
   std::int32_t* lengths;
   std::int32_t* live;
@@ -36,6 +36,7 @@ struct cuda_state {
   float* agnostic_scores;
   float* window_scores;
   float* window_logits;
+  float* score_partials;
   std::int32_t* block_mark;
   std::int32_t* batch_mark;
   std::int32_t* miss_list;
@@ -77,6 +78,9 @@ struct cuda_state {
   NOSA_HOST_DEVICE float* logits_of(int seq, int h) const {
     return window_logits + sh(seq, h) * group * max_windows;
   }
+  NOSA_HOST_DEVICE float* score_partials_of(int seq, int h) const {
+    return score_partials + sh(seq, h) * score_chunks * group * 2;
+  }
   NOSA_HOST_DEVICE std::int32_t* mark_of(int seq, int h) const { return block_mark + sh(seq, h) * max_blocks; }
   NOSA_HOST_DEVICE std::int32_t* misses_of(int seq, int h) const { return miss_list + sh(seq, h) * top_k; }
   NOSA_HOST_DEVICE float* acc_of(int seq, int h, int split) const {
@@ -104,6 +108,7 @@ cuda_state<E, D> make_cuda_state(const layer_config& config, const state_layout&
   s.top_k = l.top_k;
   s.slots = l.slots;
   s.max_splits = l.max_splits;
+  s.score_chunks = l.score_chunks;
   s.lengths = reinterpret_cast<std::int32_t*>(at(l.seq_length));
   s.live = reinterpret_cast<std::int32_t*>(at(l.seq_live));
   s.block_table = reinterpret_cast<std::int32_t*>(at(l.block_table));
@@ -122,6 +127,7 @@ cuda_state<E, D> make_cuda_state(const layer_config& config, const state_layout&
   s.agnostic_scores = reinterpret_cast<float*>(at(l.agnostic_scores));
   s.window_scores = reinterpret_cast<float*>(at(l.window_scores));
   s.window_logits = reinterpret_cast<float*>(at(l.window_logits));
+  s.score_partials = reinterpret_cast<float*>(at(l.score_partials));
   s.block_mark = reinterpret_cast<std::int32_t*>(at(l.block_mark));
   s.batch_mark = reinterpret_cast<std::int32_t*>(at(l.batch_mark));
   s.miss_list = reinterpret_cast<std::int32_t*>(at(l.miss_list));
