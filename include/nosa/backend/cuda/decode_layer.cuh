@@ -274,7 +274,8 @@ class decode_layer<P, cuda_backend> {
     }
     const int splits = rows > 0 ? attention_splits(rows) : 1;
     if (runs(step_stage::attention)) {
-      detail::attention_kernel<P><<<dim3(rows, splits), head_dim, 0, stream>>>(state_, seqs, args.q);
+      detail::attention_kernel<P>
+          <<<dim3(rows, splits), detail::attention_warps * 32, 0, stream>>>(state_, seqs, args.q);
       after(step_stage::attention);
     }
     if (runs(step_stage::merge)) {

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <type_traits>
 #include <cstdint>
 
 namespace nosa::detail {
@@ -625,55 +626,105 @@ __global__ void __launch_bounds__(cuda_threads)
 // Sparse attention: split over the selection, merged by log-sum-exp.
 // ---------------------------------------------------------------------------------------------------------
 
-/// Rows of K and V a CTA stages in shared memory at a time.
-template <int D>
-inline constexpr int attention_tile_rows = 2048 / D < 1 ? 1 : 2048 / D;
+/// Warps of an attention CTA.
+inline constexpr int attention_warps = 4;
 
-/// Grid (batch rows x KV heads, splits), D threads. CTA (r, x) attends the G query heads of row r's KV
-/// head over its contiguous share of the selected blocks, each K/V row read once for the whole group, and
-/// leaves a partial softmax (max, sum, weighted V) per query head.
+/// Loads `N` consecutive elements of a row as fp32, with the widest aligned loads `N` allows (the caller
+/// keeps `p` aligned to `N` elements, up to 16 bytes).
+template <int N, class E>
+__device__ inline void load_row_chunk(const E* p, float (&out)[N]) {
+  if constexpr (std::is_same_v<E, float>) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < N / 4; ++i) {
+        const float4 v = reinterpret_cast<const float4*>(p)[i];
+        out[4 * i] = v.x, out[4 * i + 1] = v.y, out[4 * i + 2] = v.z, out[4 * i + 3] = v.w;
+      }
+    } else if constexpr (N == 2) {
+      const float2 v = *reinterpret_cast<const float2*>(p);
+      out[0] = v.x, out[1] = v.y;
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) out[i] = p[i];
+    }
+  } else {
+    static_assert(N % 8 == 0 || N == 4 || N == 2, "16-bit rows load in pairs");
+    std::uint32_t words[N / 2];
+    if constexpr (N % 8 == 0) {
+#pragma unroll
+      for (int i = 0; i < N / 8; ++i) {
+        const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+        words[4 * i] = v.x, words[4 * i + 1] = v.y, words[4 * i + 2] = v.z, words[4 * i + 3] = v.w;
+      }
+    } else if constexpr (N == 4) {
+      const uint2 v = *reinterpret_cast<const uint2*>(p);
+      words[0] = v.x, words[1] = v.y;
+    } else {
+      words[0] = *reinterpret_cast<const std::uint32_t*>(p);
+    }
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      out[2 * i] = to_float(E::from_bits(static_cast<std::uint16_t>(words[i] & 0xffffu)));
+      out[2 * i + 1] = to_float(E::from_bits(static_cast<std::uint16_t>(words[i] >> 16)));
+    }
+  }
+}
+
+/// Grid (batch rows x KV heads, splits), 4 warps. CTA (r, x) attends the G query heads of row r's KV head
+/// over its contiguous share of the selected blocks. Each warp takes tiles of 32 rows in turn: lane j
+/// computes the logits of row j for the whole group (its key row streamed in 16-byte pieces against the
+/// queries in shared memory), the warp updates its running softmax per head, then every lane accumulates
+/// its D/32 columns of the tile's values for the whole group. The warps' partials are combined in warp
+/// order at the end, so the result does not depend on timing.
 template <class P, class E, int D>
-__global__ void __launch_bounds__(D)
+__global__ void __launch_bounds__(attention_warps * 32)
     attention_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> q) {
   if (*s.status != 0) return;
   using attention = typename P::attention;
   constexpr bool offloads = P::store::offloads;
-  constexpr int R = attention_tile_rows<D>;
-  __shared__ float qs[cuda_max_group * D];
-  __shared__ float ks[R * D];
-  __shared__ float vs[R * D];
-  __shared__ float ps[cuda_max_group * R];
-  __shared__ float run_max[cuda_max_group], run_sum[cuda_max_group], rescale[cuda_max_group];
+  constexpr int chunk = static_cast<int>(16 / sizeof(E));  // key elements per 16-byte load
+  constexpr int cols = D / 32;                             // value columns per lane
+  constexpr int G = cuda_max_group;
+  __shared__ __align__(16) float qs[G * D];  // the group's queries; reused to combine the warps' sums
+  __shared__ float ps[attention_warps][G][32];
+  __shared__ float warp_max_s[attention_warps][G], warp_sum_s[attention_warps][G];
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int split = blockIdx.y, splits = gridDim.y;
   const int seq = seqs(b);
   const int length = s.lengths[seq] + 1;
   const int group = s.group;
-  const int d = threadIdx.x;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = D / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const float scale = softmax_scale(D);
   const selection_params& sel = s.sel;
 
-  for (int g = 0; g < group; ++g) qs[g * D + d] = to_float(q(b, h * group + g, d));
-  if (d < group) {
-    run_max[d] = negative_infinity;
-    run_sum[d] = 0.0f;
-  }
-  float acc[cuda_max_group];
-#pragma unroll
-  for (int g = 0; g < cuda_max_group; ++g) acc[g] = 0.0f;
+  for (int i = threadIdx.x; i < group * D; i += blockDim.x) qs[i] = to_float(q(b, h * group + i / D, i % D));
   __syncthreads();
+
+  float acc[G][cols];
+  float run_max[G], run_sum[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    run_max[g] = negative_infinity;
+    run_sum[g] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < cols; ++c) acc[g][c] = 0.0f;
+  }
 
   const int n = s.selection_count[s.sh(seq, h)];
   const int per = (n + splits - 1) / splits;
   const int first_i = split * per;
   const int last_i = first_i + per < n ? first_i + per : n;
+  const int tiles_per_block = (sel.block_size + 31) / 32;
+  const int n_tiles = last_i > first_i ? (last_i - first_i) * tiles_per_block : 0;
   const std::int32_t* chosen = s.selection_of(seq, h);
   const float* c_state = s.scores_of(seq, h);
-  for (int i = first_i; i < last_i; ++i) {
-    const int m = chosen[i];
+  for (int tile = warp; tile < n_tiles; tile += attention_warps) {
+    const int m = chosen[first_i + tile / tiles_per_block];
+    const int r0 = (tile % tiles_per_block) * 32;
     const int first = m * sel.block_size;
     const int rows = sel.block_size < length - first ? sel.block_size : length - first;
+    if (r0 >= rows) continue;
+    const int nr = rows - r0 < 32 ? rows - r0 : 32;
     const E* keys;
     const E* values;
     if constexpr (offloads) {
@@ -685,60 +736,116 @@ __global__ void __launch_bounds__(D)
       keys = s.page_k(page, h);
       values = s.page_v(page, h);
     }
-    for (int r0 = 0; r0 < rows; r0 += R) {
-      const int nr = R < rows - r0 ? R : rows - r0;
-      for (int idx = d; idx < nr * D; idx += D) {
-        ks[idx] = to_float(keys[std::size_t(r0) * D + idx]);
-        vs[idx] = to_float(values[std::size_t(r0) * D + idx]);
-      }
-      __syncthreads();
-      for (int p = warp; p < group * nr; p += warps) {
-        const int g = p / nr, r = p % nr;
-        float dot = 0.0f;
-        for (int j = lane; j < D; j += 32) dot += qs[g * D + j] * ks[r * D + j];
-        dot = warp_sum(dot);
-        if (lane == 0) ps[g * R + r] = attention::logit(dot, c_state[first + r0 + r], scale);
-      }
-      __syncthreads();
-      if (d < group) {
-        const int g = d;
-        float tile_max = negative_infinity;
-        for (int r = 0; r < nr; ++r) tile_max = max_keep_left(tile_max, ps[g * R + r]);
-        const float new_max = max_keep_left(run_max[g], tile_max);
-        float sum = 0.0f;
-        if (new_max == negative_infinity) {
-          for (int r = 0; r < nr; ++r) ps[g * R + r] = 0.0f;
-          rescale[g] = 1.0f;
-        } else {
-          for (int r = 0; r < nr; ++r) {
-            const float p = expf(ps[g * R + r] - new_max);
-            ps[g * R + r] = p;
-            sum += p;
-          }
-          rescale[g] = run_max[g] == negative_infinity ? 0.0f : expf(run_max[g] - new_max);
-        }
-        run_sum[g] = run_sum[g] * rescale[g] + sum;
-        run_max[g] = new_max;
-      }
-      __syncthreads();
+    keys += std::size_t(r0) * D;
+    values += std::size_t(r0) * D;
+    const bool valid = lane < nr;
+
+    // Logits of row r0 + lane for every head of the group.
+    float logit[G];
 #pragma unroll
-      for (int g = 0; g < cuda_max_group; ++g) {
-        if (g < group) {
-          float a = acc[g] * rescale[g];
-          for (int r = 0; r < nr; ++r) a += ps[g * R + r] * vs[r * D + d];
-          acc[g] = a;
+    for (int g = 0; g < G; ++g) logit[g] = 0.0f;
+    if (valid) {
+      const E* row = keys + std::size_t(lane) * D;
+      for (int d0 = 0; d0 < D; d0 += chunk) {
+        float k[chunk];
+        load_row_chunk<chunk>(row + d0, k);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          if (g < group) {
+            const float* qg = qs + g * D + d0;
+            float dot = logit[g];
+#pragma unroll
+            for (int e = 0; e < chunk; ++e) dot += qg[e] * k[e];
+            logit[g] = dot;
+          }
         }
       }
-      __syncthreads();
+    }
+    const float bias = valid ? c_state[first + r0 + lane] : 0.0f;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      if (g < group) {
+        const float l = valid ? attention::logit(logit[g], bias, scale) : negative_infinity;
+        const float new_max = max_keep_left(run_max[g], warp_max(l));
+        float p = 0.0f, rescale = 1.0f;
+        if (new_max != negative_infinity) {
+          p = valid ? expf(l - new_max) : 0.0f;
+          rescale = run_max[g] == negative_infinity ? 0.0f : expf(run_max[g] - new_max);
+        }
+        run_sum[g] = run_sum[g] * rescale + warp_sum(p);
+        run_max[g] = new_max;
+        ps[warp][g][lane] = p;
+#pragma unroll
+        for (int c = 0; c < cols; ++c) acc[g][c] *= rescale;
+      }
+    }
+    __syncwarp();
+    // Values: lane holds columns [lane * cols, lane * cols + cols) of every head.
+    for (int r = 0; r < nr; ++r) {
+      float v[cols];
+      load_row_chunk<cols>(values + std::size_t(r) * D + lane * cols, v);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        if (g < group) {
+          const float p = ps[warp][g][r];
+#pragma unroll
+          for (int c = 0; c < cols; ++c) acc[g][c] += p * v[c];
+        }
+      }
+    }
+    __syncwarp();
+  }
+
+  // Combine the warps' partials in warp order.
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      if (g < group) {
+        warp_max_s[warp][g] = run_max[g];
+        warp_sum_s[warp][g] = run_sum[g];
+      }
     }
   }
+  __syncthreads();  // also: every warp is done reading qs
+  float factor[G];
 #pragma unroll
-  for (int g = 0; g < cuda_max_group; ++g) {
-    if (g < group) s.acc_of(seq, h, split)[g * D + d] = acc[g];
+  for (int g = 0; g < G; ++g) {
+    factor[g] = 0.0f;
+    if (g < group) {
+      float m = negative_infinity;
+      for (int w = 0; w < attention_warps; ++w) m = max_keep_left(m, warp_max_s[w][g]);
+      if (m != negative_infinity && run_max[g] != negative_infinity) factor[g] = expf(run_max[g] - m);
+    }
   }
-  if (d < group) {
-    s.stats_of(seq, h, split)[2 * d] = run_max[d];
-    s.stats_of(seq, h, split)[2 * d + 1] = run_sum[d];
+  for (int w = 0; w < attention_warps; ++w) {
+    if (warp == w) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        if (g < group) {
+#pragma unroll
+          for (int c = 0; c < cols; ++c) {
+            float& out = qs[g * D + lane * cols + c];
+            out = (w == 0 ? 0.0f : out) + acc[g][c] * factor[g];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  float* out_acc = s.acc_of(seq, h, split);
+  for (int i = threadIdx.x; i < group * D; i += blockDim.x) out_acc[i] = qs[i];
+  if (threadIdx.x < group) {
+    const int g = threadIdx.x;
+    float m = negative_infinity;
+    for (int w = 0; w < attention_warps; ++w) m = max_keep_left(m, warp_max_s[w][g]);
+    float sum = 0.0f;
+    if (m != negative_infinity) {
+      for (int w = 0; w < attention_warps; ++w) {
+        if (warp_max_s[w][g] != negative_infinity) sum += warp_sum_s[w][g] * expf(warp_max_s[w][g] - m);
+      }
+    }
+    s.stats_of(seq, h, split)[2 * g] = m;
+    s.stats_of(seq, h, split)[2 * g + 1] = sum;
   }
 }
 
