@@ -3,8 +3,11 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
+#include <string_view>
 #include <system_error>
 
 namespace nosa_test {
@@ -31,5 +34,17 @@ struct temp_dir {
 
   std::filesystem::path file(const std::string& name) const { return path / name; }
 };
+
+/// Writes `bytes` to `path`, replacing the file.
+inline void write_bytes(const std::filesystem::path& path, std::string_view bytes) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+/// The whole content of `path` (empty if it cannot be read).
+inline std::string read_bytes(const std::filesystem::path& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
 
 }  // namespace nosa_test

@@ -26,15 +26,8 @@ struct temp_dir : nosa_test::temp_dir {
   temp_dir() : nosa_test::temp_dir("nosa_npy_test_") {}
 };
 
-void write_bytes(const fs::path& path, std::string_view bytes) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
-std::string read_bytes(const fs::path& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
+using nosa_test::read_bytes;
+using nosa_test::write_bytes;
 
 /// A .npy file with `header` written verbatim after the preamble of format `major`.0, followed by
 /// `data_bytes` bytes of payload.
