@@ -63,7 +63,38 @@ class page_pool {
     }
   }
 
+  /// The per-sequence state a reservation reads and writes, wherever the backend keeps a host copy of it.
+  struct sequence_rows {
+    const std::int32_t* live;     ///< [S] live flags
+    const std::int32_t* lengths;  ///< [S] tokens of each sequence
+    std::int32_t* tables;         ///< [S][max_blocks] block tables, -1 where no page
+    int max_blocks;
+  };
+
+  /// Reserves pages so that every live sequence in `[first, last)` can run `tokens_ahead` more steps. All
+  /// or nothing: on `sequence_full` or `host_pool_full` no page is taken.
+  status reserve(const sequence_rows& rows, int first, int last, int tokens_ahead, int max_tokens,
+                 const selection_params& sel) noexcept {
+    if (tokens_ahead < 0) return status::invalid_argument;
+    int needed = 0;
+    for (int seq = first; seq < last; ++seq) {
+      if (!rows.live[seq]) continue;
+      int n = 0;
+      NOSA_TRY(missing(table_of(rows, seq), rows.lengths[seq], tokens_ahead, max_tokens, sel, n));
+      needed += n;
+    }
+    if (needed > free_count()) return status::host_pool_full;
+    for (int seq = first; seq < last; ++seq) {
+      if (rows.live[seq]) fill(table_of(rows, seq), rows.lengths[seq], tokens_ahead, sel);
+    }
+    return status::success;
+  }
+
  private:
+  static std::int32_t* table_of(const sequence_rows& rows, int seq) noexcept {
+    return rows.tables + std::size_t(seq) * rows.max_blocks;
+  }
+
   std::int32_t* refs_ = nullptr;
   std::int32_t* stack_ = nullptr;
   std::int32_t* count_ = nullptr;

@@ -37,7 +37,7 @@ class cuda_allocation {
   }
   ~cuda_allocation() { reset(); }
 
-  /// Allocates `bytes`, zero-filled; `insufficient_memory` or `backend_error` on failure.
+  /// Allocates `bytes` (pinned host memory zero-filled); `insufficient_memory` or `backend_error` on failure.
   [[nodiscard]] status allocate(std::size_t bytes) noexcept {
     reset();
     if (bytes == 0) return status::success;
@@ -64,11 +64,8 @@ class cuda_allocation {
 struct device_memory {
   static cudaError_t allocate(void** p, std::size_t n) noexcept { return cudaMalloc(p, n); }
   static void release(void* p) noexcept { cudaFree(p); }
-  /// Zero-fills and waits, so that work on any stream (non-blocking ones too) sees the zeros.
-  static cudaError_t zero(void* p, std::size_t n) noexcept {
-    const cudaError_t e = cudaMemset(p, 0, n);
-    return e != cudaSuccess ? e : cudaDeviceSynchronize();
-  }
+  /// Left as allocated: `decode_layer::create` initialises every byte of the device arena on its stream.
+  static cudaError_t zero(void*, std::size_t) noexcept { return cudaSuccess; }
 };
 
 struct mapped_host_memory {
@@ -83,7 +80,7 @@ struct mapped_host_memory {
 };
 }  // namespace detail
 
-/// Device memory from `cudaMalloc` (256-byte aligned), zero-filled.
+/// Device memory from `cudaMalloc` (256-byte aligned). Not filled: `create` initialises the state.
 using cuda_device_arena = detail::cuda_allocation<detail::device_memory>;
 /// Pinned host memory mapped into the device address space (`cudaHostAlloc` with `cudaHostAllocMapped`),
 /// zero-filled: what `decode_layer<P, cuda_backend>` requires of its host arena.

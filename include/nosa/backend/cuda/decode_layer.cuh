@@ -188,18 +188,8 @@ class decode_layer<P, cuda_backend> {
   [[nodiscard]] status reserve(int tokens_ahead, cudaStream_t stream = nullptr) noexcept {
     if (tokens_ahead < 0) return status::invalid_argument;
     NOSA_TRY(load_plan_state(stream));
-    int needed = 0;
-    for (int seq = 0; seq < layout_.sequences; ++seq) {
-      if (!staged_live()[seq]) continue;
-      int n = 0;
-      NOSA_TRY(page_pool::missing(staged_table(seq), staged_lengths()[seq], tokens_ahead, layout_.max_tokens,
-                                    config_.selection, n));
-      needed += n;
-    }
-    if (needed > free_page_count()) return status::host_pool_full;
-    for (int seq = 0; seq < layout_.sequences; ++seq) {
-      if (staged_live()[seq]) pages().fill(staged_table(seq), staged_lengths()[seq], tokens_ahead, config_.selection);
-    }
+    NOSA_TRY(pages().reserve(staged_rows(), 0, layout_.sequences, tokens_ahead, layout_.max_tokens,
+                             config_.selection));
     return store_block_table(stream);
   }
 
@@ -208,12 +198,7 @@ class decode_layer<P, cuda_backend> {
     if (seq < 0 || seq >= layout_.sequences) return status::unknown_sequence;
     NOSA_TRY(load_plan_state(stream));
     if (!staged_live()[seq]) return status::unknown_sequence;
-    if (tokens_ahead < 0) return status::invalid_argument;
-    int needed = 0;
-    NOSA_TRY(page_pool::missing(staged_table(seq), staged_lengths()[seq], tokens_ahead, layout_.max_tokens,
-                                  config_.selection, needed));
-    if (needed > free_page_count()) return status::host_pool_full;
-    pages().fill(staged_table(seq), staged_lengths()[seq], tokens_ahead, config_.selection);
+    NOSA_TRY(pages().reserve(staged_rows(), seq, seq + 1, tokens_ahead, layout_.max_tokens, config_.selection));
     return store_block_table(stream);
   }
 
@@ -391,6 +376,9 @@ class decode_layer<P, cuda_backend> {
   std::int32_t* staged_table(int seq) const noexcept { return staging() + std::size_t(seq) * layout_.max_blocks; }
   std::int32_t* staged_live() const noexcept { return staging() + std::size_t(layout_.sequences) * layout_.max_blocks; }
   std::int32_t* staged_lengths() const noexcept { return staged_live() + layout_.sequences; }
+  page_pool::sequence_rows staged_rows() const noexcept {
+    return {staged_live(), staged_lengths(), staged_table(0), layout_.max_blocks};
+  }
 
   /// Enqueues a copy of `count` values of T at `offset` in the device arena to `dst`.
   template <class T>

@@ -200,32 +200,13 @@ class decode_layer<P, host_backend> {
   /// Reserves pages so that every live sequence can run `tokens_ahead` more steps without a plan call.
   /// All or nothing: on `host_pool_full` or `sequence_full` no page is reserved.
   [[nodiscard]] status reserve(int tokens_ahead, host_backend::stream_type = {}) noexcept {
-    if (tokens_ahead < 0) return status::invalid_argument;
-    int needed = 0;
-    for (int seq = 0; seq < layout_.sequences; ++seq) {
-      if (!live_flags()[seq]) continue;
-      int n = 0;
-      NOSA_TRY(page_pool::missing(block_table(seq), lengths()[seq], tokens_ahead, layout_.max_tokens,
-                                    config_.selection, n));
-      needed += n;
-    }
-    if (needed > free_page_count()) return status::host_pool_full;
-    for (int seq = 0; seq < layout_.sequences; ++seq) {
-      if (live_flags()[seq]) pages().fill(block_table(seq), lengths()[seq], tokens_ahead, config_.selection);
-    }
-    return status::success;
+    return pages().reserve(plan_rows(), 0, layout_.sequences, tokens_ahead, layout_.max_tokens, config_.selection);
   }
 
   /// Reserves pages so that sequence `seq` can run `tokens_ahead` more steps. All or nothing.
   [[nodiscard]] status reserve(int seq, int tokens_ahead, host_backend::stream_type = {}) noexcept {
     if (seq < 0 || seq >= layout_.sequences || !live_flags()[seq]) return status::unknown_sequence;
-    if (tokens_ahead < 0) return status::invalid_argument;
-    int needed = 0;
-    NOSA_TRY(page_pool::missing(block_table(seq), lengths()[seq], tokens_ahead, layout_.max_tokens,
-                                  config_.selection, needed));
-    if (needed > free_page_count()) return status::host_pool_full;
-    pages().fill(block_table(seq), lengths()[seq], tokens_ahead, config_.selection);
-    return status::success;
+    return pages().reserve(plan_rows(), seq, seq + 1, tokens_ahead, layout_.max_tokens, config_.selection);
   }
 
   // ---------------------------------------------------------------------------------------------------
@@ -404,6 +385,9 @@ class decode_layer<P, host_backend> {
   counters* total_counters_ptr() const noexcept { return dev<counters>(layout_.totals); }
   counters* last_step_counters_ptr() const noexcept { return dev<counters>(layout_.last_step); }
   page_pool pages() const noexcept { return page_pool(layout_, host_); }
+  page_pool::sequence_rows plan_rows() const noexcept {
+    return {live_flags(), lengths(), block_table(0), layout_.max_blocks};
+  }
   std::uint64_t block_bytes() const noexcept { return layout_.block_elements() * sizeof(element_type); }
 
   /// Keys (or values) of block m of (seq, h), wherever the store keeps it.
