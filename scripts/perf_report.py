@@ -37,7 +37,7 @@ ATTENTION_RATIO = 0.80           # of the HBM read ceiling, whenever B x H_kv >=
 ATTENTION_MIN_ROWS = 64
 STEP_B1_US = 40.0                # B = 1, 32K, H_kv = 2, resident store, graph-replayed
 OTHER_SHARE = 0.15               # non-attention, non-transfer share of the step at 32K and B = 64
-GRAPH_GAP = 0.10                 # graph replay within 10% of the sum of its kernels
+GRAPH_GAP = 0.10                 # graph replay at most 10% above the sum of its kernels (launch gaps)
 
 IMAGES = ["h2d_bandwidth.png", "attention_bandwidth.png", "step_vs_batch.png", "step_vs_context.png",
           "stage_times.png"]
@@ -448,7 +448,8 @@ def section_targets(ctx: dict, results) -> str:
         if rows_ < ATTENTION_MIN_ROWS or r.get("ratio") is None:
             continue
         ratio = r.get("ratio")
-        rows.append([f"sparse attention >= {ATTENTION_RATIO:.0%} of HBM read (B x H_kv >= 64)",
+        kind = "dense attention, whole cache" if r.family.endswith("/full") else "sparse attention"
+        rows.append([f"{kind} >= {ATTENTION_RATIO:.0%} of HBM read (B x H_kv >= 64)",
                      f"{r.family.split('/')[1]}, {r.p('context')} ctx, H_kv {r.p('hkv')}, B {r.p('batch')}",
                      f"{num(r.get('GBps'))} GB/s", f"{num(hbm)} GB/s", pct(ratio),
                      verdict(ratio >= ATTENTION_RATIO, f"{100 * (ATTENTION_RATIO - ratio):.1f} points short")])
@@ -492,19 +493,21 @@ def section_targets(ctx: dict, results) -> str:
         def row(r, label):
             g = r.get("graph_over_kernels")
             return [label, where(r), f"{num(r.get('median_us'))} us", f"{num(r.get('kernels_us'))} us", num(g) + "x",
-                    verdict(abs(g - 1.0) <= GRAPH_GAP, f"{100 * (g - 1.0):+.1f}%")]
+                    verdict(g <= 1.0 + GRAPH_GAP, f"{100 * (g - 1.0):+.1f}%")]
 
-        worst = max(graphed, key=lambda r: abs(r.get("graph_over_kernels") - 1.0))
-        within = sum(abs(r.get("graph_over_kernels") - 1.0) <= GRAPH_GAP for r in graphed)
-        rows.append(row(worst, f"graph replay within 10% of the sum of its kernels: {within} of {len(graphed)} "
-                               "configurations; the farthest"))
+        # A launch gap makes the replay slower than its kernels; kernels timed one by one carry the events
+        # between them, so a replay below their sum has no gaps at all.
+        worst = max(graphed, key=lambda r: r.get("graph_over_kernels"))
+        within = sum(r.get("graph_over_kernels") <= 1.0 + GRAPH_GAP for r in graphed)
+        rows.append(row(worst, f"graph replay at most 10% above the sum of its kernels: {within} of {len(graphed)} "
+                               "configurations; the slowest"))
         for r in graphed:
-            if r is not worst and abs(r.get("graph_over_kernels") - 1.0) > GRAPH_GAP:
-                rows.append(row(r, "graph replay within 10% of the sum of its kernels"))
+            if r is not worst and r.get("graph_over_kernels") > 1.0 + GRAPH_GAP:
+                rows.append(row(r, "graph replay at most 10% above the sum of its kernels"))
 
     out = "### Targets\n\n" + table(["target", "where", "achieved", "ceiling / reference", "ratio", "verdict"], rows)
     out += ("\nNot measured by this suite yet: the exposed transfer time with overlap (no overlap path exists yet), "
-            "the dense full-attention path (not in the library yet), and how many SMs the gather occupies (the "
+            "and how many SMs the gather occupies (the "
             "gather grid has `B x H_kv x (k + 1)` CTAs, of which only the misses copy).\n")
     if notes:
         out += "\nFigures that explain the misses (from the same run):\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

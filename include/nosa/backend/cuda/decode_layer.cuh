@@ -89,10 +89,16 @@ class decode_layer<P, cuda_backend> {
     NOSA_CUDA_TRY(cudaGetDevice(&device));
     int sms = 0;
     NOSA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    // Attention CTAs the device holds at once: the splits are chosen to fill exactly one wave of them.
+    int resident_ctas = 0;
     if constexpr (mma_attention) {
-      NOSA_CUDA_TRY(cudaFuncSetAttribute(detail::attention_mma_kernel<P, element_type, head_dim>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(detail::mma_attention_smem_bytes<head_dim>())));
+      const auto kernel = detail::attention_mma_kernel<P, element_type, head_dim>;
+      const int smem = static_cast<int>(detail::mma_attention_smem_bytes<head_dim>());
+      NOSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      NOSA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_ctas, kernel, detail::mma_warps * 32, smem));
+    } else {
+      NOSA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &resident_ctas, detail::attention_kernel<P, element_type, head_dim>, detail::attention_warps * 32, 0));
     }
 
     decode_layer layer;
@@ -101,7 +107,7 @@ class decode_layer<P, cuda_backend> {
     layer.device_ = device_arena.data();
     layer.host_ = host_arena.data();
     layer.host_mapped_ = static_cast<std::byte*>(mapped);
-    layer.sms_ = sms;
+    layer.attention_slots_ = std::max(1, sms * std::max(1, resident_ctas));
     layer.state_ = detail::make_cuda_state<element_type, head_dim>(
         config, s, layer.device_, offloads ? layer.host_mapped_ : layer.device_);
     NOSA_TRY(layer.initialise(stream));
@@ -363,9 +369,10 @@ class decode_layer<P, cuda_backend> {
   /// launch one stage's kernel on its own. Not needed to run a layer.
   const detail::cuda_state<element_type, head_dim>& kernel_state() const noexcept { return state_; }
   /// Parts each (sequence, KV head)'s attention is split into for a batch of `rows` (sequence, KV head)
-  /// pairs: as many as fill the device twice over, at most `layout().max_splits`.
+  /// pairs: as many as fit in one wave of attention CTAs on the device (a second, partly empty wave would
+  /// leave SMs idle), at least 1 and at most `layout().max_splits`.
   int attention_splits(int rows) const noexcept {
-    const int wanted = (2 * sms_ + rows - 1) / rows;
+    const int wanted = attention_slots_ / std::max(rows, 1);
     return std::max(1, std::min(wanted, layout_.max_splits));
   }
 
@@ -379,7 +386,7 @@ class decode_layer<P, cuda_backend> {
   std::byte* device_ = nullptr;
   std::byte* host_ = nullptr;
   std::byte* host_mapped_ = nullptr;
-  int sms_ = 1;
+  int attention_slots_ = 1;
   detail::cuda_state<element_type, head_dim> state_{};
 
   static status check_config(const layer_config& config) noexcept {

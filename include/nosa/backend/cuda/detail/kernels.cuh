@@ -207,14 +207,22 @@ __global__ void __launch_bounds__(cuda_threads)
 #pragma unroll
   for (int g = 0; g < cuda_max_group; ++g) acc[g] = 0.0f;
   if (active) {
+    // Eight 16-byte loads in flight per thread, then their products, in ascending d.
+    constexpr int batch = 8;
+    static_assert((D / 4) % batch == 0);
     const float4* row = reinterpret_cast<const float4*>(s.kc_of(seq, h) + std::size_t(w) * D);
-    for (int d4 = 0; d4 < D / 4; ++d4) {
-      const float4 kv = row[d4];
+    for (int d0 = 0; d0 < D / 4; d0 += batch) {
+      float4 kv[batch];
 #pragma unroll
-      for (int g = 0; g < cuda_max_group; ++g) {
-        if (g < group) {
-          const float4 qv = reinterpret_cast<const float4*>(qs + g * D)[d4];
-          acc[g] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+      for (int j = 0; j < batch; ++j) kv[j] = row[d0 + j];
+#pragma unroll
+      for (int j = 0; j < batch; ++j) {
+#pragma unroll
+        for (int g = 0; g < cuda_max_group; ++g) {
+          if (g < group) {
+            const float4 qv = reinterpret_cast<const float4*>(qs + g * D)[d0 + j];
+            acc[g] += qv.x * kv[j].x + qv.y * kv[j].y + qv.z * kv[j].z + qv.w * kv[j].w;
+          }
         }
       }
     }
@@ -896,9 +904,20 @@ __global__ void __launch_bounds__(D)
     if (d == 0) total = sum;
   }
   __syncthreads();
+  // The splits in ascending order, eight loads in flight at a time.
   float acc = 0.0f;
-  for (int x = 0; x < splits; ++x) {
-    if (weight[x] != 0.0f) acc += s.acc_of(seq, h, x)[g * D + d] * weight[x];
+  constexpr int batch = 8;
+  for (int x0 = 0; x0 < splits; x0 += batch) {
+    float part[batch];
+#pragma unroll
+    for (int j = 0; j < batch; ++j) {
+      const int x = x0 + j;
+      part[j] = x < splits && weight[x] != 0.0f ? s.acc_of(seq, h, x)[g * D + d] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < batch; ++j) {
+      if (x0 + j < splits && weight[x0 + j] != 0.0f) acc += part[j] * weight[x0 + j];
+    }
   }
   o(b, h * s.group + g, d) = from_float<Out>(total > 0.0f ? acc / total : 0.0f);
   if (h == 0 && g == 0 && d == 0) s.lengths[seq] += 1;
