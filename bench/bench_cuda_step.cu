@@ -645,11 +645,19 @@ class bench_layer final : public resource {
     BENCH_LAUNCHED();
   }
 
-  /// One step of `batch` rows captured through decode_layer::step.
-  std::unique_ptr<graph_exec> capture_step(int batch) {
+  /// One step of `batch` rows captured through decode_layer::step; `overlapped`: the gather on a second
+  /// stream, forked and joined inside the graph (cuda_overlap).
+  std::unique_ptr<graph_exec> capture_step(int batch, bool overlapped = false) {
     auto g = std::make_unique<graph_exec>();
+    if (overlapped && transfer_ == nullptr) {
+      transfer_ = std::make_unique<stream_handle>();
+      BENCH_CUDA(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+      BENCH_CUDA(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
+    }
     BENCH_CUDA(cudaStreamBeginCapture(st(), cudaStreamCaptureModeThreadLocal));
-    const nosa::status enqueued = layer_.step(args(batch), st());
+    const nosa::status enqueued =
+        overlapped ? layer_.step(args(batch), st(), nosa::cuda_overlap{transfer_->get(), fork_, join_})
+                   : layer_.step(args(batch), st());
     const cudaError_t ended = cudaStreamEndCapture(st(), &g->graph);
     BENCH_NOSA(enqueued);
     BENCH_CUDA(ended);
@@ -789,6 +797,16 @@ class bench_layer final : public resource {
   device_array<out_type> o_;
   device_array<std::int32_t> lengths_backup_;
   std::unique_ptr<host_reference> ref_;
+  std::unique_ptr<stream_handle> transfer_;  // overlapped steps: the gather's stream and its two events
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+
+ public:
+  ~bench_layer() override {
+    if (fork_ != nullptr) cudaEventDestroy(fork_);
+    if (join_ != nullptr) cudaEventDestroy(join_);
+  }
+
+ private:
 
   static std::vector<std::int32_t> copy(std::span<const std::int32_t> s) { return {s.begin(), s.end()}; }
 
@@ -1151,7 +1169,7 @@ void bench_step(benchmark::State& state, const std::string& key, const layer_spe
     const std::unique_ptr<graph_exec> g = L.capture_step(batch);
     const int ties = L.validate_once(key, batch, [&] { BENCH_CUDA(cudaGraphLaunch(g->exec, s)); });
     const int n = static_cast<int>(state.max_iterations);
-    L.ensure_room(2 * n + 8);
+    L.ensure_room(3 * n + 8);
     std::uint64_t seed = mix64(std::hash<std::string>{}(key)) + 1000;
     for (int i = 0; i < 3; ++i) {
       L.new_inputs(batch, seed++, true);
@@ -1162,15 +1180,19 @@ void bench_step(benchmark::State& state, const std::string& key, const layer_spe
 
     const nosa::counters before = L.layer().total_counters(s);
     event_set ev(7);
-    std::vector<double> t;
-    for (auto _ : state) {
+    // One replay of `graph` on fresh, drifting inputs; milliseconds.
+    const auto replay = [&](const graph_exec& graph) {
       L.new_inputs(batch, seed++, true);
       spin(s);
       ev.record(0, s);
-      BENCH_CUDA(cudaGraphLaunch(g->exec, s));
+      BENCH_CUDA(cudaGraphLaunch(graph.exec, s));
       ev.record(1, s);
       ev.wait(1);
-      t.push_back(ev.ms(0, 1));
+      return ev.ms(0, 1);
+    };
+    std::vector<double> t;
+    for (auto _ : state) {
+      t.push_back(replay(*g));
       state.SetIterationTime(t.back() * 1e-3);
     }
     L.expect_step_success();
@@ -1189,6 +1211,16 @@ void bench_step(benchmark::State& state, const std::string& key, const layer_spe
       sum.push_back(ev.ms(0, 6));
     }
     L.expect_step_success();
+
+    // Offload store: the same steps with the gather overlapped with attention over the resident blocks. The
+    // exposed transfer time is what the overlapped step takes beyond the step without its gather.
+    std::vector<double> t_overlap;
+    if constexpr (P::store::offloads) {
+      const std::unique_ptr<graph_exec> go = L.capture_step(batch, true);
+      for (int i = 0; i < n; ++i) t_overlap.push_back(replay(*go));
+      L.expect_step_success();
+    }
+    const nosa::counters last = L.layer().total_counters(s);
 
     const double steps = double(t.size());
     const double us = median(t) * 1e3, kernels_us = median(sum) * 1e3;
@@ -1216,6 +1248,15 @@ void bench_step(benchmark::State& state, const std::string& key, const layer_spe
     set(state, "h2d_bytes_per_step", h2d);
     set(state, "d2h_bytes_per_step", steps > 0 ? double(after.bytes_d2h - before.bytes_d2h) / steps : 0.0);
     set(state, "gather_GBps", stage_us[3] > 0 ? h2d / (stage_us[3] * 1e-6) / 1e9 : 0.0);
+    const double selected = double(last.hits - before.hits + last.misses - before.misses);
+    set(state, "hit_rate", selected > 0 ? double(last.hits - before.hits) / selected : 0.0);
+    if (!t_overlap.empty()) {
+      const double overlap_us = median(t_overlap) * 1e3;
+      const double exposed = std::max(0.0, overlap_us - (us - stage_us[3]));
+      set(state, "overlap_us", overlap_us);
+      set(state, "exposed_transfer_us", exposed);
+      set(state, "exposed_share", stage_us[3] > 0 ? exposed / stage_us[3] : 0.0);
+    }
     set(state, "near_ties", ties);
   });
 }

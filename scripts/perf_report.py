@@ -37,6 +37,7 @@ ATTENTION_RATIO = 0.80           # of the HBM read ceiling, whenever B x H_kv >=
 ATTENTION_MIN_ROWS = 64
 STEP_B1_US = 40.0                # B = 1, 32K, H_kv = 2, resident store, graph-replayed
 OTHER_SHARE = 0.15               # non-attention, non-transfer share of the step at 32K and B = 64
+EXPOSED_SHARE = 0.25             # transfer time left exposed by the overlapped step
 GRAPH_GAP = 0.10                 # graph replay at most 10% above the sum of its kernels (launch gaps)
 
 IMAGES = ["h2d_bandwidth.png", "attention_bandwidth.png", "step_vs_batch.png", "step_vs_context.png",
@@ -484,6 +485,18 @@ def section_targets(ctx: dict, results) -> str:
                          f"{num(r.get('kernels_us'))} us", pct(share),
                          verdict(share <= OTHER_SHARE, f"{100 * (share - OTHER_SHARE):.1f} points over")])
 
+    # Exposed transfer time of the overlapped step (offload store), at the run's own miss rate.
+    for r in step_rows(results):
+        if r.get("exposed_share") is None or not r.get("gather_us"):
+            continue
+        share = r.get("exposed_share")
+        rows.append([f"exposed transfer <= {EXPOSED_SHARE:.0%} of the transfer time (overlapped step)",
+                     f"{r.p('context')} ctx, H_kv {r.p('hkv')}, B {r.p('batch')}, hit rate {pct(r.get('hit_rate'))}, "
+                     f"{num(r.get('misses_per_step'))} misses/step",
+                     f"{num(r.get('exposed_transfer_us'))} us exposed ({num(r.get('overlap_us'))} us step)",
+                     f"{num(r.get('gather_us'))} us gather", pct(share),
+                     verdict(share <= EXPOSED_SHARE, f"{100 * (share - EXPOSED_SHARE):.1f} points over")])
+
     # Graph replay against the kernels: one row for the worst configuration, one for every miss.
     graphed = [r for r in step_rows(results) if r.get("graph_over_kernels") is not None]
     if graphed:
@@ -506,8 +519,7 @@ def section_targets(ctx: dict, results) -> str:
                 rows.append(row(r, "graph replay at most 10% above the sum of its kernels"))
 
     out = "### Targets\n\n" + table(["target", "where", "achieved", "ceiling / reference", "ratio", "verdict"], rows)
-    out += ("\nNot measured by this suite yet: the exposed transfer time with overlap (no overlap path exists yet), "
-            "and how many SMs the gather occupies (the "
+    out += ("\nNot measured by this suite yet: how many SMs the gather occupies (the "
             "gather grid has `B x H_kv x (k + 1)` CTAs, of which only the misses copy).\n")
     if notes:
         out += "\nFigures that explain the misses (from the same run):\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

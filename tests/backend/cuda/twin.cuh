@@ -392,6 +392,7 @@ class twin {
   cudaStream_t s;
   run_stats stats;
   std::string context;  ///< prefixed to every report (which run, which step)
+  const nosa::cuda_overlap* overlap = nullptr;  ///< when set, CUDA steps overlap the gather with attention
 
   twin(const nosa::layer_config& config, cudaStream_t stream, int max_batch = 0) : cfg(config), s(stream) {
     REQUIRE(host.create(cfg) == status::success);
@@ -516,7 +517,13 @@ class twin {
   /// The same step on both layers; the CUDA layer through `step()` on the twin's device buffers.
   template <class Out>
   status step(const batch<T>& in, status expect = status::success) {
-    return step_with<Out>(in, [&] { return gpu.layer.step(device_args<Out>(in.size()), s); }, expect);
+    return step_with<Out>(
+        in,
+        [&] {
+          return overlap != nullptr ? gpu.layer.step(device_args<Out>(in.size()), s, *overlap)
+                                    : gpu.layer.step(device_args<Out>(in.size()), s);
+        },
+        expect);
   }
 
   /// The same step on both layers. The inputs are copied into the twin's device buffers first, then
@@ -885,6 +892,7 @@ struct run_spec {
   bool admit_query = false;
   int empty_batch_at = -1;            ///< a step with no sequence at all
   double sit_out = 0.15;              ///< chance that one live sequence sits a step out
+  bool overlap = false;               ///< CUDA steps overlap the gather with attention (cuda_overlap)
 };
 
 /// Five slots: a short prompt, one above k blocks, one that crosses k blocks during the run, a tiny one, and
@@ -920,8 +928,11 @@ template <class P, class Out = float>
 run_stats run_differential(const run_spec& spec, const std::string& name) {
   stream st;
   twin<P> t(spec.config, st);
+  overlap_resources overlap;
+  const nosa::cuda_overlap streams = overlap.get();
+  if (spec.overlap) t.overlap = &streams;
   std::ostringstream ctx;
-  ctx << name << " (D " << P::head_dim << ", G " << spec.config.group_size() << ", block "
+  ctx << name << (spec.overlap ? ", overlapped" : "") << " (D " << P::head_dim << ", G " << spec.config.group_size() << ", block "
       << spec.config.selection.block_size << ", budget " << spec.config.selection.max_new_blocks << "): ";
   t.context = ctx.str();
   random_source rng(spec.seed);

@@ -35,6 +35,18 @@
 
 namespace nosa {
 
+/// What a step needs to overlap its host-to-device transfers with attention: a second stream for the
+/// gather and two events, created once by the caller (events preferably with `cudaEventDisableTiming`).
+/// The step records `fork` on its stream after the set-difference, runs the gather on `transfer`, records
+/// `join` there, attends the blocks that were already resident meanwhile, then waits for `join` and attends
+/// the loaded blocks; the two parts merge by log-sum-exp. Inside a stream capture the fork and the join
+/// become two branches of the graph.
+struct cuda_overlap {
+  cudaStream_t transfer = nullptr;
+  cudaEvent_t fork = nullptr;
+  cudaEvent_t join = nullptr;
+};
+
 /// One layer's decode state and its CUDA executor. Cheap to copy; copies share the state.
 template <pipeline_policy P>
 class decode_layer<P, cuda_backend> {
@@ -226,6 +238,14 @@ class decode_layer<P, cuda_backend> {
     return enqueue_step(args, stream, [](step_stage) {});
   }
 
+  /// `step` with the gather overlapped with attention over the resident blocks (see `cuda_overlap`). Takes
+  /// effect for the offload store with 16-bit storage and D 64 or 128; otherwise it is `step`.
+  template <storage_element Out>
+  [[nodiscard]] status step(const step_args<element_type, Out>& args, cudaStream_t stream,
+                            const cuda_overlap& overlap) noexcept {
+    return enqueue_step(args, stream, [](step_stage) {}, step_stage::begin, step_stage::merge, &overlap);
+  }
+
   /// The stages of a step, in launch order.
   enum class step_stage : int { begin, append_score, select_diff, gather, attention, merge };
 
@@ -235,7 +255,8 @@ class decode_layer<P, cuda_backend> {
   template <storage_element Out, class After>
   [[nodiscard]] status enqueue_step(const step_args<element_type, Out>& args, cudaStream_t stream, After&& after,
                                     step_stage first = step_stage::begin,
-                                    step_stage last = step_stage::merge) noexcept {
+                                    step_stage last = step_stage::merge,
+                                    const cuda_overlap* overlap = nullptr) noexcept {
     const std::int64_t batch = args.sequences.extents[0];
     if (batch < 0) return status::shape_mismatch;
     const int hq = config_.num_q_heads, hkv = config_.num_kv_heads;
@@ -270,18 +291,44 @@ class decode_layer<P, cuda_backend> {
       }
       after(step_stage::select_diff);
     }
+    // Overlap needs a transfer stream, both events, and a split of the attention into two parts.
+    const bool overlapped = offloads && mma_attention && overlap != nullptr && overlap->transfer != nullptr &&
+                            overlap->fork != nullptr && overlap->join != nullptr && layout_.max_splits >= 2;
     if (runs(step_stage::gather)) {
       if constexpr (offloads) {
-        detail::gather_kernel<<<dim3(rows, layout_.top_k + 1), threads, 0, stream>>>(state_, seqs, true);
+        cudaStream_t gather_stream = stream;
+        if (overlapped) {
+          NOSA_CUDA_TRY(cudaEventRecord(overlap->fork, stream));
+          NOSA_CUDA_TRY(cudaStreamWaitEvent(overlap->transfer, overlap->fork, 0));
+          gather_stream = overlap->transfer;
+        }
+        detail::gather_kernel<<<dim3(rows, layout_.top_k + 1), threads, 0, gather_stream>>>(state_, seqs, true);
+        if (overlapped) NOSA_CUDA_TRY(cudaEventRecord(overlap->join, overlap->transfer));
       }
       after(step_stage::gather);
     }
-    const int splits = rows > 0 ? attention_splits(rows) : 1;
+    // Splits of the attention: with overlap, about a quarter for the loaded blocks (a step loads few) and
+    // the rest for the resident ones; the merge combines them all.
+    int splits = rows > 0 ? attention_splits(rows) : 1;
+    int loaded_splits = 0;
+    if (overlapped) {
+      loaded_splits = std::max(1, splits / 4);
+      splits = std::max(1, std::min(splits - loaded_splits, layout_.max_splits - loaded_splits));
+    }
     if (runs(step_stage::attention)) {
       if constexpr (mma_attention) {
-        detail::attention_mma_kernel<P>
-            <<<dim3(rows, splits), detail::mma_warps * 32, detail::mma_attention_smem_bytes<head_dim>(), stream>>>(
-                state_, seqs, args.q);
+        constexpr std::size_t smem = detail::mma_attention_smem_bytes<head_dim>();
+        const auto kernel = detail::attention_mma_kernel<P, element_type, head_dim>;
+        if (overlapped) {
+          kernel<<<dim3(rows, splits), detail::mma_warps * 32, smem, stream>>>(
+              state_, seqs, args.q, detail::attend_part::resident, 0);
+          NOSA_CUDA_TRY(cudaStreamWaitEvent(stream, overlap->join, 0));
+          kernel<<<dim3(rows, loaded_splits), detail::mma_warps * 32, smem, stream>>>(
+              state_, seqs, args.q, detail::attend_part::loaded, splits);
+        } else {
+          kernel<<<dim3(rows, splits), detail::mma_warps * 32, smem, stream>>>(state_, seqs, args.q,
+                                                                               detail::attend_part::all, 0);
+        }
       } else {
         detail::attention_kernel<P>
             <<<dim3(rows, splits), detail::attention_warps * 32, 0, stream>>>(state_, seqs, args.q);
@@ -289,7 +336,8 @@ class decode_layer<P, cuda_backend> {
       after(step_stage::attention);
     }
     if (runs(step_stage::merge)) {
-      detail::merge_kernel<<<dim3(rows, config_.group_size()), head_dim, 0, stream>>>(state_, seqs, args.o, splits);
+      detail::merge_kernel<<<dim3(rows, config_.group_size()), head_dim, 0, stream>>>(state_, seqs, args.o,
+                                                                                    splits + loaded_splits);
       after(step_stage::merge);
     }
     return detail::from_cuda(cudaGetLastError());

@@ -125,16 +125,26 @@ __device__ inline std::uint32_t pack_split(float x, float y, std::uint32_t& rest
   return high;
 }
 
+/// Which of a step's attended blocks one attention launch covers. A step that overlaps its transfers attends
+/// the blocks that were resident before the step while the gather runs, then the blocks it loaded.
+enum class attend_part : int {
+  all,       ///< every attended block
+  resident,  ///< the selection minus this step's misses (offload store)
+  loaded,    ///< this step's misses, once the gather has loaded them (offload store)
+};
+
 /// Grid (batch rows x KV heads, splits), `mma_warps` warps, `mma_attention_smem_bytes<D>()` bytes of
 /// dynamic shared memory. Same contract as `attention_kernel`: CTA (r, x) leaves the partial softmax (max,
-/// sum, weighted V sums) of the group's heads over its contiguous share of the attended blocks.
+/// sum, weighted V sums) of the group's heads over its contiguous share of the blocks of `part`, as split
+/// `split_base + x`.
 ///
 /// Fragment layout (lane = 4 g + c): the accumulator of a 16 x 8 tile holds rows g and g + 8 (query heads),
 /// columns 2c and 2c + 1; so each thread keeps the running max and sum of heads g and g + 8, and the four
 /// threads of a quad reduce them together.
 template <class P, class E, int D>
 __global__ void __launch_bounds__(mma_warps * 32)
-    attention_mma_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> q) {
+    attention_mma_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> q,
+                         attend_part part = attend_part::all, int split_base = 0) {
   static_assert(uses_mma_attention<E, D>);
   if (*s.status != 0) return;
   using attention = typename P::attention;
@@ -150,6 +160,8 @@ __global__ void __launch_bounds__(mma_warps * 32)
   // the copies of a tile need no dependent global load.
   __shared__ std::int32_t share_block[cuda_max_top_k];
   __shared__ std::int32_t share_place[cuda_max_top_k];
+  __shared__ std::int32_t part_list[cuda_max_top_k];  // the resident part of the selection
+  __shared__ int part_count;
 
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int split = blockIdx.y, splits = gridDim.y;
@@ -161,11 +173,42 @@ __global__ void __launch_bounds__(mma_warps * 32)
   const float scale = softmax_scale(D);
   const selection_params& sel = s.sel;
 
-  // This CTA's share of the attended blocks, as tiles of R rows (a block's last tile may be partial).
-  const split_share share = attention_share<P>(s, seq, h, length, split, splits, R);
+  // The list of blocks this launch attends: the selection (or every block), this step's misses, or the
+  // selection without them, compacted in rank order by warp 0.
+  const std::int32_t* chosen = s.selection_of(seq, h);
+  int n = 0;
+  if (part == attend_part::all) {
+    n = attended_blocks<P>(s, seq, h, length);
+  } else if (part == attend_part::loaded) {
+    n = s.step_misses[s.sh(seq, h)];
+    chosen = s.misses_of(seq, h);
+  } else {
+    if (warp == 0) {
+      const int count = s.selection_count[s.sh(seq, h)];
+      const int nm = s.step_misses[s.sh(seq, h)];
+      const std::int32_t* missed = s.misses_of(seq, h);
+      int kept = 0;
+      for (int i0 = 0; i0 < count; i0 += 32) {
+        const int i = i0 + lane;
+        const int m = i < count ? chosen[i] : -1;
+        bool keep = i < count;
+        for (int j = 0; j < nm && keep; ++j) keep = missed[j] != m;
+        const unsigned mask = __ballot_sync(0xffffffffu, keep);
+        if (keep) part_list[kept + __popc(mask & ((1u << lane) - 1u))] = m;
+        kept += __popc(mask);
+      }
+      if (lane == 0) part_count = kept;
+    }
+    __syncthreads();
+    n = part_count;
+    chosen = part_list;
+  }
+  const bool indexed = P::dense && part == attend_part::all;  // entry i is block i
+
+  // This CTA's share of the list, as tiles of R rows (a block's last tile may be partial).
+  const split_share share = share_of(n, split, splits, sel.block_size, R);
   const int first_i = share.first, tiles_per_block = share.tiles_per_block, cta_tiles = share.tiles;
   const int my_tiles = cta_tiles > warp ? (cta_tiles - warp + mma_warps - 1) / mma_warps : 0;
-  const std::int32_t* chosen = s.selection_of(seq, h);
   const float* c_state = s.scores_of(seq, h);
   const int share_blocks = share.last - share.first;
   const bool cached = share_blocks <= cuda_max_top_k;  // always for sparse attention (k <= 256)
@@ -178,7 +221,7 @@ __global__ void __launch_bounds__(mma_warps * 32)
   };
   if (cached) {
     for (int i = threadIdx.x; i < share_blocks; i += blockDim.x) {
-      const int m = P::dense ? share.first + i : chosen[share.first + i];
+      const int m = indexed ? share.first + i : chosen[share.first + i];
       share_block[i] = m;
       share_place[i] = place_of(m);
     }
@@ -193,7 +236,7 @@ __global__ void __launch_bounds__(mma_warps * 32)
   };
   const auto locate = [&](int tile) {
     const int i = tile / tiles_per_block;
-    const int m = cached ? share_block[i] : (P::dense ? first_i + i : chosen[first_i + i]);
+    const int m = cached ? share_block[i] : (indexed ? first_i + i : chosen[first_i + i]);
     const int place = cached ? share_place[i] : place_of(m);
     const int r0 = (tile % tiles_per_block) * R;
     const int first = m * sel.block_size;
@@ -374,7 +417,7 @@ __global__ void __launch_bounds__(mma_warps * 32)
     w_sum[warp * 16 + g + 8] = run_sum[1];
   }
   __syncthreads();
-  float* out_acc = s.acc_of(seq, h, split);
+  float* out_acc = s.acc_of(seq, h, split_base + split);
   for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
     const int row = i / D;
     float m = negative_infinity;
@@ -395,8 +438,8 @@ __global__ void __launch_bounds__(mma_warps * 32)
       const float wm = w_max[w * 16 + row];
       if (wm != negative_infinity) sum += w_sum[w * 16 + row] * expf(wm - m);
     }
-    s.stats_of(seq, h, split)[2 * row] = m;
-    s.stats_of(seq, h, split)[2 * row + 1] = sum;
+    s.stats_of(seq, h, split_base + split)[2 * row] = m;
+    s.stats_of(seq, h, split_base + split)[2 * row + 1] = sum;
   }
 }
 

@@ -645,22 +645,24 @@ __global__ void __launch_bounds__(cuda_threads)
 /// Warps of an attention CTA.
 inline constexpr int attention_warps = 4;
 
-/// The attended blocks (positions `first .. last-1` of the selection, or block indices for full attention)
-/// that split `split` of `splits` covers, cut into tiles of `tile_rows` rows (a block's last tile may be
-/// partial).
+/// Blocks a step attends for (seq, h): every block for full attention (in index order), else the selection
+/// (in rank order).
+template <class P, class E, int D>
+__device__ inline int attended_blocks(const cuda_state<E, D>& s, int seq, int h, int length) {
+  return P::dense ? block_count(length, s.sel) : s.selection_count[s.sh(seq, h)];
+}
+
+/// The entries `first .. last-1` of a list of `n` attended blocks that split `split` of `splits` covers, cut
+/// into tiles of `tile_rows` rows (a block's last tile may be partial).
 struct split_share {
   int first, last, tiles_per_block, tiles;
 };
-template <class P, class E, int D>
-__device__ inline split_share attention_share(const cuda_state<E, D>& s, int seq, int h, int length, int split,
-                                              int splits, int tile_rows) {
-  // Full attention reads every block in index order, sparse attention the selection in rank order.
-  const int n = P::dense ? block_count(length, s.sel) : s.selection_count[s.sh(seq, h)];
+__device__ inline split_share share_of(int n, int split, int splits, int block_size, int tile_rows) {
   const int per = (n + splits - 1) / splits;
   split_share r;
   r.first = split * per;
   r.last = r.first + per < n ? r.first + per : n;
-  r.tiles_per_block = (s.sel.block_size + tile_rows - 1) / tile_rows;
+  r.tiles_per_block = (block_size + tile_rows - 1) / tile_rows;
   r.tiles = r.last > r.first ? (r.last - r.first) * r.tiles_per_block : 0;
   return r;
 }
@@ -746,7 +748,7 @@ __global__ void __launch_bounds__(attention_warps * 32)
     for (int c = 0; c < cols; ++c) acc[g][c] = 0.0f;
   }
 
-  const split_share share = attention_share<P>(s, seq, h, length, split, splits, 32);
+  const split_share share = share_of(attended_blocks<P>(s, seq, h, length), split, splits, sel.block_size, 32);
   const int first_i = share.first, tiles_per_block = share.tiles_per_block, n_tiles = share.tiles;
   const std::int32_t* chosen = s.selection_of(seq, h);
   const float* c_state = s.scores_of(seq, h);
