@@ -40,7 +40,7 @@ struct state_layout {
   std::size_t seq_live = 0;         // int32 [S]                     1 when the slot holds a live sequence
   std::size_t block_table = 0;      // int32 [S][MB]                 pool page of each block, -1 if none
   std::size_t token_scores = 0;     // f32   [S][H][MT]              eviction score c of every token
-  std::size_t compressed_keys = 0;  // f32   [S][H][MW][D]           Kc, mean of K over each window
+  std::size_t compressed_keys = 0;  // f32   [S][H][D/4][MW][4]      Kc, mean of K over each window (see compressed_key_index)
   std::size_t compressed_scores = 0;// f32   [S][H][MW]              cc, mean of c over each window
   std::size_t key_ring = 0;         // E     [S][H][l_c][D]          K of the last l_c tokens, ring by t % l_c
   std::size_t selection = 0;        // int32 [S][H][k]               selected blocks in rank order
@@ -85,6 +85,14 @@ struct state_layout {
   /// Elements of one block of one KV head, K or V: the unit of transfer.
   constexpr std::size_t block_elements() const noexcept { return std::size_t(block_size) * head_dim; }
 };
+
+/// Position of dimension `d` of window `w`'s compressed key among one (sequence, KV head)'s compressed keys:
+/// dimensions in groups of four, window-major within a group (`[D/4][MW][4]`), so that the same four
+/// dimensions of consecutive windows are adjacent (a GPU thread per window then reads coalesced 16-byte
+/// pieces).
+NOSA_HOST_DEVICE constexpr std::size_t compressed_key_index(int w, int d, int max_windows) noexcept {
+  return (std::size_t(d / 4) * std::size_t(max_windows) + std::size_t(w)) * 4 + std::size_t(d % 4);
+}
 
 namespace detail {
 constexpr std::size_t align_up(std::size_t n, std::size_t a) noexcept { return (n + a - 1) / a * a; }
@@ -133,7 +141,7 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   // Full attention keeps no compressed state and no scoring scratch: those offsets stay 0 and are never used.
   const bool scored = !P::dense;
   if (scored) {
-    s.compressed_keys = dev.take(SH * s.max_windows * D * f32);
+    s.compressed_keys = dev.take(SH * s.max_windows * detail::align_up(D, 4) * f32);
     s.compressed_scores = dev.take(SH * s.max_windows * f32);
     s.key_ring = dev.take(SH * sel.window * D * E);
   }

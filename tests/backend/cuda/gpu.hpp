@@ -103,27 +103,6 @@ class stream {
   cudaStream_t s_ = nullptr;
 };
 
-/// A transfer stream and the two events of an overlapped step (`nosa::cuda_overlap`), owned.
-class overlap_resources {
- public:
-  overlap_resources() {
-    NOSA_CUDA_REQUIRE(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-    NOSA_CUDA_REQUIRE(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
-  }
-  ~overlap_resources() {
-    if (fork_ != nullptr) cudaEventDestroy(fork_);
-    if (join_ != nullptr) cudaEventDestroy(join_);
-  }
-  overlap_resources(const overlap_resources&) = delete;
-  overlap_resources& operator=(const overlap_resources&) = delete;
-  nosa::cuda_overlap get() const noexcept { return {transfer_.get(), fork_, join_}; }
-
- private:
-  stream transfer_;
-  cudaEvent_t fork_ = nullptr;
-  cudaEvent_t join_ = nullptr;
-};
-
 /// `count` elements of device memory (cudaMalloc); null when empty.
 template <class T>
 class device_buffer {

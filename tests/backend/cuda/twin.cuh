@@ -289,6 +289,27 @@ struct gpu_side {
   }
 };
 
+/// A transfer stream and the two events of an overlapped step (`nosa::cuda_overlap`), owned.
+class overlap_resources {
+ public:
+  overlap_resources() {
+    NOSA_CUDA_REQUIRE(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    NOSA_CUDA_REQUIRE(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
+  }
+  ~overlap_resources() {
+    if (fork_ != nullptr) cudaEventDestroy(fork_);
+    if (join_ != nullptr) cudaEventDestroy(join_);
+  }
+  overlap_resources(const overlap_resources&) = delete;
+  overlap_resources& operator=(const overlap_resources&) = delete;
+  nosa::cuda_overlap get() const noexcept { return {transfer_.get(), fork_, join_}; }
+
+ private:
+  stream transfer_;
+  cudaEvent_t fork_ = nullptr;
+  cudaEvent_t join_ = nullptr;
+};
+
 /// One persistent state array: where it lives and how many bytes of it both backends must agree on.
 struct region {
   const char* name;
@@ -319,7 +340,7 @@ inline std::vector<region> persistent_regions(const nosa::state_layout& l) {
       {"free_count", false, l.free_count, i32},
   };
   if (!l.dense) {  // full attention has no compressed state
-    r.push_back({"compressed_keys", true, l.compressed_keys, SH * MW * D * f32});
+    r.push_back({"compressed_keys", true, l.compressed_keys, SH * MW * ((D + 3) / 4 * 4) * f32});
     r.push_back({"compressed_scores", true, l.compressed_scores, SH * MW * f32});
     r.push_back({"key_ring", true, l.key_ring, SH * std::size_t(l.window) * D * E});
     r.push_back({"block_mark", true, l.block_mark, SH * MB * i32});

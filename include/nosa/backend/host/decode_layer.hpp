@@ -122,7 +122,6 @@ class decode_layer<P, host_backend> {
       // Compressed keys and scores of every complete window, summed in token order.
       const int n_windows = P::dense ? 0 : window_count(length, sel);
       for (int w = 0; w < n_windows; ++w) {
-        float* kc = compressed_keys(seq, h) + std::size_t(w) * head_dim;
         float sum[head_dim] = {};
         float csum = 0.0f;
         for (int i = 0; i < sel.window; ++i) {
@@ -130,7 +129,7 @@ class decode_layer<P, host_backend> {
           for (int d = 0; d < head_dim; ++d) sum[d] += to_float(prompt.k(t, h, d));
           csum += c_state[t];
         }
-        for (int d = 0; d < head_dim; ++d) kc[d] = sum[d] / static_cast<float>(sel.window);
+        store_compressed_key(seq, h, w, sum);
         compressed_scores(seq, h)[w] = csum / static_cast<float>(sel.window);
       }
       // Blocks to the pool (the offload store keeps a partial tail in a slot instead).
@@ -358,7 +357,7 @@ class decode_layer<P, host_backend> {
     return dev<float>(layout_.token_scores) + sh(seq, h) * layout_.max_tokens;
   }
   float* compressed_keys(int seq, int h) const noexcept {
-    return dev<float>(layout_.compressed_keys) + sh(seq, h) * layout_.max_windows * head_dim;
+    return dev<float>(layout_.compressed_keys) + sh(seq, h) * layout_.max_windows * ((head_dim + 3) / 4 * 4);
   }
   float* compressed_scores(int seq, int h) const noexcept {
     return dev<float>(layout_.compressed_scores) + sh(seq, h) * layout_.max_windows;
@@ -509,9 +508,16 @@ class decode_layer<P, host_backend> {
       for (int d = 0; d < head_dim; ++d) sum[d] += to_float(kr[d]);
       csum += c_state[token];
     }
-    float* kc = compressed_keys(seq, h) + std::size_t(w) * head_dim;
-    for (int d = 0; d < head_dim; ++d) kc[d] = sum[d] / static_cast<float>(sel.window);
+    store_compressed_key(seq, h, w, sum);
     compressed_scores(seq, h)[w] = csum / static_cast<float>(sel.window);
+  }
+
+  /// Kc of window w: the window's key sum divided by its length.
+  void store_compressed_key(int seq, int h, int w, const float* sum) noexcept {
+    float* kc = compressed_keys(seq, h);
+    for (int d = 0; d < head_dim; ++d) {
+      kc[compressed_key_index(w, d, layout_.max_windows)] = sum[d] / static_cast<float>(config_.selection.window);
+    }
   }
 
   /// Score: Sq and Se of every block of (seq, h) for a sequence of `length` tokens. `q` holds the group's
@@ -535,7 +541,9 @@ class decode_layer<P, host_backend> {
         // Softmax over the windows for one query head, each logit computed once.
         float max_logit = negative_infinity;
         for (int w = 0; w < n_windows; ++w) {
-          logits[w] = scorer::window_logit(dot(q[g], kc + std::size_t(w) * head_dim), scale);
+          float d = 0.0f;
+          for (int j = 0; j < head_dim; ++j) d += q[g][j] * kc[compressed_key_index(w, j, layout_.max_windows)];
+          logits[w] = scorer::window_logit(d, scale);
           max_logit = max_keep_left(max_logit, logits[w]);
         }
         float denom = 0.0f;
@@ -557,12 +565,6 @@ class decode_layer<P, host_backend> {
       sq[m] = bq;
       se[m] = be;
     }
-  }
-
-  static float dot(const float* q, const float* k) noexcept {
-    float acc = 0.0f;
-    for (int d = 0; d < head_dim; ++d) acc += q[d] * k[d];
-    return acc;
   }
 
   /// Select: writes the ranked selection of (seq, h) to state and returns its size.

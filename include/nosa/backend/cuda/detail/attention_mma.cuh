@@ -161,6 +161,7 @@ __global__ void __launch_bounds__(mma_warps * 32)
   __shared__ std::int32_t share_block[cuda_max_top_k];
   __shared__ std::int32_t share_place[cuda_max_top_k];
   __shared__ std::int32_t part_list[cuda_max_top_k];  // the resident part of the selection
+  __shared__ std::int32_t part_missed[cuda_max_top_k];  // this step's misses, to filter it
   __shared__ int part_count;
 
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
@@ -183,10 +184,12 @@ __global__ void __launch_bounds__(mma_warps * 32)
     n = s.step_misses[s.sh(seq, h)];
     chosen = s.misses_of(seq, h);
   } else {
+    const int nm = s.step_misses[s.sh(seq, h)];
+    for (int j = threadIdx.x; j < nm; j += blockDim.x) part_missed[j] = s.misses_of(seq, h)[j];
+    __syncthreads();
     if (warp == 0) {
       const int count = s.selection_count[s.sh(seq, h)];
-      const int nm = s.step_misses[s.sh(seq, h)];
-      const std::int32_t* missed = s.misses_of(seq, h);
+      const std::int32_t* missed = part_missed;
       int kept = 0;
       for (int i0 = 0; i0 < count; i0 += 32) {
         const int i = i0 + lane;

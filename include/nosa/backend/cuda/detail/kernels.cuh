@@ -117,7 +117,7 @@ __device__ void compress_window(const cuda_state<E, D>& s, int seq, int h, int w
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float sum = 0.0f;
     for (int i = 0; i < sel.window; ++i) sum += to_float(key_row(w * sel.stride + i)[d]);
-    s.kc_of(seq, h)[std::size_t(w) * D + d] = sum / static_cast<float>(sel.window);
+    s.kc_of(seq, h)[compressed_key_index(w, d, s.max_windows)] = sum / static_cast<float>(sel.window);
   }
   if (threadIdx.x == 0) {
     const float* c = s.scores_of(seq, h);
@@ -210,11 +210,13 @@ __global__ void __launch_bounds__(cuda_threads)
     // Eight 16-byte loads in flight per thread, then their products, in ascending d.
     constexpr int batch = 8;
     static_assert((D / 4) % batch == 0);
-    const float4* row = reinterpret_cast<const float4*>(s.kc_of(seq, h) + std::size_t(w) * D);
+    // Window w's dimensions 4j..4j+3 are float4 number j * MW + w (compressed_key_index): a warp reads 512
+    // consecutive bytes per load.
+    const float4* pieces = reinterpret_cast<const float4*>(s.kc_of(seq, h)) + w;
     for (int d0 = 0; d0 < D / 4; d0 += batch) {
       float4 kv[batch];
 #pragma unroll
-      for (int j = 0; j < batch; ++j) kv[j] = row[d0 + j];
+      for (int j = 0; j < batch; ++j) kv[j] = pieces[std::size_t(d0 + j) * s.max_windows];
 #pragma unroll
       for (int j = 0; j < batch; ++j) {
 #pragma unroll
@@ -303,8 +305,15 @@ __global__ void __launch_bounds__(cuda_threads)
     __syncthreads();
     const float* logits = s.logits_of(seq, h);
     for (int w = threadIdx.x; w < n_windows; w += blockDim.x) {
+      // Every head's logit loaded before the first is used; summed in head order.
+      float l[cuda_max_group];
+#pragma unroll
+      for (int g = 0; g < cuda_max_group; ++g) l[g] = g < group ? logits[std::size_t(g) * s.max_windows + w] : 0.0f;
       float p = 0.0f;
-      for (int g = 0; g < group; ++g) p += expf(logits[std::size_t(g) * s.max_windows + w] - group_max[g]) * group_inv[g];
+#pragma unroll
+      for (int g = 0; g < cuda_max_group; ++g) {
+        if (g < group) p += expf(l[g] - group_max[g]) * group_inv[g];
+      }
       prob[w] = p;
     }
     __syncthreads();

@@ -55,6 +55,7 @@ struct cuda_state {
   NOSA_HOST_DEVICE std::int32_t* table(int seq) const { return block_table + std::size_t(seq) * max_blocks; }
   NOSA_HOST_DEVICE float* scores_of(int seq, int h) const { return token_scores + sh(seq, h) * max_tokens; }
   NOSA_HOST_DEVICE float* kc_of(int seq, int h) const { return compressed_keys + sh(seq, h) * max_windows * D; }
+  static_assert(D % 4 == 0, "compressed keys are stored in groups of four dimensions");
   NOSA_HOST_DEVICE float* cc_of(int seq, int h) const { return compressed_scores + sh(seq, h) * max_windows; }
   NOSA_HOST_DEVICE E* ring_of(int seq, int h) const { return key_ring + sh(seq, h) * sel.window * D; }
   NOSA_HOST_DEVICE std::int32_t* selection_of(int seq, int h) const { return selection + sh(seq, h) * top_k; }
