@@ -460,7 +460,7 @@ class twin {
   }
 
   /// Admits sequence `seq` with prompt `p` on both layers and checks the initial selection and state.
-  status admit(int seq, const prompt<T>& p, status expect = status::success) {
+  status admit(int seq, const prompt<T>& p, status expect = status::success, nosa::shared_prefix share = {}) {
     const int hq = cfg.num_q_heads, hkv = cfg.num_kv_heads, len = p.length;
     nosa::prompt_args<T> hp;
     hp.k = nosa::make_contiguous<3>(p.k.data(), {len, hkv, D});
@@ -483,9 +483,10 @@ class twin {
     std::ostringstream what;
     what << "admission of sequence " << seq << " with a " << len << "-token prompt"
          << (p.last_query.empty() ? "" : " and its last query");
+    if (share.blocks != 0) what << ", sharing " << share.blocks << " blocks of sequence " << share.source;
     const status r = plan(
-        what.str(), expect, [&](auto& l) { return l.add_sequence(seq, hp); },
-        [&](auto& l) { return l.add_sequence(seq, gp, s); });
+        what.str(), expect, [&](auto& l) { return l.add_sequence(seq, hp, share); },
+        [&](auto& l) { return l.add_sequence(seq, gp, share, s); });
     if (ok(r)) check_admission(seq, !p.last_query.empty(), what.str());
     return r;
   }

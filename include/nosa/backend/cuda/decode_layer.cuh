@@ -137,6 +137,13 @@ class decode_layer<P, cuda_backend> {
   /// managed or mapped pinned memory).
   [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt,
                                     cudaStream_t stream = nullptr) noexcept {
+    return add_sequence(seq, prompt, shared_prefix{}, stream);
+  }
+
+  /// `add_sequence` whose first `share.blocks` blocks reference the pages of the live sequence
+  /// `share.source` (see `shared_prefix`): those blocks take no new page and are not written to the pool.
+  [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt, const shared_prefix& share,
+                                    cudaStream_t stream = nullptr) noexcept {
     if (seq < 0 || seq >= layout_.sequences) return status::unknown_sequence;
     if (is_live(seq, stream)) return status::sequence_exists;
     const int hkv = config_.num_kv_heads;
@@ -148,18 +155,38 @@ class decode_layer<P, cuda_backend> {
     if (!prompt.last_query.empty()) NOSA_TRY(check_view(prompt.last_query, {config_.num_q_heads, head_dim}));
     if (len > layout_.max_tokens) return status::sequence_full;
     const int length = static_cast<int>(len);
-    const int pages_needed = block_count(std::min(length + 1, layout_.max_tokens), config_.selection);
-    if (pages_needed > free_page_count()) return status::host_pool_full;
+    std::int32_t* row = staging();
+    if (share.blocks != 0) {
+      // The source's liveness, length and block table, read into the staging row.
+      const bool in_range = share.source >= 0 && share.source < layout_.sequences;
+      std::int32_t source_length = 0;
+      const bool source_live = in_range && is_live(share.source, stream);
+      if (source_live) {
+        NOSA_TRY(read_device(&source_length, layout_.seq_length + sizeof(std::int32_t) * share.source, 1, stream));
+        NOSA_TRY(read_device(row, layout_.block_table + sizeof(std::int32_t) * share.source * layout_.max_blocks,
+                             layout_.max_blocks, stream));
+      }
+      NOSA_TRY(page_pool::check_shared(share, seq, length, source_live, source_length, config_.selection));
+    }
+    const int blocks_needed = block_count(std::min(length + 1, layout_.max_tokens), config_.selection);
+    if (blocks_needed - share.blocks > free_page_count()) return status::host_pool_full;
 
     // Validated: the pages are taken on the host, everything else runs on the device.
-    std::int32_t* row = staging();
-    for (int m = 0; m < layout_.max_blocks; ++m) row[m] = m < pages_needed ? pages().pop() : -1;
+    for (int m = 0; m < layout_.max_blocks; ++m) {
+      if (m < share.blocks) {
+        pages().add_ref(row[m]);
+      } else {
+        row[m] = m < blocks_needed ? pages().pop() : -1;
+      }
+    }
     const std::int32_t* row_dev = reinterpret_cast<const std::int32_t*>(host_mapped_ + layout_.staging);
     const int chunks = static_cast<int>(std::clamp<std::int64_t>((len * head_dim + 255) / 256, 1, 64));
-    detail::admit_kernel<offloads><<<hkv, detail::cuda_threads, 0, stream>>>(state_, seq, length, row_dev);
+    detail::admit_kernel<offloads>
+        <<<hkv, detail::cuda_threads, 0, stream>>>(state_, seq, length, row_dev, share.blocks);
     if (length > 0) {
       detail::ingest_kernel<offloads, !P::dense>
-          <<<dim3(hkv, chunks), detail::cuda_threads, 0, stream>>>(state_, seq, length, prompt.k, prompt.v, prompt.c);
+          <<<dim3(hkv, chunks), detail::cuda_threads, 0, stream>>>(state_, seq, length, prompt.k, prompt.v, prompt.c,
+                                                                   share.blocks);
       const int windows = P::dense ? 0 : window_count(length, config_.selection);
       if (windows > 0) {
         detail::compress_prompt_kernel<<<dim3(hkv, std::min(windows, 64)), head_dim, 0, stream>>>(state_, seq, length,

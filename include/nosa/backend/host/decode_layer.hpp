@@ -87,6 +87,13 @@ class decode_layer<P, host_backend> {
   /// pool, keeps the tail, builds the compressed state, computes the initial selection and loads it into the
   /// slot cache. Reserves the page of the block that the next token will start or continue.
   [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt,
+                                    host_backend::stream_type stream = {}) noexcept {
+    return add_sequence(seq, prompt, shared_prefix{}, stream);
+  }
+
+  /// `add_sequence` whose first `share.blocks` blocks reference the pages of the live sequence
+  /// `share.source` (see `shared_prefix`): those blocks take no new page and are not written to the pool.
+  [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt, const shared_prefix& share,
                                     host_backend::stream_type = {}) noexcept {
     if (seq < 0 || seq >= layout_.sequences) return status::unknown_sequence;
     if (live_flags()[seq]) return status::sequence_exists;
@@ -99,13 +106,20 @@ class decode_layer<P, host_backend> {
     if (!prompt.last_query.empty()) NOSA_TRY(check_view(prompt.last_query, {config_.num_q_heads, head_dim}));
     if (len > layout_.max_tokens) return status::sequence_full;
     const int length = static_cast<int>(len);
+    const bool source_ok = share.source >= 0 && share.source < layout_.sequences && live_flags()[share.source];
+    NOSA_TRY(page_pool::check_shared(share, seq, length, source_ok, source_ok ? lengths()[share.source] : 0,
+                                     config_.selection));
     const int reserve_through = std::min(length + 1, layout_.max_tokens);
-    const int pages_needed = block_count(reserve_through, config_.selection);
-    if (pages_needed > free_page_count()) return status::host_pool_full;
+    const int blocks_needed = block_count(reserve_through, config_.selection);
+    if (blocks_needed - share.blocks > free_page_count()) return status::host_pool_full;
 
     // Validated: from here on nothing fails.
     std::int32_t* table = block_table(seq);
-    for (int m = 0; m < pages_needed; ++m) table[m] = pages().pop();
+    for (int m = 0; m < share.blocks; ++m) {
+      table[m] = block_table(share.source)[m];
+      pages().add_ref(table[m]);
+    }
+    for (int m = share.blocks; m < blocks_needed; ++m) table[m] = pages().pop();
     live_flags()[seq] = 1;
     lengths()[seq] = length;
     const selection_params& sel = config_.selection;
@@ -132,8 +146,8 @@ class decode_layer<P, host_backend> {
         store_compressed_key(seq, h, w, sum);
         compressed_scores(seq, h)[w] = csum / static_cast<float>(sel.window);
       }
-      // Blocks to the pool (the offload store keeps a partial tail in a slot instead).
-      for (int m = 0; m < full_blocks; ++m) {
+      // Blocks to the pool (the offload store keeps a partial tail in a slot instead); shared blocks are there.
+      for (int m = share.blocks; m < full_blocks; ++m) {
         const int first = m * sel.block_size;
         const int rows = std::min(sel.block_size, length - first);
         element_type* pk = page_keys(table[m], h);

@@ -940,9 +940,9 @@ __global__ void __launch_bounds__(D)
 
 /// One CTA per KV head: clears the sequence's slot maps and claims slot 0 for a partial tail (offload
 /// store); CTA 0 also installs the block table row (read from mapped host memory), the length and the live
-/// flag, and counts the bytes that ingest writes to the host pool.
+/// flag, and counts the bytes that ingest writes to the host pool (none for the `shared` first blocks).
 template <bool Offloads, class E, int D>
-__global__ void admit_kernel(cuda_state<E, D> s, int seq, int length, const std::int32_t* table_row) {
+__global__ void admit_kernel(cuda_state<E, D> s, int seq, int length, const std::int32_t* table_row, int shared) {
   const int h = blockIdx.x;
   if constexpr (Offloads) {
     std::int32_t* map = s.slot_map_of(seq, h);
@@ -966,7 +966,7 @@ __global__ void admit_kernel(cuda_state<E, D> s, int seq, int length, const std:
       s.lengths[seq] = length;
       s.live[seq] = 1;
       if (Offloads) {
-        const unsigned long long full = static_cast<unsigned long long>(length / s.sel.block_size);
+        const unsigned long long full = static_cast<unsigned long long>(length / s.sel.block_size - shared);
         atomicAdd(reinterpret_cast<unsigned long long*>(&s.totals->bytes_d2h),
                   full * s.kv_heads * 2ull * s.block_bytes());
       }
@@ -975,10 +975,11 @@ __global__ void admit_kernel(cuda_state<E, D> s, int seq, int length, const std:
 }
 
 /// Grid (KV heads, chunks): copies a prompt into the state: score history, key ring (`Scored`), blocks to
-/// their pages (the offload store keeps a partial tail in slot 0).
+/// their pages except the `shared` first ones, whose pages already hold them (the offload store keeps a
+/// partial tail in slot 0).
 template <bool Offloads, bool Scored, class E, int D>
 __global__ void ingest_kernel(cuda_state<E, D> s, int seq, int length, tensor_view<const E, 3> k,
-                              tensor_view<const E, 3> v, tensor_view<const float, 2> c) {
+                              tensor_view<const E, 3> v, tensor_view<const float, 2> c, int shared) {
   const int h = blockIdx.x;
   const selection_params& sel = s.sel;
   const int full_blocks = Offloads ? length / sel.block_size : block_count(length, sel);
@@ -990,7 +991,9 @@ __global__ void ingest_kernel(cuda_state<E, D> s, int seq, int length, tensor_vi
     const int m = t / sel.block_size;
     const std::size_t row = std::size_t(t % sel.block_size) * D + d;
     const E kd = k(t, h, d);
-    if (m < full_blocks) {
+    if (m < shared) {
+      // already in its page
+    } else if (m < full_blocks) {
       s.page_k(table[m], h)[row] = kd;
       s.page_v(table[m], h)[row] = v(t, h, d);
     } else {
