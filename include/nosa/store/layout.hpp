@@ -4,7 +4,7 @@
 /// same offsets, so the state is one design executed two ways. Every array is sized by a capacity.
 ///
 /// Notation: S = max_sequences, H = num_kv_heads, MB = max_blocks_per_sequence, MT = MB * b_s (tokens),
-/// MW = window_count(MT), NS = top_k + spare_slots (slots per (sequence, KV head)), P = pool_pages,
+/// MW = window_count(MT), NS = top_k + spare_slots + cache_slots (slots per (sequence, KV head)), P = pool_pages,
 /// D = head_dim, E = sizeof(element).
 
 #include <nosa/core/params.hpp>
@@ -29,6 +29,7 @@ struct state_layout {
   int sequences = 0, kv_heads = 0, head_dim = 0, block_size = 0, window = 0;
   int max_blocks = 0, max_tokens = 0, max_windows = 0, top_k = 0, slots = 0, pages = 0;
   int group = 0;       // G = H_q / H_kv
+  int cache_slots = 0; // slots beyond k + spare that keep dropped blocks (offload store)
   int max_splits = 0;  // parts a (sequence, KV head)'s attention may be split into (CUDA backend)
   int score_chunks = 0;  // MC: chunks of score_chunk_windows windows covering MW
   std::size_t element_size = 0;
@@ -48,6 +49,7 @@ struct state_layout {
   std::size_t step_misses = 0;      // int32 [S][H]                  blocks loaded by the last step
   std::size_t slot_map = 0;         // int32 [S][H][NS]              block held by each slot, -1 if free
   std::size_t block_slot = 0;       // int32 [S][H][MB]              slot holding each block, -1 if none
+  std::size_t slot_stamp = 0;       // int32 [S][H][NS]              length at which each slot's block was last selected
   std::size_t slot_keys = 0;        // E     [S][H][NS][b_s][D]      slot cache, K
   std::size_t slot_values = 0;      // E     [S][H][NS][b_s][D]      slot cache, V
   std::size_t query_scores = 0;     // f32   [S][H][MB]              scratch: Sq per block
@@ -121,7 +123,8 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.max_tokens = s.max_blocks * sel.block_size;
   s.max_windows = window_count(s.max_tokens, sel);
   s.top_k = sel.top_k;
-  s.slots = sel.top_k + P::store::spare_slots;
+  s.cache_slots = P::store::offloads ? config.limits.cache_slots : 0;
+  s.slots = sel.top_k + P::store::spare_slots + s.cache_slots;
   s.pages = config.limits.pool_pages;
   s.group = config.group_size();
   // Full attention splits over every block of a sequence, sparse attention over the k selected.
@@ -151,6 +154,7 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   if (s.offloads) {
     s.slot_map = dev.take(SH * s.slots * i32);
     s.block_slot = dev.take(SH * s.max_blocks * i32);
+    s.slot_stamp = dev.take(SH * s.slots * i32);
     s.slot_keys = dev.take(SH * s.slots * s.block_elements() * E);
     s.slot_values = dev.take(SH * s.slots * s.block_elements() * E);
   }

@@ -3,6 +3,8 @@
 // they came from, and a bad share is refused without changing anything.
 #include <nosa/nosa.hpp>
 
+#include "small_config.hpp"
+
 #include <doctest/doctest.h>
 
 #include <cstdint>
@@ -19,21 +21,9 @@ struct shared_run {
   using T = typename P::element_type;
   static constexpr int D = P::head_dim;
   using layer_t = nosa::decode_layer<P, nosa::host_backend>;
-  nosa::layer_config cfg;
+  nosa::layer_config cfg = nosa_test::small_layer_config(8, 2, 4, 40);
   std::mt19937_64 rng{7};
   std::normal_distribution<float> normal{0.0f, 1.0f};
-
-  shared_run() {
-    cfg.num_q_heads = 8;
-    cfg.num_kv_heads = 2;
-    cfg.selection.block_size = 16;
-    cfg.selection.window = 8;
-    cfg.selection.stride = 4;
-    cfg.selection.top_k = 8;
-    cfg.selection.top_k_query_aware = 5;
-    cfg.selection.n_local = 2;
-    cfg.limits = {4, 40, 4 * 40};
-  }
 
   std::vector<T> random(std::size_t n) {
     std::vector<T> v(n);

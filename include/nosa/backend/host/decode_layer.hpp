@@ -390,6 +390,12 @@ class decode_layer<P, host_backend> {
   std::int32_t* block_slot(int seq, int h) const noexcept {
     return dev<std::int32_t>(layout_.block_slot) + sh(seq, h) * layout_.max_blocks;
   }
+  std::int32_t* slot_stamps(int seq, int h) const noexcept {
+    return dev<std::int32_t>(layout_.slot_stamp) + sh(seq, h) * layout_.slots;
+  }
+  std::int32_t* block_marks(int seq, int h) const noexcept {
+    return dev<std::int32_t>(layout_.block_mark) + sh(seq, h) * layout_.max_blocks;
+  }
   element_type* slot_keys(int seq, int h, int slot) const noexcept {
     return dev<element_type>(layout_.slot_keys) + (sh(seq, h) * layout_.slots + slot) * layout_.block_elements();
   }
@@ -486,15 +492,39 @@ class decode_layer<P, host_backend> {
 
   // --- stages -------------------------------------------------------------------------------------
 
-  /// Claims a free slot of (seq, h) for `block`. The slot cache has a spare, so one is always free.
+  /// Claims a slot of (seq, h) for `block` (a new tail). Without a cache the spare slot guarantees a free
+  /// one; with a cache, a block outside the current selection may have to leave (`victim_slot`).
   int claim_free_slot(int seq, int h, int block) noexcept {
     std::int32_t* map = slot_map(seq, h);
-    int slot = 0;
-    while (map[slot] >= 0) ++slot;
+    std::int32_t* mark = block_marks(seq, h);
+    const std::int32_t* chosen = selection_ptr(seq, h);
+    const int n = selection_counts()[sh(seq, h)];
+    for (int i = 0; i < n; ++i) mark[chosen[i]] = 1;
+    const int slot = victim_slot(seq, h);
+    for (int i = 0; i < n; ++i) mark[chosen[i]] = 0;
+    if (map[slot] >= 0) block_slot(seq, h)[map[slot]] = -1;
     map[slot] = block;
     block_slot(seq, h)[block] = slot;
+    slot_stamps(seq, h)[slot] = length_clock(seq);
     return slot;
   }
+
+  /// The slot a block that is not resident goes to: the lowest free slot, else (with a cache) the slot of
+  /// the least recently selected block that is not marked, the lower slot on a tie.
+  int victim_slot(int seq, int h) const noexcept {
+    const std::int32_t* map = slot_map(seq, h);
+    const std::int32_t* mark = block_marks(seq, h);
+    const std::int32_t* stamp = slot_stamps(seq, h);
+    int best = -1;
+    for (int slot = 0; slot < layout_.slots; ++slot) {
+      if (map[slot] < 0) return slot;
+      if (!mark[map[slot]] && (best < 0 || stamp[slot] < stamp[best])) best = slot;
+    }
+    return best;
+  }
+
+  /// A clock for the slot stamps: the sequence's length, which every step advances.
+  std::int32_t length_clock(int seq) const noexcept { return lengths()[seq]; }
 
   /// Append: the token at position t goes to the tail, the key ring and the score history; a window that
   /// the token completes yields a compressed key and a compressed score (summed in token order).
@@ -600,32 +630,41 @@ class decode_layer<P, host_backend> {
   load_result load_selection(int seq, int h) noexcept {
     const std::int32_t* chosen = selection_ptr(seq, h);
     const int n = selection_counts()[sh(seq, h)];
-    std::int32_t* mark = dev<std::int32_t>(layout_.block_mark) + sh(seq, h) * layout_.max_blocks;
+    std::int32_t* mark = block_marks(seq, h);
     std::int32_t* map = slot_map(seq, h);
     std::int32_t* where = block_slot(seq, h);
+    const bool cache = layout_.cache_slots > 0;
     for (int i = 0; i < n; ++i) mark[chosen[i]] = 1;
-    for (int slot = 0; slot < layout_.slots; ++slot) {
-      if (map[slot] >= 0 && !mark[map[slot]]) {
-        where[map[slot]] = -1;
-        map[slot] = -1;
+    if (!cache) {
+      // Dropped blocks leave at once.
+      for (int slot = 0; slot < layout_.slots; ++slot) {
+        if (map[slot] >= 0 && !mark[map[slot]]) {
+          where[map[slot]] = -1;
+          map[slot] = -1;
+        }
       }
     }
     load_result r;
-    int free_slot = 0;
     for (int i = 0; i < n; ++i) {
       const int b = chosen[i];
-      mark[b] = 0;
       if (where[b] >= 0) {
         ++r.hits;
         continue;
       }
-      while (map[free_slot] >= 0) ++free_slot;
-      map[free_slot] = b;
-      where[b] = free_slot;
+      // The lowest free slot; with a cache, else the least recently selected block outside the selection.
+      const int slot = victim_slot(seq, h);
+      if (map[slot] >= 0) where[map[slot]] = -1;
+      map[slot] = b;
+      where[b] = slot;
       const int page = block_table(seq)[b];
-      std::memcpy(slot_keys(seq, h, free_slot), page_keys(page, h), block_bytes());
-      std::memcpy(slot_values(seq, h, free_slot), page_values(page, h), block_bytes());
+      std::memcpy(slot_keys(seq, h, slot), page_keys(page, h), block_bytes());
+      std::memcpy(slot_values(seq, h, slot), page_values(page, h), block_bytes());
       ++r.misses;
+    }
+    const std::int32_t clock = length_clock(seq);
+    for (int i = 0; i < n; ++i) {
+      mark[chosen[i]] = 0;
+      slot_stamps(seq, h)[where[chosen[i]]] = clock;
     }
     return r;
   }
