@@ -158,9 +158,9 @@ class decode_layer<P, cuda_backend> {
           <<<dim3(hkv, layout_.score_chunks), detail::cuda_threads, 0, stream>>>(state_, one, 0, q);
     }
     detail::pool_scores_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(state_, one, 0, have_query);
-    detail::select_diff_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(
-        state_, one, 0, have_query, false, detail::count_mode::ingest);
+    detail::launch_select<P>(state_, one, hkv, 0, have_query, false, detail::count_mode::ingest, stream);
     if constexpr (offloads) {
+      detail::launch_diff(state_, one, hkv, 0, detail::count_mode::ingest, stream);
       detail::gather_kernel<<<dim3(hkv, layout_.top_k), detail::cuda_threads, 0, stream>>>(state_, one, false);
     }
     detail::clear_step_misses_kernel<<<1, 32, 0, stream>>>(state_, seq);
@@ -213,8 +213,8 @@ class decode_layer<P, cuda_backend> {
     return enqueue_step(args, stream, [](step_stage) {});
   }
 
-  /// The stages of a step, in launch order.
-  enum class step_stage : int { begin, append_score, select_diff, gather, attention, merge };
+  /// The stages of a step, in launch order. `diff` and `gather` launch nothing with the resident store.
+  enum class step_stage : int { begin, append_score, select, diff, gather, attention, merge };
 
   /// `step`, with `after(stage)` called on the host right after each stage's kernels are enqueued (to
   /// record events around them), restricted to the stages `first` to `last`. Running part of a step is for
@@ -247,9 +247,13 @@ class decode_layer<P, cuda_backend> {
       detail::pool_scores_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, 1, true);
       after(step_stage::append_score);
     }
-    if (runs(step_stage::select_diff)) {
-      detail::select_diff_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, 1, true, true, detail::count_mode::step);
-      after(step_stage::select_diff);
+    if (runs(step_stage::select)) {
+      detail::launch_select<P>(state_, seqs, rows, 1, true, true, detail::count_mode::step, stream);
+      after(step_stage::select);
+    }
+    if (runs(step_stage::diff)) {
+      if constexpr (offloads) detail::launch_diff(state_, seqs, rows, 1, detail::count_mode::step, stream);
+      after(step_stage::diff);
     }
     if (runs(step_stage::gather)) {
       if constexpr (offloads) {
