@@ -1025,7 +1025,7 @@ void bench_gather(benchmark::State& state, const std::string& key, const layer_s
       if (ev != nullptr) ev->record(0, s);
       nd::launch_diff(st, seqs, rows, 0, nd::count_mode::step, s);
       if (ev != nullptr) ev->record(1, s);
-      nd::gather_kernel<<<dim3(rows, k + 1), nd::cuda_threads, 0, s>>>(st, seqs, false);
+      nd::launch_gather(st, seqs, rows, false, s);
       if (ev != nullptr) ev->record(2, s);
       BENCH_LAUNCHED();
     };
@@ -1070,7 +1070,7 @@ void bench_gather(benchmark::State& state, const std::string& key, const layer_s
     set(state, "gather_GBps", gather_us > 0 ? bytes / (gather_us * 1e-6) / 1e9 : 0.0);
     set(state, "copy_same_bytes_us", copy_us);
     set(state, "ratio_same_bytes", bytes > 0 && us > 0 ? copy_us / us : 0.0);
-    set(state, "ctas", double(rows) * (k + 1));
+    set(state, "ctas", double(rows) * nd::gather_ctas_per_row(rows, k));
     set(state, "near_ties", ties);
   });
 }

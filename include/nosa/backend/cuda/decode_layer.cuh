@@ -161,7 +161,7 @@ class decode_layer<P, cuda_backend> {
     detail::launch_select<P>(state_, one, hkv, 0, have_query, false, detail::count_mode::ingest, stream);
     if constexpr (offloads) {
       detail::launch_diff(state_, one, hkv, 0, detail::count_mode::ingest, stream);
-      detail::gather_kernel<<<dim3(hkv, layout_.top_k), detail::cuda_threads, 0, stream>>>(state_, one, false);
+      detail::launch_gather(state_, one, hkv, false, stream);
     }
     detail::clear_step_misses_kernel<<<1, 32, 0, stream>>>(state_, seq);
     return finish_plan(stream);
@@ -257,7 +257,7 @@ class decode_layer<P, cuda_backend> {
     }
     if (runs(step_stage::gather)) {
       if constexpr (offloads) {
-        detail::gather_kernel<<<dim3(rows, layout_.top_k + 1), threads, 0, stream>>>(state_, seqs, true);
+        detail::launch_gather(state_, seqs, rows, true, stream);
       }
       after(step_stage::gather);
     }

@@ -721,22 +721,23 @@ __device__ inline void copy_pair(const void* src_k, const void* src_v, void* dst
   }
 }
 
-/// Grid (batch rows x KV heads, k + 1). CTA (r, j < k) loads miss j of row r from its pool page (mapped host
-/// memory) into its slot; CTA (r, k) writes back the tail block when this step completed it.
+/// Grid (batch rows x KV heads, Y). CTA (r, y) loads misses y, y + Y, ... of row r from their pool pages
+/// (mapped host memory) into their slots; with `write_back`, CTA (r, k mod Y) then writes back the tail
+/// block when this step completed it. With Y = k + 1 every CTA has one item at most.
 template <class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
     gather_kernel(cuda_state<E, D> s, sequence_source seqs, bool write_back) {
   if (write_back && *s.status != 0) return;  // `write_back` is set by steps only; plan calls always run
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int seq = seqs(b);
-  const int j = blockIdx.y;
-  if (j < s.top_k) {
-    if (j >= s.step_misses[s.sh(seq, h)]) return;
+  const int misses = s.step_misses[s.sh(seq, h)];
+  for (int j = blockIdx.y; j < misses && j < s.top_k; j += gridDim.y) {
     const int blk = s.misses_of(seq, h)[j];
     const int slot = s.block_slot_of(seq, h)[blk];
     const int page = s.table(seq)[blk];
     copy_pair(s.page_k(page, h), s.page_v(page, h), s.slot_k(seq, h, slot), s.slot_v(seq, h, slot), s.block_bytes());
-  } else if (write_back) {
+  }
+  if (write_back && static_cast<int>(blockIdx.y) == s.top_k % static_cast<int>(gridDim.y)) {
     const int t = s.lengths[seq];
     if ((t + 1) % s.sel.block_size != 0) return;
     const int blk = t / s.sel.block_size;
@@ -744,6 +745,24 @@ __global__ void __launch_bounds__(cuda_threads)
     const int page = s.table(seq)[blk];
     copy_pair(s.slot_k(seq, h, slot), s.slot_v(seq, h, slot), s.page_k(page, h), s.page_v(page, h), s.block_bytes());
   }
+}
+
+/// CTAs of a gather in all, about: a CTA with nothing to copy still costs its launch (~1 us per 1000 on the
+/// H200), while ~33 CTAs with a block each in flight already saturate the PCIe link.
+inline constexpr int gather_target_ctas = 512;
+
+/// CTAs per (batch row, KV head) of a gather over `items` items (the misses, and the write-back).
+inline int gather_ctas_per_row(int rows, int items) {
+  const int want = rows > 0 ? (gather_target_ctas + rows - 1) / rows : items;
+  return want < items ? want : items;
+}
+
+/// Enqueues `gather_kernel` for `rows` (batch row, KV head) pairs: up to `k` misses each, and the write-back
+/// of a completed tail block with `write_back` (steps).
+template <class E, int D>
+void launch_gather(const cuda_state<E, D>& s, sequence_source seqs, int rows, bool write_back, cudaStream_t stream) {
+  const int per_row = gather_ctas_per_row(rows, s.top_k + (write_back ? 1 : 0));
+  gather_kernel<<<dim3(rows, per_row), cuda_threads, 0, stream>>>(s, seqs, write_back);
 }
 
 // ---------------------------------------------------------------------------------------------------------
