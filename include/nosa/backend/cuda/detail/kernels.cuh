@@ -510,15 +510,15 @@ template <class P, class E, int D>
 __global__ void __launch_bounds__(select_threads)
     select_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, bool have_query, bool with_budget,
                   count_mode mode, int staged_capacity) {
-  // Plan calls (ingest) run whatever the last step's status; a step runs only when its checks passed.
-  if (mode == count_mode::step && *s.status != 0) return;
   using selector = typename P::selector;
   constexpr bool offloads = P::store::offloads;
   constexpr bool agnostic = P::query_agnostic::enabled;
   __shared__ select_shared sh;
   extern __shared__ float staged[];  // [staged_capacity] Sq, then [staged_capacity] Se
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
-  const int seq = seqs(b);
+  const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
+  // Plan calls (ingest) run whatever the last step's status; a step runs only when its checks passed.
+  if (mode == count_mode::step && *s.status != 0) return;
   const int length = s.lengths[seq] + length_offset;
   const selection_params& sel = s.sel;
   const int n_blocks = block_count(length, sel);
@@ -629,18 +629,21 @@ struct diff_shared {
 template <class E, int D>
 __global__ void __launch_bounds__(select_threads)
     diff_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, count_mode mode) {
-  if (mode == count_mode::step && *s.status != 0) return;
   __shared__ diff_shared sh;
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
-  const int seq = seqs(b);
+  const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
+  if (mode == count_mode::step && *s.status != 0) return;
   const int t = threadIdx.x;
-  const int n = s.selection_count[s.sh(seq, h)];
   std::int32_t* map = s.slot_map_of(seq, h);
   std::int32_t* where = s.block_slot_of(seq, h);
-  const bool selected = t < n;
+  // The count, the selection's entries and the slot map in one round trip (entries past the count are
+  // read but not used).
+  const int n = s.selection_count[s.sh(seq, h)];
+  const int entry = t < s.top_k ? s.selection_of(seq, h)[t] : -1;
   const bool slot = t < s.slots;
-  const int blk = selected ? s.selection_of(seq, h)[t] : -1;
   const int held = slot ? map[t] : -1;
+  const bool selected = t < n;
+  const int blk = selected ? entry : -1;
   sh.kept[t] = 0;
   const int at = selected ? where[blk] : -1;  // the slot a selected block is resident in
   __syncthreads();
@@ -727,9 +730,9 @@ __device__ inline void copy_pair(const void* src_k, const void* src_v, void* dst
 template <class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
     gather_kernel(cuda_state<E, D> s, sequence_source seqs, bool write_back) {
-  if (write_back && *s.status != 0) return;  // `write_back` is set by steps only; plan calls always run
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
-  const int seq = seqs(b);
+  const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
+  if (write_back && *s.status != 0) return;  // `write_back` is set by steps only; plan calls always run
   const int misses = s.step_misses[s.sh(seq, h)];
   for (int j = blockIdx.y; j < misses && j < s.top_k; j += gridDim.y) {
     const int blk = s.misses_of(seq, h)[j];
