@@ -70,7 +70,7 @@ TEST_CASE_TEMPLATE("selection at the edges of its kernel's shapes decodes like t
                    nosa::nosa_pipeline<float, 64, nosa::resident_store>) {
   NOSA_REQUIRE_GPU();
   SUBCASE("scores read from global memory: more blocks a sequence than shared memory stages") {
-    run_spec spec = ragged_spec(combo_config<P>(), 111, scaled(150, 8));
+    run_spec spec = ragged_spec(combo_config<P>(), 111, scaled(100, 8));
     // Capacity only: the prompts stay short, the pool keeps its size.
     spec.config.limits.max_blocks_per_sequence = 4700;
     run_differential<P>(spec, "unstaged");
