@@ -479,6 +479,11 @@ enum class count_mode : int {
   ingest,  ///< the initial load of a new sequence: bytes host-to-device into the totals only
 };
 
+/// Adds `v` to a counter; zeros are skipped, since every CTA of a launch adds to the same few addresses.
+__device__ inline void add_count(unsigned long long& counter, unsigned long long v) {
+  if (v != 0) atomicAdd(&counter, v);
+}
+
 /// The counters of one (sequence, KV head) after its set-difference: `n` selected blocks of which
 /// `misses` load. Called by one thread.
 template <bool Offloads, class E, int D>
@@ -491,13 +496,13 @@ __device__ void count_traffic(const cuda_state<E, D>& s, int seq, int h, int len
     const unsigned long long d2h = Offloads && length % s.sel.block_size == 0 ? 2ull * s.block_bytes() : 0ull;
     counters* targets[2] = {s.last_step, s.totals};
     for (counters* c : targets) {
-      atomicAdd(reinterpret_cast<unsigned long long*>(&c->hits), hits);
-      atomicAdd(reinterpret_cast<unsigned long long*>(&c->misses), static_cast<unsigned long long>(misses));
-      atomicAdd(reinterpret_cast<unsigned long long*>(&c->bytes_h2d), h2d);
-      atomicAdd(reinterpret_cast<unsigned long long*>(&c->bytes_d2h), d2h);
+      add_count(reinterpret_cast<unsigned long long&>(c->hits), hits);
+      add_count(reinterpret_cast<unsigned long long&>(c->misses), static_cast<unsigned long long>(misses));
+      add_count(reinterpret_cast<unsigned long long&>(c->bytes_h2d), h2d);
+      add_count(reinterpret_cast<unsigned long long&>(c->bytes_d2h), d2h);
     }
   } else {
-    atomicAdd(reinterpret_cast<unsigned long long*>(&s.totals->bytes_h2d), h2d);
+    add_count(reinterpret_cast<unsigned long long&>(s.totals->bytes_h2d), h2d);
   }
 }
 
