@@ -103,3 +103,33 @@ TEST_CASE_TEMPLATE("sequences that share a prompt prefix share its pages and dec
   REQUIRE(t.remove(2) == status::success);
   CHECK(t.gpu.layer.free_page_count() == cfg.limits.pool_pages);
 }
+
+TEST_CASE_TEMPLATE("selection at the edges of its kernel's shapes decodes like the host backend", P,
+                   nosa::nosa_pipeline<float, 64>, nosa::infllmv2_pipeline<float, 64>,
+                   nosa::nosa_pipeline<float, 64, nosa::resident_store>) {
+  NOSA_REQUIRE_GPU();
+  SUBCASE("scores read from global memory: more blocks a sequence than shared memory stages") {
+    run_spec spec = ragged_spec(combo_config<P>(), 111, scaled(100, 8));
+    // Capacity only: the prompts stay short, the pool keeps its size.
+    spec.config.limits.max_blocks_per_sequence = 4700;
+    run_differential<P>(spec, "unstaged");
+    if constexpr (P::store::offloads) {
+      spec.config.selection.max_new_blocks = 2;
+      spec.seed = 112;
+      run_differential<P>(spec, "unstaged, budget 2");
+    }
+  }
+  SUBCASE("the largest k: 256 selected blocks, 257 slots") {
+    nosa::layer_config c = make_config(16, 6, 2, 5, 64);
+    c.selection.top_k = 256;
+    c.selection.top_k_query_aware = 100;
+    c.selection.n_local = 5;
+    run_spec spec = ragged_spec(c, 121, scaled(120, 6));
+    run_differential<P>(spec, "k 256");
+    if constexpr (P::store::offloads) {
+      spec.config.selection.max_new_blocks = 3;
+      spec.seed = 122;
+      run_differential<P>(spec, "k 256, budget 3");
+    }
+  }
+}

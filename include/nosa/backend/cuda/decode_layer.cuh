@@ -210,10 +210,10 @@ class decode_layer<P, cuda_backend> {
           <<<dim3(hkv, layout_.score_chunks), detail::cuda_threads, 0, stream>>>(state_, one, 0, q);
     }
     detail::pool_scores_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(state_, one, 0, have_query);
-    detail::select_diff_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(
-        state_, one, 0, have_query, false, detail::count_mode::ingest);
+    detail::launch_select<P>(state_, one, hkv, 0, have_query, false, detail::count_mode::ingest, stream);
     if constexpr (offloads) {
-      detail::gather_kernel<<<dim3(hkv, layout_.top_k), detail::cuda_threads, 0, stream>>>(state_, one, false);
+      detail::launch_diff(state_, one, hkv, 0, detail::count_mode::ingest, stream);
+      detail::launch_gather(state_, one, hkv, false, stream);
     }
     detail::clear_step_misses_kernel<<<1, 32, 0, stream>>>(state_, seq);
     return finish_plan(stream);
@@ -273,8 +273,9 @@ class decode_layer<P, cuda_backend> {
     return enqueue_step(args, stream, [](step_stage) {}, step_stage::begin, step_stage::merge, &overlap);
   }
 
-  /// The stages of a step, in launch order.
-  enum class step_stage : int { begin, append_score, select_diff, gather, attention, merge };
+  /// The stages of a step, in launch order. `select` launches nothing for full attention, `diff` and
+  /// `gather` nothing with the resident store.
+  enum class step_stage : int { begin, append_score, select, diff, gather, attention, merge };
 
   /// `step`, with `after(stage)` called on the host right after each stage's kernels are enqueued (to
   /// record events around them), restricted to the stages `first` to `last`. Running part of a step is for
@@ -311,12 +312,15 @@ class decode_layer<P, cuda_backend> {
       }
       after(step_stage::append_score);
     }
-    if (runs(step_stage::select_diff)) {
+    if (runs(step_stage::select)) {
       if constexpr (!P::dense) {
-        detail::select_diff_kernel<P>
-            <<<rows, threads, 0, stream>>>(state_, seqs, 1, true, true, detail::count_mode::step);
+        detail::launch_select<P>(state_, seqs, rows, 1, true, true, detail::count_mode::step, stream);
       }
-      after(step_stage::select_diff);
+      after(step_stage::select);
+    }
+    if (runs(step_stage::diff)) {
+      if constexpr (offloads) detail::launch_diff(state_, seqs, rows, 1, detail::count_mode::step, stream);
+      after(step_stage::diff);
     }
     // Overlap needs a transfer stream, both events, and a split of the attention into two parts.
     const bool overlapped = offloads && mma_attention && overlap != nullptr && overlap->transfer != nullptr &&
@@ -329,7 +333,7 @@ class decode_layer<P, cuda_backend> {
           NOSA_CUDA_TRY(cudaStreamWaitEvent(overlap->transfer, overlap->fork, 0));
           gather_stream = overlap->transfer;
         }
-        detail::gather_kernel<<<dim3(rows, layout_.top_k + 1), threads, 0, gather_stream>>>(state_, seqs, true);
+        detail::launch_gather(state_, seqs, rows, true, gather_stream);
         if (overlapped) NOSA_CUDA_TRY(cudaEventRecord(overlap->join, overlap->transfer));
       }
       after(step_stage::gather);
