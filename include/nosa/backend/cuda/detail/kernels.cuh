@@ -199,7 +199,12 @@ __global__ void __launch_bounds__(cuda_threads)
   const int first = blockIdx.y * score_chunk;
   if (first >= n_windows) return;
   const int group = s.group;
-  for (int i = threadIdx.x; i < group * D; i += blockDim.x) qs[i] = to_float(q(b, h * group + i / D, i % D));
+  // The group's queries, every load in flight at once (at most 16 D elements over 256 threads).
+#pragma unroll
+  for (int r = 0; r < (cuda_max_group * D + cuda_threads - 1) / cuda_threads; ++r) {
+    const int i = threadIdx.x + r * cuda_threads;
+    if (i < group * D) qs[i] = to_float(q(b, h * group + i / D, i % D));
+  }
   __syncthreads();
   const int w = first + threadIdx.x;
   const bool active = w < n_windows;
@@ -290,17 +295,22 @@ __global__ void __launch_bounds__(cuda_threads)
   if (have_query && n_windows > 0) {
     const int chunks = (n_windows + score_chunk - 1) / score_chunk;
     const float* parts = s.score_partials_of(seq, h);
-    if (threadIdx.x < group) {
-      const int g = threadIdx.x;
+    // One warp per head: the lanes read the chunks' partials side by side, then reduce them.
+    const int lane = threadIdx.x % 32;
+    for (int g = threadIdx.x / 32; g < group; g += blockDim.x / 32) {
       float m = negative_infinity;
-      for (int x = 0; x < chunks; ++x) m = max_keep_left(m, parts[(std::size_t(x) * group + g) * 2]);
+      for (int x = lane; x < chunks; x += 32) m = max_keep_left(m, parts[(std::size_t(x) * group + g) * 2]);
+      m = warp_max(m);
       float sum = 0.0f;
-      for (int x = 0; x < chunks; ++x) {
+      for (int x = lane; x < chunks; x += 32) {
         const float* part = parts + (std::size_t(x) * group + g) * 2;
         sum += part[1] * expf(part[0] - m);
       }
-      group_max[g] = m;
-      group_inv[g] = 1.0f / sum;
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        group_max[g] = m;
+        group_inv[g] = 1.0f / sum;
+      }
     }
     __syncthreads();
     const float* logits = s.logits_of(seq, h);
