@@ -349,6 +349,7 @@ inline std::vector<region> persistent_regions(const nosa::state_layout& l) {
   if (l.offloads) {
     r.push_back({"slot_map", true, l.slot_map, SH * NS * i32});
     r.push_back({"block_slot", true, l.block_slot, SH * MB * i32});
+    r.push_back({"slot_stamp", true, l.slot_stamp, SH * NS * i32});
     r.push_back({"slot_keys", true, l.slot_keys, SH * NS * l.block_elements() * E});
     r.push_back({"slot_values", true, l.slot_values, SH * NS * l.block_elements() * E});
     r.push_back({"host_pool", false, l.host_pool, pool});
@@ -688,8 +689,22 @@ class twin {
             x.map.assign(map, map + l.slots);
             x.where.assign(where, where + l.max_blocks);
             if (t % bs == 0 && t / bs < l.max_blocks) {
+              // The new tail's slot: the lowest free one, else (with a cache) the least recently selected
+              // block outside the current selection leaves.
               int slot = 0;
               while (slot < l.slots && x.map[std::size_t(slot)] >= 0) ++slot;
+              if (slot == l.slots && l.cache_slots > 0) {
+                const std::vector<std::int32_t> chosen = copy_of(host.layer.selection(seq, h));
+                const std::int32_t* stamp = host_array<std::int32_t>(l.slot_stamp) + sh(seq, h) * l.slots;
+                int best = -1;
+                for (int j = 0; j < l.slots; ++j) {
+                  const int held = x.map[std::size_t(j)];
+                  if (std::find(chosen.begin(), chosen.end(), held) != chosen.end()) continue;
+                  if (best < 0 || stamp[j] < stamp[best]) best = j;
+                }
+                slot = best;
+                x.where[std::size_t(x.map[std::size_t(slot)])] = -1;
+              }
               if (slot < l.slots) {
                 x.map[std::size_t(slot)] = t / bs;
                 x.where[std::size_t(t / bs)] = slot;

@@ -472,7 +472,10 @@ class decode_layer<P, cuda_backend> {
     NOSA_TRY(validate(config));
     if (config.group_size() > max_group || config.selection.top_k > max_top_k) return status::not_supported;
     if (config.selection.block_size % 8 != 0) return status::not_supported;
-    if (P::store::offloads && config.limits.cache_slots > 0) return status::not_supported;
+    // The set-difference runs one thread per slot.
+    if (P::store::offloads && config.selection.top_k + 1 + config.limits.cache_slots > detail::select_threads) {
+      return status::not_supported;
+    }
     return status::success;
   }
 

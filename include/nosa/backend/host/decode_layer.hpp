@@ -505,7 +505,7 @@ class decode_layer<P, host_backend> {
     if (map[slot] >= 0) block_slot(seq, h)[map[slot]] = -1;
     map[slot] = block;
     block_slot(seq, h)[block] = slot;
-    slot_stamps(seq, h)[slot] = length_clock(seq);
+    if (layout_.cache_slots > 0) slot_stamps(seq, h)[slot] = length_clock(seq);
     return slot;
   }
 
@@ -664,7 +664,7 @@ class decode_layer<P, host_backend> {
     const std::int32_t clock = length_clock(seq);
     for (int i = 0; i < n; ++i) {
       mark[chosen[i]] = 0;
-      slot_stamps(seq, h)[where[chosen[i]]] = clock;
+      if (cache) slot_stamps(seq, h)[where[chosen[i]]] = clock;
     }
     return r;
   }

@@ -99,14 +99,53 @@ __global__ void begin_step_kernel(cuda_state<E, D> s, sequence_source seqs, int 
 // Append, compression and scoring.
 // ---------------------------------------------------------------------------------------------------------
 
-/// Lowest free slot of (seq, h) now holds `block`. Called by one thread.
+/// A slot of (seq, h) now holds `block` (a new tail). Without a cache, the lowest free slot (the spare slot
+/// guarantees one). With a cache, the lowest free slot, else the slot of the least recently selected block
+/// outside the current selection (the lower slot on a tie), which leaves; the slot is stamped with the
+/// sequence's length. Called by the whole CTA.
 template <class E, int D>
 __device__ void claim_free_slot(const cuda_state<E, D>& s, int seq, int h, int block) {
   std::int32_t* map = s.slot_map_of(seq, h);
-  int slot = 0;
-  while (slot < s.slots - 1 && map[slot] >= 0) ++slot;
-  map[slot] = block;
-  s.block_slot_of(seq, h)[block] = slot;
+  if (s.cache_slots == 0) {
+    if (threadIdx.x == 0) {
+      int slot = 0;
+      while (slot < s.slots - 1 && map[slot] >= 0) ++slot;
+      map[slot] = block;
+      s.block_slot_of(seq, h)[block] = slot;
+    }
+    __syncthreads();
+    return;
+  }
+  __shared__ unsigned long long best;
+  std::int32_t* mark = s.mark_of(seq, h);
+  const std::int32_t* chosen = s.selection_of(seq, h);
+  const int n = s.selection_count[s.sh(seq, h)];
+  if (threadIdx.x == 0) best = ~0ull;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) mark[chosen[i]] = 1;
+  __syncthreads();
+  // Free slots rank first by slot, then cached blocks by (stamp, slot).
+  unsigned long long mine = ~0ull;
+  for (int j = threadIdx.x; j < s.slots; j += blockDim.x) {
+    const int held = map[j];
+    unsigned long long key = ~0ull;
+    if (held < 0) {
+      key = static_cast<unsigned long long>(j);
+    } else if (mark[held] == 0) {
+      key = (1ull << 60) | (static_cast<unsigned long long>(s.stamp_of(seq, h)[j]) << 20) | static_cast<unsigned>(j);
+    }
+    mine = key < mine ? key : mine;
+  }
+  atomicMin(&best, mine);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int slot = static_cast<int>(best & 0xfffffu);
+    if (map[slot] >= 0) s.block_slot_of(seq, h)[map[slot]] = -1;
+    map[slot] = block;
+    s.block_slot_of(seq, h)[block] = slot;
+    s.stamp_of(seq, h)[slot] = s.lengths[seq];
+  }
+  for (int i = threadIdx.x; i < n; i += blockDim.x) mark[chosen[i]] = 0;
+  __syncthreads();
 }
 
 /// Compressed key and score of window `w`: the mean of its keys (`key_row(t)` gives token t's key) and of
@@ -142,8 +181,7 @@ __global__ void __launch_bounds__(cuda_threads)
   const int block = t / sel.block_size;
   const std::size_t row = std::size_t(t % sel.block_size) * D;
   if constexpr (offloads) {
-    if (threadIdx.x == 0 && t % sel.block_size == 0) claim_free_slot(s, seq, h, block);
-    __syncthreads();
+    if (t % sel.block_size == 0) claim_free_slot(s, seq, h, block);
   }
   E* kdst;
   E* vdst;
@@ -391,8 +429,8 @@ __device__ inline int block_exclusive_sum(int v, int* partial, int& total) {
 /// Shared memory of the selection kernel (the staged scores are dynamic shared memory).
 struct select_shared {
   alignas(16) int hist[3][256];                // radix histograms, in rotation (see `radix_threshold`)
-  std::uint64_t keys[cuda_max_top_k + 1];      // the picks of a top-k, or the budget's candidates by slot
-  std::int32_t blocks[cuda_max_top_k + 1];     // their blocks
+  std::uint64_t keys[select_threads];          // the picks of a top-k, or the budget's candidates by slot
+  std::int32_t blocks[select_threads];         // their blocks
   std::int32_t out[cuda_max_top_k];            // the selection in rank order
   std::int32_t slot_selected[select_threads];  // budget: the slot holds a block of the selection
   int scan[2][select_warps];
@@ -659,6 +697,7 @@ __global__ void __launch_bounds__(select_threads)
 /// Shared memory of the diff kernel.
 struct diff_shared {
   std::int32_t kept[select_threads];  // the slot holds a block of the new selection
+  std::int32_t stamp[select_threads]; // with a cache: the slot's stamp, or -1 when its block cannot leave
   std::int32_t miss_blocks[cuda_max_top_k];
   int scan[select_warps];
 };
@@ -689,14 +728,19 @@ __global__ void __launch_bounds__(select_threads)
   __syncthreads();
   if (at >= 0) sh.kept[at] = 1;
   __syncthreads();
-  const bool freed = slot && held >= 0 && sh.kept[t] == 0;
+  // Without a cache a dropped block leaves at once; with one it stays, evictable, until a miss needs a slot.
+  const bool cache = s.cache_slots > 0;
+  const bool dropped = slot && held >= 0 && sh.kept[t] == 0;
+  const bool freed = dropped && !cache;
   if (freed) where[held] = -1;
   const bool is_free = slot && (held < 0 || freed);
   const bool miss = selected && at < 0;
+  std::int32_t* stamps = s.stamp_of(seq, h);
+  if (cache) sh.stamp[t] = dropped ? stamps[t] : -1;
   // Rank of each miss among the misses (low half) and of each free slot among the free slots (high half).
   int totals = 0;
   const int ranks = block_exclusive_sum(int(miss) | (int(is_free) << 16), sh.scan, totals);
-  const int misses = totals & 0xffff;
+  const int misses = totals & 0xffff, free_slots = totals >> 16;
   if (miss) {
     sh.miss_blocks[ranks & 0xffff] = blk;
     s.misses_of(seq, h)[ranks & 0xffff] = blk;
@@ -704,11 +748,28 @@ __global__ void __launch_bounds__(select_threads)
   __syncthreads();
   if (slot) {
     int now = freed ? -1 : held;
+    int taker = -1;  // the miss this slot receives
     if (is_free && (ranks >> 16) < misses) {
-      now = sh.miss_blocks[ranks >> 16];
+      taker = ranks >> 16;
+    } else if (cache && dropped && free_slots < misses) {
+      // Misses beyond the free slots take the dropped blocks' slots, least recently selected first.
+      int order = 0;
+      const int mine = sh.stamp[t];
+      for (int j = 0; j < s.slots; ++j) {
+        const int other = sh.stamp[j];
+        order += other >= 0 && (other < mine || (other == mine && j < t));
+      }
+      if (free_slots + order < misses) {
+        taker = free_slots + order;
+        where[held] = -1;
+      }
+    }
+    if (taker >= 0) {
+      now = sh.miss_blocks[taker];
       where[now] = t;
     }
     map[t] = now;
+    if (cache && (taker >= 0 || (held >= 0 && sh.kept[t] != 0))) stamps[t] = s.lengths[seq];
   }
   if (t == 0) count_traffic<true>(s, seq, h, s.lengths[seq] + length_offset, n, misses, mode);
 }
@@ -1115,6 +1176,7 @@ __global__ void admit_kernel(cuda_state<E, D> s, int seq, int length, const std:
       const int tail = length / s.sel.block_size;
       map[0] = tail;
       where[tail] = 0;
+      if (s.cache_slots > 0) s.stamp_of(seq, h)[0] = length;
     }
   }
   if (threadIdx.x == 0) {
