@@ -520,8 +520,8 @@ def section_targets(ctx: dict, results) -> str:
                 rows.append(row(r, "graph replay at most 10% above the sum of its kernels"))
 
     out = "### Targets\n\n" + table(["target", "where", "achieved", "ceiling / reference", "ratio", "verdict"], rows)
-    out += ("\nNot measured by this suite yet: how many SMs the gather occupies (the "
-            "gather grid has `B x H_kv x (k + 1)` CTAs, of which only the misses copy).\n")
+    out += ("\nNot measured by this suite yet: how many SMs the gather occupies at a time (its grid is about "
+            "512 CTAs, of which only the misses copy).\n")
     if notes:
         out += "\nFigures that explain the misses (from the same run):\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     return out
