@@ -333,7 +333,8 @@ class decode_layer<P, cuda_backend> {
           NOSA_CUDA_TRY(cudaStreamWaitEvent(overlap->transfer, overlap->fork, 0));
           gather_stream = overlap->transfer;
         }
-        detail::launch_gather(state_, seqs, rows, true, gather_stream);
+        detail::launch_gather(state_, seqs, rows, true, gather_stream,
+                              overlapped ? detail::overlapped_gather_target_ctas : detail::gather_target_ctas);
         if (overlapped) NOSA_CUDA_TRY(cudaEventRecord(overlap->join, overlap->transfer));
       }
       after(step_stage::gather);

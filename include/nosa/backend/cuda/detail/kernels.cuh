@@ -854,18 +854,22 @@ __global__ void __launch_bounds__(cuda_threads)
 /// CTAs of a gather in all, about: a CTA with nothing to copy still costs its launch (~1 us per 1000 on the
 /// H200), while ~33 CTAs with a block each in flight already saturate the PCIe link.
 inline constexpr int gather_target_ctas = 512;
+/// The same for a gather that runs beside attention (an overlapped step): enough CTAs to keep the link busy
+/// (about 33 saturate it), few enough to be resident on SMs that attention's CTAs share.
+inline constexpr int overlapped_gather_target_ctas = 64;
 
 /// CTAs per (batch row, KV head) of a gather over `items` items (the misses, and the write-back).
-inline int gather_ctas_per_row(int rows, int items) {
-  const int want = rows > 0 ? (gather_target_ctas + rows - 1) / rows : items;
+inline int gather_ctas_per_row(int rows, int items, int target = gather_target_ctas) {
+  const int want = rows > 0 ? (target + rows - 1) / rows : items;
   return want < items ? want : items;
 }
 
 /// Enqueues `gather_kernel` for `rows` (batch row, KV head) pairs: up to `k` misses each, and the write-back
-/// of a completed tail block with `write_back` (steps).
+/// of a completed tail block with `write_back` (steps); about `target` CTAs in all.
 template <class E, int D>
-void launch_gather(const cuda_state<E, D>& s, sequence_source seqs, int rows, bool write_back, cudaStream_t stream) {
-  const int per_row = gather_ctas_per_row(rows, s.top_k + (write_back ? 1 : 0));
+void launch_gather(const cuda_state<E, D>& s, sequence_source seqs, int rows, bool write_back, cudaStream_t stream,
+                   int target = gather_target_ctas) {
+  const int per_row = gather_ctas_per_row(rows, s.top_k + (write_back ? 1 : 0), target);
   gather_kernel<<<dim3(rows, per_row), cuda_threads, 0, stream>>>(s, seqs, write_back);
 }
 
