@@ -76,15 +76,7 @@ std::string status_text(const char* call, nosa::status s) { return std::string(c
 
 std::unique_ptr<host_engine> host_engine::create(const model_config& model, host_weights weights, const run_config& run,
                                                  std::string& error) {
-  if (run.batch < 1 || run.prompt_tokens < 1 || run.steps < 0 || run.distinct_prompts < 1 ||
-      run.distinct_prompts > run.batch || run.reserve_ahead < 1) {
-    error = "the workload needs batch >= 1, context >= 1, steps >= 0, 1 <= distinct prompts <= batch";
-    return nullptr;
-  }
-  if (!(run.drift >= 0.0f && run.drift <= 1.0f)) {
-    error = "drift must be in [0, 1]";
-    return nullptr;
-  }
+  if (!validate_workload(run, error)) return nullptr;
   if (weights.bf16_data.size() != tensor_specs(model).size()) {
     error = "the weights do not belong to the " + model.name + " model";
     return nullptr;

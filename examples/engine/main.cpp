@@ -54,7 +54,7 @@ bool run_host(const nosa_engine::model_config& model, const nosa_engine::options
   t0 = std::chrono::steady_clock::now();
   for (int s = 0; s < opt.run.steps; ++s) {
     if (!engine->step(error)) return false;
-    progress.update(s + 1, opt.run.batch, static_cast<double>((engine->total_counters() - before).misses));
+    if (progress.due(s + 1)) progress.print(s + 1, opt.run.batch, double((engine->total_counters() - before).misses));
   }
   finish_report(r, engine->total_counters() - before, seconds_since(t0), model.kv_heads);
   r.device_bytes = engine->device_bytes();

@@ -60,16 +60,18 @@ inline std::string report_json(const run_report& r) {
   return os.str();
 }
 
-/// Prints "step i/n, tokens/s, misses" to stderr at most every `period` seconds, and at the last step.
+/// The progress line of long runs: "step i/n, tokens/s, misses per step" on stderr, at most every `period`
+/// seconds and at the last step.
 class progress_line {
  public:
   explicit progress_line(int total, double period = 5.0) : total_(total), period_(period) {}
-  void update(int done, int batch, double misses) {
-    const auto now = std::chrono::steady_clock::now();
-    const double since = std::chrono::duration<double>(now - last_).count();
-    if (since < period_ && done != total_) return;
-    last_ = now;
-    const double elapsed = std::chrono::duration<double>(now - start_).count();
+  /// True when step `done` should print (the caller then gathers the misses, which may synchronise).
+  bool due(int done) const {
+    return done == total_ || std::chrono::duration<double>(std::chrono::steady_clock::now() - last_).count() >= period_;
+  }
+  void print(int done, int batch, double misses) {
+    last_ = std::chrono::steady_clock::now();
+    const double elapsed = std::chrono::duration<double>(last_ - start_).count();
     std::fprintf(stderr, "  step %d/%d  %.1f tokens/s  %.1f misses/step\n", done, total_,
                  elapsed > 0 ? static_cast<double>(done) * batch / elapsed : 0.0, done > 0 ? misses / done : 0.0);
   }

@@ -34,6 +34,20 @@ struct run_config {
   bool trace = false;  ///< keep every layer's q, k, v, c and attention output of the last step (tests)
 };
 
+/// Checks a workload on its own; on failure returns false and sets `error` to one line.
+inline bool validate_workload(const run_config& run, std::string& error) {
+  if (run.batch < 1 || run.prompt_tokens < 1 || run.steps < 0 || run.distinct_prompts < 1 ||
+      run.distinct_prompts > run.batch || run.reserve_ahead < 1) {
+    error = "the workload needs batch >= 1, context >= 1, steps >= 0, 1 <= distinct prompts <= batch";
+    return false;
+  }
+  if (!(run.drift >= 0.0f && run.drift <= 1.0f)) {
+    error = "drift must be in [0, 1]";
+    return false;
+  }
+  return true;
+}
+
 /// The element `i` of the drift noise for (step, row): unit variance, like the random embedding rows.
 NOSA_ENGINE_HOST_DEVICE inline float drift_noise(std::uint64_t seed, int step, int row, int batch, int i) {
   return 1.7320508f * random_uniform(seed ^ 0xD81F7ull, static_cast<std::uint64_t>(step) * batch + row, i);

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace nosa_engine_test {
@@ -99,6 +100,53 @@ inline double max_abs_diff(const std::vector<double>& ref, const float* o) {
   double worst = 0.0;
   for (std::size_t d = 0; d < ref.size(); ++d) worst = std::max(worst, std::abs(ref[d] - double(o[d])));
   return worst;
+}
+
+/// Runs `steps` decode steps of a prefilled engine (host or CUDA) whose run has `trace` on, and checks every
+/// layer, sequence and query head of every step against the reference: |o - ref| <= rel * |ref| + abs per
+/// element. `selection(l, b, h)` reads a layer's current selection. Returns the largest difference between
+/// the engine and dense attention over every token, so the caller can check that the selection mattered.
+template <class Engine, class Selection>
+double check_steps_against_reference(Engine& engine, int steps, Selection selection, double rel, double abs) {
+  const nosa_engine::model_config& model = engine.model();
+  const nosa_engine::run_config& run = engine.run();
+  histories history(model, run, [&](int p, int l) -> const nosa_engine::prompt_trace& { return engine.prompt(p, l); });
+  const bool bias = nosa_engine::uses_bias(run.attention);
+  const int bs = model.selection.block_size, group = model.q_heads / model.kv_heads;
+  double dense_gap = 0.0;
+  std::string error;
+  for (int s = 0; s < steps; ++s) {
+    REQUIRE_MESSAGE(engine.step(error), error);
+    history.append(model, run.batch, engine.last_step());
+    for (int l = 0; l < model.layers; ++l) {
+      const nosa_engine::layer_trace& t = engine.last_step()[std::size_t(l)];
+      for (int b = 0; b < run.batch; ++b) {
+        const token_history& h = history.of[std::size_t(l)][std::size_t(b)];
+        const int blocks = (h.tokens + bs - 1) / bs;
+        std::vector<std::int32_t> every(static_cast<std::size_t>(blocks));
+        for (int m = 0; m < blocks; ++m) every[std::size_t(m)] = m;
+        const std::vector<int> all = tokens_of(every, bs, h.tokens);
+        for (int hk = 0; hk < model.kv_heads; ++hk) {
+          const std::vector<std::int32_t> selected = selection(l, b, hk);
+          REQUIRE(selected.size() == std::size_t(std::min(blocks, model.selection.top_k)));
+          const std::vector<int> tokens = tokens_of(selected, bs, h.tokens);
+          for (int hq = hk * group; hq < (hk + 1) * group; ++hq) {
+            const std::size_t row = (std::size_t(b) * model.q_heads + hq) * model.head_dim;
+            const std::vector<double> ref = reference_attention(model, h, t.q.data() + row, hq, bias, tokens);
+            double excess = 0.0;
+            for (std::size_t d = 0; d < ref.size(); ++d) {
+              excess = std::max(excess, std::abs(ref[d] - double(t.o[row + d])) - rel * std::abs(ref[d]));
+            }
+            INFO("step " << s << " layer " << l << " sequence " << b << " head " << hq);
+            CHECK(excess <= abs);
+            const std::vector<double> dense = reference_attention(model, h, t.q.data() + row, hq, bias, all);
+            dense_gap = std::max(dense_gap, max_abs_diff(dense, t.o.data() + row));
+          }
+        }
+      }
+    }
+  }
+  return dense_gap;
 }
 
 }  // namespace nosa_engine_test

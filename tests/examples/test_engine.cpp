@@ -9,7 +9,6 @@
 
 #include <doctest/doctest.h>
 
-#include <numeric>
 #include <string>
 #include <vector>
 
@@ -19,9 +18,7 @@ namespace {
 
 model_config tiny() { return *find_preset("tiny"); }
 
-/// Runs `steps` steps of `m` and checks every layer, sequence and query head of every step against the
-/// reference. Returns the largest difference between the engine and dense attention over all tokens (so the
-/// caller can check that the selection mattered).
+/// Prefills the tiny model for `attention` and checks `steps` decode steps against the reference.
 double check_against_reference(method attention, int steps) {
   const model_config model = tiny();
   run_config run;
@@ -36,41 +33,9 @@ double check_against_reference(method attention, int steps) {
   const auto engine = host_engine::create(model, random_weights(model, 7), run, error);
   REQUIRE_MESSAGE(engine, error);
   REQUIRE_MESSAGE(engine->prefill(error), error);
-  nosa_engine_test::histories history(model, run, [&](int p, int l) -> const prompt_trace& { return engine->prompt(p, l); });
-  const bool bias = uses_bias(attention);
-  const int bs = model.selection.block_size;
-  double dense_gap = 0.0;
-  for (int s = 0; s < steps; ++s) {
-    REQUIRE_MESSAGE(engine->step(error), error);
-    history.append(model, run.batch, engine->last_step());
-    for (int l = 0; l < model.layers; ++l) {
-      const layer_trace& t = engine->last_step()[std::size_t(l)];
-      for (int b = 0; b < run.batch; ++b) {
-        const nosa_engine_test::token_history& h = history.of[std::size_t(l)][std::size_t(b)];
-        const int blocks = (h.tokens + bs - 1) / bs;
-        std::vector<std::int32_t> every(static_cast<std::size_t>(blocks));
-        std::iota(every.begin(), every.end(), 0);
-        for (int hk = 0; hk < model.kv_heads; ++hk) {
-          const std::vector<std::int32_t> selected = engine->attention().selection(l, b, hk, {});
-          REQUIRE(selected.size() == std::size_t(std::min(blocks, model.selection.top_k)));
-          const std::vector<int> tokens = nosa_engine_test::tokens_of(selected, bs, h.tokens);
-          const std::vector<int> all = nosa_engine_test::tokens_of(every, bs, h.tokens);
-          const int group = model.q_heads / model.kv_heads;
-          for (int hq = hk * group; hq < (hk + 1) * group; ++hq) {
-            const std::size_t row = (std::size_t(b) * model.q_heads + hq) * model.head_dim;
-            const auto ref = nosa_engine_test::reference_attention(model, h, t.q.data() + row, hq, bias, tokens);
-            const double diff = nosa_engine_test::max_abs_diff(ref, t.o.data() + row);
-            INFO("step " << s << " layer " << l << " sequence " << b << " head " << hq);
-            // fp32 arithmetic over bf16 inputs against a double reference: only summation order differs.
-            CHECK(diff < 2e-5);
-            const auto dense = nosa_engine_test::reference_attention(model, h, t.q.data() + row, hq, bias, all);
-            dense_gap = std::max(dense_gap, nosa_engine_test::max_abs_diff(dense, t.o.data() + row));
-          }
-        }
-      }
-    }
-  }
-  return dense_gap;
+  // fp32 arithmetic over bf16 inputs (fp32 output) against a double reference: only summation order differs.
+  return nosa_engine_test::check_steps_against_reference(
+      *engine, steps, [&](int l, int b, int h) { return engine->attention().selection(l, b, h, {}); }, 0.0, 2e-5);
 }
 
 }  // namespace
