@@ -15,9 +15,10 @@
 //       rate: before each timed launch a small kernel evicts the chosen share of every (sequence, KV head)'s
 //       selected blocks from its slot cache, so the diff finds exactly those blocks missing and the gather
 //       loads them from the pinned host pool; also timed: one contiguous copy of the same bytes;
-//   attention/{resident,offload}
-//       attention_kernel + merge_kernel over the full selection (k blocks per (sequence, KV head));
-//   step/{resident,offload}
+//   attention/{resident,offload,full}
+//       the attention kernel + merge_kernel over the full selection (k blocks per (sequence, KV head)), or
+//       over every block of the cache for full attention;
+//   step/{resident,offload,full}
 //       the whole step captured once in a CUDA graph and replayed, then the same step launched kernel by
 //       kernel with events between the kernels (time per stage; their sum against the replay).
 //
@@ -67,6 +68,7 @@ constexpr int head_dim = 128;
 constexpr int q_heads = 32;
 using offload_pipeline = nosa::nosa_pipeline<bf16, head_dim, nosa::offload_store>;
 using resident_pipeline = nosa::nosa_pipeline<bf16, head_dim, nosa::resident_store>;
+using full_pipeline = nosa::full_attention_pipeline<bf16, head_dim>;  // the dense baseline
 using out_type = bf16;  // the attention output an engine would feed the next projection
 
 // Tokens each sequence may grow by beyond its prompt during a run; a sequence that would outgrow them is
@@ -493,10 +495,12 @@ struct layer_spec {
   int context = 32768;
   int hkv = 2;
   int sequences = 64;  // sequences admitted (the largest batch any benchmark of this layer uses)
+  bool dense = false;  // full attention over every block (resident)
 
   int group() const { return q_heads / hkv; }
+  std::string store() const { return dense ? "full" : (offload ? "offload" : "resident"); }
   std::string key() const {
-    return std::string(offload ? "offload" : "resident") + " layer, context " + std::to_string(context) +
+    return store() + " layer, context " + std::to_string(context) +
            ", hkv " + std::to_string(hkv) + ", " + std::to_string(sequences) + " sequences";
   }
 };
@@ -688,6 +692,11 @@ class bench_layer final : public resource {
     const auto& s = layer_.kernel_state();
     const std::size_t rows = std::size_t(batch) * spec_.hkv;
     const auto lengths = download(s.lengths, std::size_t(batch));
+    if constexpr (P::dense) {  // every token of every row
+      double tokens = 0;
+      for (const int length : lengths) tokens += double(length + extra) * spec_.hkv;
+      return tokens * D * 2 * sizeof(bf16);
+    }
     const auto counts = download(s.selection_count, rows);
     const auto chosen = download(s.selection, rows * std::size_t(s.top_k));
     const int bs = s.sel.block_size;
@@ -1236,7 +1245,7 @@ std::vector<std::int64_t> layer_values(const layer_spec& spec, int batch) {
 
 template <class P>
 void add_attention(const layer_spec& spec, const std::vector<int>& batches) {
-  const std::string family = spec.offload ? "attention/offload" : "attention/resident";
+  const std::string family = "attention/" + spec.store();
   for (const int b : batches) {
     add(family, layer_axes, layer_values(spec, b), g_stage_iterations,
         [spec, b](benchmark::State& st, const std::string& key) { bench_attention<P>(st, key, spec, b); });
@@ -1245,7 +1254,7 @@ void add_attention(const layer_spec& spec, const std::vector<int>& batches) {
 
 template <class P>
 void add_step(const layer_spec& spec, const std::vector<int>& batches) {
-  const std::string family = spec.offload ? "step/offload" : "step/resident";
+  const std::string family = "step/" + spec.store();
   for (const int b : batches) {
     add(family, layer_axes, layer_values(spec, b), std::max(1, g_stage_iterations / 2),
         [spec, b](benchmark::State& st, const std::string& key) { bench_step<P>(st, key, spec, b); });
@@ -1314,6 +1323,14 @@ void register_benchmarks() {
   const layer_spec r128{false, 131072, 2, 256};
   add_attention<resident_pipeline>(r128, {1, 4, 16, 32, 64, 128, 256});
   add_step<resident_pipeline>(r128, {1, 4, 16, 64});
+
+  // Full attention over the whole cache (the dense baseline and the M <= k case).
+  const layer_spec f32{false, 32768, 2, 64, true};
+  add_attention<full_pipeline>(f32, {1, 4, 16, 32, 64});
+  add_step<full_pipeline>(f32, {1, 4, 16, 64});
+  const layer_spec f32h8{false, 32768, 8, 16, true};
+  add_attention<full_pipeline>(f32h8, {1, 8, 16});
+  add_step<full_pipeline>(f32h8, {1, 16});
 }
 
 bool env_flag(const char* name) {

@@ -42,6 +42,9 @@ struct pipeline {
   using store = Store;
   using attention = Attention;
   static constexpr int head_dim = HeadDim;
+  /// True when attention reads every block: no scoring, selection or compressed state exists.
+  static constexpr bool dense = attends_all_blocks<Attention>;
+  static_assert(!dense || !Store::offloads, "full attention keeps every block in device memory: use resident_store");
   /// True when the per-token eviction scores `c` are read at all (selection or bias).
   static constexpr bool uses_eviction_scores = QueryAgnostic::enabled || Attention::bias != bias_mode::none;
 };
@@ -54,6 +57,12 @@ using nosa_pipeline = pipeline<Element, HeadDim, eviction_score_pooling, Store>;
 /// InfLLMv2: query-aware selection only, no eviction-score bias.
 template <storage_element Element, int HeadDim, store_policy Store = offload_store>
 using infllmv2_pipeline = pipeline<Element, HeadDim, no_query_agnostic, Store, sparse_attention<bias_mode::none>>;
+
+/// Full attention over a KV cache kept whole in device memory (the FullAttn baseline). The selection
+/// parameters other than the block size are ignored.
+template <storage_element Element, int HeadDim, bias_mode Bias = bias_mode::none>
+using full_attention_pipeline =
+    pipeline<Element, HeadDim, no_query_agnostic, resident_store, full_attention<Bias>>;
 
 /// The new token of every sequence of a batch, for one layer. Row `b` belongs to sequence `sequences[b]`.
 template <storage_element T, class Out = T>

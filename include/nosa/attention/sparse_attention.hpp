@@ -29,6 +29,19 @@ static_assert(attention_policy<sparse_attention<bias_mode::after_scale>>);
 static_assert(attention_policy<sparse_attention<bias_mode::before_scale>>);
 static_assert(attention_policy<sparse_attention<bias_mode::none>>);
 
+/// Full (dense) decode attention: every block of the sequence, no scoring and no selection. With the
+/// resident store this is the FullAttn baseline (and what sparse attention reduces to when a sequence has
+/// at most k blocks). The bias, if any, enters as in `sparse_attention`.
+template <bias_mode Bias = bias_mode::none>
+struct full_attention : sparse_attention<Bias> {
+  static constexpr bool all_blocks = true;
+};
+static_assert(attention_policy<full_attention<>>);
+
+/// True when the attention policy attends every block instead of a selection.
+template <class A>
+inline constexpr bool attends_all_blocks = requires { requires A::all_blocks; };
+
 /// Partial softmax over a subset of keys: running maximum `m`, normaliser `l = sum exp(logit - m)`.
 /// The weighted value sum lives beside it, scaled by the same `exp(-m)`.
 struct softmax_partial {

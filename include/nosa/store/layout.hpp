@@ -33,6 +33,7 @@ struct state_layout {
   int score_chunks = 0;  // MC: chunks of score_chunk_windows windows covering MW
   std::size_t element_size = 0;
   bool offloads = false;
+  bool dense = false;  // full attention: no compressed state, scoring or selection arrays
 
   // Device arena.
   std::size_t seq_length = 0;       // int32 [S]                     tokens of each sequence
@@ -115,9 +116,12 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.slots = sel.top_k + P::store::spare_slots;
   s.pages = config.limits.pool_pages;
   s.group = config.group_size();
-  s.max_splits = sel.top_k < max_attention_splits ? sel.top_k : max_attention_splits;
+  // Full attention splits over every block of a sequence, sparse attention over the k selected.
+  const int attended = P::dense ? s.max_blocks : sel.top_k;
+  s.max_splits = attended < max_attention_splits ? attended : max_attention_splits;
   s.element_size = sizeof(typename P::element_type);
   s.offloads = P::store::offloads;
+  s.dense = P::dense;
 
   const std::size_t S = s.sequences, SH = S * s.kv_heads, D = s.head_dim, E = s.element_size;
   const std::size_t i32 = sizeof(std::int32_t), f32 = sizeof(float);
@@ -126,9 +130,13 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.seq_live = dev.take(S * i32);
   s.block_table = dev.take(S * s.max_blocks * i32);
   s.token_scores = dev.take(SH * s.max_tokens * f32);
-  s.compressed_keys = dev.take(SH * s.max_windows * D * f32);
-  s.compressed_scores = dev.take(SH * s.max_windows * f32);
-  s.key_ring = dev.take(SH * sel.window * D * E);
+  // Full attention keeps no compressed state and no scoring scratch: those offsets stay 0 and are never used.
+  const bool scored = !P::dense;
+  if (scored) {
+    s.compressed_keys = dev.take(SH * s.max_windows * D * f32);
+    s.compressed_scores = dev.take(SH * s.max_windows * f32);
+    s.key_ring = dev.take(SH * sel.window * D * E);
+  }
   s.selection = dev.take(SH * s.top_k * i32);
   s.selection_count = dev.take(SH * i32);
   s.step_misses = dev.take(SH * i32);
@@ -138,15 +146,19 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
     s.slot_keys = dev.take(SH * s.slots * s.block_elements() * E);
     s.slot_values = dev.take(SH * s.slots * s.block_elements() * E);
   }
-  s.query_scores = dev.take(SH * s.max_blocks * f32);
-  s.agnostic_scores = dev.take(SH * s.max_blocks * f32);
-  s.window_scores = dev.take(SH * s.max_windows * f32);
-  s.window_logits = dev.take(SH * s.group * s.max_windows * f32);
-  s.score_chunks = (s.max_windows + score_chunk_windows - 1) / score_chunk_windows;
-  s.score_partials = dev.take(SH * s.score_chunks * s.group * 2 * f32);
+  if (scored) {
+    s.query_scores = dev.take(SH * s.max_blocks * f32);
+    s.agnostic_scores = dev.take(SH * s.max_blocks * f32);
+    s.window_scores = dev.take(SH * s.max_windows * f32);
+    s.window_logits = dev.take(SH * s.group * s.max_windows * f32);
+    s.score_chunks = (s.max_windows + score_chunk_windows - 1) / score_chunk_windows;
+    s.score_partials = dev.take(SH * s.score_chunks * s.group * 2 * f32);
+  }
   s.logit_scratch = dev.take(std::size_t(sel.block_size) * f32);
-  s.block_order = dev.take(SH * s.max_blocks * i32);
-  s.block_mark = dev.take(SH * s.max_blocks * i32);
+  if (scored) {
+    s.block_order = dev.take(SH * s.max_blocks * i32);
+    s.block_mark = dev.take(SH * s.max_blocks * i32);
+  }
   s.batch_mark = dev.take(S * i32);
   s.miss_list = dev.take(SH * s.top_k * i32);
   s.partial_acc = dev.take(SH * s.max_splits * s.group * D * f32);

@@ -1,6 +1,6 @@
 // The CUDA decode layer against the host decode layer with 16-bit storage (bf16, fp16), output in fp32 and
 // in the storage type, GQA groups up to 16 (not only powers of two), blocks of 32, 64 and 128 tokens and
-// hard budgets of 0 and 2 blocks (D = 64).
+// hard budgets of 0 and 2 blocks (D = 64); full attention in both 16-bit types.
 #include "twin.cuh"
 
 #include <doctest/doctest.h>
@@ -35,4 +35,11 @@ TEST_CASE_TEMPLATE("16-bit storage decodes like the host backend, output in fp32
   bare.config.selection.n_local = 0;
   bare.config.selection.top_k_query_aware = 4;
   run_differential<nosi, float>(bare, "G 7, budget 0, only the current block forced, fp32 output");
+  // Blocks of 24 tokens: the tensor-core attention's 16-row tiles end part-way through every block.
+  run_differential<nosa_p, T>(ragged_spec(make_config(24, 8, 2, 5, 64), 207, steps), "blocks of 24, G 4");
+  // Full attention over every block (the dense baseline), plain and with the eviction-score bias.
+  run_differential<nosa::full_attention_pipeline<T, 64>, T>(ragged_spec(make_config(32, 16, 1, 5, 64), 205, steps),
+                                                           "full attention, G 16, storage-type output");
+  run_differential<nosa::full_attention_pipeline<T, 64, bias_mode::after_scale>, float>(
+      ragged_spec(make_config(64, 8, 2, 5, 64), 206, steps), "full attention with bias, G 4, fp32 output");
 }

@@ -33,6 +33,8 @@ TEST_CASE("head dim 128 decodes like the host backend") {
   sinks.config.selection.n_local = 1;
   run_differential<infllm, float>(sinks, "G 5, two sinks, one local block, fp32 output");
   run_differential<resident_nosi, float>(ragged_spec(make_config(64, 4, 4, 5, 64), 304, steps), "G 1");
+  run_differential<nosa::full_attention_pipeline<nosa::bf16, 128>, nosa::bf16>(
+      ragged_spec(make_config(64, 16, 1, 5, 64), 305, steps), "full attention, G 16, bf16 output");
 }
 
 TEST_CASE("head dim 256 decodes like the host backend") {

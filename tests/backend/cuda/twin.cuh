@@ -308,12 +308,8 @@ inline std::vector<region> persistent_regions(const nosa::state_layout& l) {
       {"seq_live", true, l.seq_live, S * i32},
       {"block_table", true, l.block_table, S * MB * i32},
       {"token_scores", true, l.token_scores, SH * MT * f32},
-      {"compressed_keys", true, l.compressed_keys, SH * MW * D * f32},
-      {"compressed_scores", true, l.compressed_scores, SH * MW * f32},
-      {"key_ring", true, l.key_ring, SH * std::size_t(l.window) * D * E},
       {"selection_count", true, l.selection_count, SH * i32},
       {"step_misses", true, l.step_misses, SH * i32},
-      {"block_mark", true, l.block_mark, SH * MB * i32},
       {"batch_mark", true, l.batch_mark, S * i32},
       {"step_status", true, l.step_status, i32},
       {"totals", true, l.totals, cnt},
@@ -322,6 +318,12 @@ inline std::vector<region> persistent_regions(const nosa::state_layout& l) {
       {"free_pages", false, l.free_pages, P * i32},
       {"free_count", false, l.free_count, i32},
   };
+  if (!l.dense) {  // full attention has no compressed state
+    r.push_back({"compressed_keys", true, l.compressed_keys, SH * MW * D * f32});
+    r.push_back({"compressed_scores", true, l.compressed_scores, SH * MW * f32});
+    r.push_back({"key_ring", true, l.key_ring, SH * std::size_t(l.window) * D * E});
+    r.push_back({"block_mark", true, l.block_mark, SH * MB * i32});
+  }
   const std::size_t pool = P * l.page_elements() * E;
   if (l.offloads) {
     r.push_back({"slot_map", true, l.slot_map, SH * NS * i32});
@@ -691,6 +693,12 @@ class twin {
   /// from the host's by an fp32 near-tie (reported and counted; the caller resynchronises).
   bool check_selection(int seq, int h, bool have_query, const residency* res, bool with_budget,
                        const std::vector<std::byte>& gdev, const std::string& where) {
+    if constexpr (P::dense) {  // full attention: no scores, no selection, on either backend
+      ++stats.selections;
+      REQUIRE(host.layer.selection(seq, h).empty());
+      REQUIRE(gpu.layer.selection(seq, h, s).empty());
+      return true;
+    }
     const nosa::state_layout& l = layout();
     const int length = host.layer.length(seq);
     const int n_blocks = nosa::block_count(length, cfg.selection);

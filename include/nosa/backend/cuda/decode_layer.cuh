@@ -15,6 +15,7 @@
 /// (pass the stream the steps run on, or a stream ordered after it).
 
 #include <nosa/backend/cuda/backend.cuh>
+#include <nosa/backend/cuda/detail/attention_mma.cuh>
 #include <nosa/backend/cuda/detail/kernels.cuh>
 #include <nosa/backend/cuda/detail/state.cuh>
 #include <nosa/core/params.hpp>
@@ -88,6 +89,11 @@ class decode_layer<P, cuda_backend> {
     NOSA_CUDA_TRY(cudaGetDevice(&device));
     int sms = 0;
     NOSA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if constexpr (mma_attention) {
+      NOSA_CUDA_TRY(cudaFuncSetAttribute(detail::attention_mma_kernel<P, element_type, head_dim>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(detail::mma_attention_smem_bytes<head_dim>())));
+    }
 
     decode_layer layer;
     layer.config_ = config;
@@ -134,14 +140,15 @@ class decode_layer<P, cuda_backend> {
     const int chunks = static_cast<int>(std::clamp<std::int64_t>((len * head_dim + 255) / 256, 1, 64));
     detail::admit_kernel<offloads><<<hkv, detail::cuda_threads, 0, stream>>>(state_, seq, length, row_dev);
     if (length > 0) {
-      detail::ingest_kernel<offloads>
+      detail::ingest_kernel<offloads, !P::dense>
           <<<dim3(hkv, chunks), detail::cuda_threads, 0, stream>>>(state_, seq, length, prompt.k, prompt.v, prompt.c);
-      const int windows = window_count(length, config_.selection);
+      const int windows = P::dense ? 0 : window_count(length, config_.selection);
       if (windows > 0) {
         detail::compress_prompt_kernel<<<dim3(hkv, std::min(windows, 64)), head_dim, 0, stream>>>(state_, seq, length,
                                                                                                    prompt.k);
       }
     }
+    if constexpr (P::dense) return finish_plan(stream);  // no scoring, no selection
     const detail::sequence_source one{{}, seq};
     const bool have_query = !prompt.last_query.empty();
     if (have_query) {
@@ -243,12 +250,18 @@ class decode_layer<P, cuda_backend> {
     }
     if (runs(step_stage::append_score)) {
       detail::append_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, args.k, args.v, args.c);
-      detail::window_logits_kernel<P><<<dim3(rows, layout_.score_chunks), threads, 0, stream>>>(state_, seqs, 1, args.q);
-      detail::pool_scores_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, 1, true);
+      if constexpr (!P::dense) {
+        detail::window_logits_kernel<P>
+            <<<dim3(rows, layout_.score_chunks), threads, 0, stream>>>(state_, seqs, 1, args.q);
+        detail::pool_scores_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, 1, true);
+      }
       after(step_stage::append_score);
     }
     if (runs(step_stage::select_diff)) {
-      detail::select_diff_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, 1, true, true, detail::count_mode::step);
+      if constexpr (!P::dense) {
+        detail::select_diff_kernel<P>
+            <<<rows, threads, 0, stream>>>(state_, seqs, 1, true, true, detail::count_mode::step);
+      }
       after(step_stage::select_diff);
     }
     if (runs(step_stage::gather)) {
@@ -259,8 +272,14 @@ class decode_layer<P, cuda_backend> {
     }
     const int splits = rows > 0 ? attention_splits(rows) : 1;
     if (runs(step_stage::attention)) {
-      detail::attention_kernel<P>
-          <<<dim3(rows, splits), detail::attention_warps * 32, 0, stream>>>(state_, seqs, args.q);
+      if constexpr (mma_attention) {
+        detail::attention_mma_kernel<P>
+            <<<dim3(rows, splits), detail::mma_warps * 32, detail::mma_attention_smem_bytes<head_dim>(), stream>>>(
+                state_, seqs, args.q);
+      } else {
+        detail::attention_kernel<P>
+            <<<dim3(rows, splits), detail::attention_warps * 32, 0, stream>>>(state_, seqs, args.q);
+      }
       after(step_stage::attention);
     }
     if (runs(step_stage::merge)) {
@@ -301,6 +320,7 @@ class decode_layer<P, cuda_backend> {
   /// Pages not referenced by any sequence (host bookkeeping; does not synchronise).
   int free_page_count() const noexcept { return pages().free_count(); }
   std::span<const std::int32_t> selection(int seq, int head, cudaStream_t stream = nullptr) const noexcept {
+    if (P::dense) return {};  // full attention reads every block
     if (seq < 0 || seq >= layout_.sequences || head < 0 || head >= config_.num_kv_heads) return {};
     const std::size_t i = std::size_t(seq) * config_.num_kv_heads + head;
     std::int32_t live = 0, count = 0;
@@ -351,6 +371,8 @@ class decode_layer<P, cuda_backend> {
 
  private:
   static constexpr bool offloads = P::store::offloads;
+  /// 16-bit storage with D = 64 or 128 attends on tensor cores; other shapes on CUDA cores.
+  static constexpr bool mma_attention = detail::uses_mma_attention<element_type, head_dim>;
 
   layer_config config_{};
   state_layout layout_{};

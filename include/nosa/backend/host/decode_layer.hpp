@@ -114,11 +114,13 @@ class decode_layer<P, host_backend> {
     for (int h = 0; h < hkv; ++h) {
       float* c_state = token_scores(seq, h);
       for (int t = 0; t < length; ++t) c_state[t] = prompt.c.empty() ? 0.0f : prompt.c(t, h);
-      for (int t = std::max(0, length - sel.window); t < length; ++t) {
-        copy_row(&prompt.k(t, h, 0), key_ring(seq, h) + std::size_t(t % sel.window) * head_dim);
+      if constexpr (!P::dense) {
+        for (int t = std::max(0, length - sel.window); t < length; ++t) {
+          copy_row(&prompt.k(t, h, 0), key_ring(seq, h) + std::size_t(t % sel.window) * head_dim);
+        }
       }
       // Compressed keys and scores of every complete window, summed in token order.
-      const int n_windows = window_count(length, sel);
+      const int n_windows = P::dense ? 0 : window_count(length, sel);
       for (int w = 0; w < n_windows; ++w) {
         float* kc = compressed_keys(seq, h) + std::size_t(w) * head_dim;
         float sum[head_dim] = {};
@@ -156,6 +158,9 @@ class decode_layer<P, host_backend> {
           }
         }
       }
+      selection_counts()[seq * hkv + h] = 0;
+      step_miss_counts()[seq * hkv + h] = 0;
+      if constexpr (P::dense) continue;
       // Initial selection, loaded into the slot cache.
       const bool have_query = !prompt.last_query.empty();
       float q[max_group][head_dim];
@@ -238,6 +243,11 @@ class decode_layer<P, host_backend> {
         for (int g = 0; g < group; ++g) {
           for (int d = 0; d < head_dim; ++d) q[g][d] = to_float(args.q(b, h * group + g, d));
         }
+        if constexpr (P::dense) {
+          step_count.hits += block_count(length, sel);
+          for (int g = 0; g < group; ++g) attend(seq, h, length, q[g], &args.o(b, h * group + g, 0));
+          continue;
+        }
         score_blocks(seq, h, length, q);
         const int n = select(seq, h, length, /*have_query=*/true, /*with_budget=*/true);
         selection_counts()[seq * hkv + h] = n;
@@ -289,9 +299,10 @@ class decode_layer<P, host_backend> {
   int length(int seq, host_backend::stream_type = {}) const noexcept { return is_live(seq) ? lengths()[seq] : 0; }
   /// Pages not referenced by any sequence.
   int free_page_count() const noexcept { return pages().free_count(); }
-  /// The current selection of (seq, head), in rank order (empty for a free slot).
+  /// The current selection of (seq, head), in rank order (empty for a free slot, and always empty for full
+  /// attention, which reads every block).
   std::span<const std::int32_t> selection(int seq, int head, host_backend::stream_type = {}) const noexcept {
-    if (!is_live(seq) || head < 0 || head >= config_.num_kv_heads) return {};
+    if (P::dense || !is_live(seq) || head < 0 || head >= config_.num_kv_heads) return {};
     const std::size_t i = std::size_t(seq) * config_.num_kv_heads + head;
     return {selection_ptr(seq, head), static_cast<std::size_t>(selection_counts()[i])};
   }
@@ -485,6 +496,7 @@ class decode_layer<P, host_backend> {
     copy_row(v, block_values(seq, h, block) + row);
     float* c_state = token_scores(seq, h);
     c_state[t] = c;
+    if constexpr (P::dense) return;  // no compressed state
     element_type* ring = key_ring(seq, h);
     copy_row(k, ring + std::size_t(t % sel.window) * head_dim);
     const int w = window_completed_at(t, sel);
@@ -609,13 +621,14 @@ class decode_layer<P, host_backend> {
     const selection_params& sel = config_.selection;
     const float scale = softmax_scale(head_dim);
     const std::int32_t* chosen = selection_ptr(seq, h);
-    const int n = selection_counts()[sh(seq, h)];
+    // Full attention reads every block in index order; sparse attention the selection in rank order.
+    const int n = P::dense ? block_count(length, sel) : selection_counts()[sh(seq, h)];
     const float* c_state = token_scores(seq, h);
     float* logits = dev<float>(layout_.logit_scratch);
     softmax_partial total;
     float acc[head_dim] = {};
     for (int i = 0; i < n; ++i) {
-      const int m = chosen[i];
+      const int m = P::dense ? i : chosen[i];
       const int first = m * sel.block_size;
       const int rows = std::min(sel.block_size, length - first);
       const element_type* keys = block_keys(seq, h, m);

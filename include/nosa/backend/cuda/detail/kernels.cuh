@@ -156,14 +156,22 @@ __global__ void __launch_bounds__(cuda_threads)
     kdst = s.page_k(page, h) + row;
     vdst = s.page_v(page, h) + row;
   }
-  E* ring = s.ring_of(seq, h);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    const E kd = k(b, h, d);
-    kdst[d] = kd;
+    kdst[d] = k(b, h, d);
     vdst[d] = v(b, h, d);
-    ring[std::size_t(t % sel.window) * D + d] = kd;
   }
   if (threadIdx.x == 0) s.scores_of(seq, h)[t] = c.empty() ? 0.0f : c(b, h);
+  if constexpr (P::dense) {
+    // Full attention keeps no compressed state; every block of the sequence is a resident hit.
+    if (threadIdx.x == 0) {
+      const unsigned long long hits = static_cast<unsigned long long>(block_count(t + 1, sel));
+      atomicAdd(reinterpret_cast<unsigned long long*>(&s.last_step->hits), hits);
+      atomicAdd(reinterpret_cast<unsigned long long*>(&s.totals->hits), hits);
+    }
+    return;
+  }
+  E* ring = s.ring_of(seq, h);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) ring[std::size_t(t % sel.window) * D + d] = k(b, h, d);
   __syncthreads();
   const int w = window_completed_at(t, sel);
   if (w >= 0) compress_window(s, seq, h, w, [&](int token) { return ring + std::size_t(token % sel.window) * D; });
@@ -629,6 +637,26 @@ __global__ void __launch_bounds__(cuda_threads)
 /// Warps of an attention CTA.
 inline constexpr int attention_warps = 4;
 
+/// The attended blocks (positions `first .. last-1` of the selection, or block indices for full attention)
+/// that split `split` of `splits` covers, cut into tiles of `tile_rows` rows (a block's last tile may be
+/// partial).
+struct split_share {
+  int first, last, tiles_per_block, tiles;
+};
+template <class P, class E, int D>
+__device__ inline split_share attention_share(const cuda_state<E, D>& s, int seq, int h, int length, int split,
+                                              int splits, int tile_rows) {
+  // Full attention reads every block in index order, sparse attention the selection in rank order.
+  const int n = P::dense ? block_count(length, s.sel) : s.selection_count[s.sh(seq, h)];
+  const int per = (n + splits - 1) / splits;
+  split_share r;
+  r.first = split * per;
+  r.last = r.first + per < n ? r.first + per : n;
+  r.tiles_per_block = (s.sel.block_size + tile_rows - 1) / tile_rows;
+  r.tiles = r.last > r.first ? (r.last - r.first) * r.tiles_per_block : 0;
+  return r;
+}
+
 /// Loads `N` consecutive elements of a row as fp32, with the widest aligned loads `N` allows (the caller
 /// keeps `p` aligned to `N` elements, up to 16 bytes).
 template <int N, class E>
@@ -710,16 +738,12 @@ __global__ void __launch_bounds__(attention_warps * 32)
     for (int c = 0; c < cols; ++c) acc[g][c] = 0.0f;
   }
 
-  const int n = s.selection_count[s.sh(seq, h)];
-  const int per = (n + splits - 1) / splits;
-  const int first_i = split * per;
-  const int last_i = first_i + per < n ? first_i + per : n;
-  const int tiles_per_block = (sel.block_size + 31) / 32;
-  const int n_tiles = last_i > first_i ? (last_i - first_i) * tiles_per_block : 0;
+  const split_share share = attention_share<P>(s, seq, h, length, split, splits, 32);
+  const int first_i = share.first, tiles_per_block = share.tiles_per_block, n_tiles = share.tiles;
   const std::int32_t* chosen = s.selection_of(seq, h);
   const float* c_state = s.scores_of(seq, h);
   for (int tile = warp; tile < n_tiles; tile += attention_warps) {
-    const int m = chosen[first_i + tile / tiles_per_block];
+    const int m = P::dense ? first_i + tile / tiles_per_block : chosen[first_i + tile / tiles_per_block];
     const int r0 = (tile % tiles_per_block) * 32;
     const int first = m * sel.block_size;
     const int rows = sel.block_size < length - first ? sel.block_size : length - first;
@@ -920,9 +944,9 @@ __global__ void admit_kernel(cuda_state<E, D> s, int seq, int length, const std:
   }
 }
 
-/// Grid (KV heads, chunks): copies a prompt into the state: score history, key ring, blocks to their pages
-/// (the offload store keeps a partial tail in slot 0), and the compressed key and score of every window.
-template <bool Offloads, class E, int D>
+/// Grid (KV heads, chunks): copies a prompt into the state: score history, key ring (`Scored`), blocks to
+/// their pages (the offload store keeps a partial tail in slot 0).
+template <bool Offloads, bool Scored, class E, int D>
 __global__ void ingest_kernel(cuda_state<E, D> s, int seq, int length, tensor_view<const E, 3> k,
                               tensor_view<const E, 3> v, tensor_view<const float, 2> c) {
   const int h = blockIdx.x;
@@ -943,7 +967,7 @@ __global__ void ingest_kernel(cuda_state<E, D> s, int seq, int length, tensor_vi
       s.slot_k(seq, h, 0)[row] = kd;
       s.slot_v(seq, h, 0)[row] = v(t, h, d);
     }
-    if (t >= length - sel.window) s.ring_of(seq, h)[std::size_t(t % sel.window) * D + d] = kd;
+    if (Scored && t >= length - sel.window) s.ring_of(seq, h)[std::size_t(t % sel.window) * D + d] = kd;
     if (d == 0) s.scores_of(seq, h)[t] = c.empty() ? 0.0f : c(t, h);
   }
 }
