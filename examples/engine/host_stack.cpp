@@ -29,7 +29,7 @@ nosa::status make_host_stack(method m, int head_dim, const nosa::layer_config& c
     constexpr int D = decltype(dim)::value;
     switch (m) {
     case method::full:
-      return nosa::status::not_supported;
+      return make<nosa::full_attention_pipeline<nosa::bf16, D>>(config, layers, out);
     case method::infllmv2_offload:
       return make<nosa::infllmv2_pipeline<nosa::bf16, D, nosa::offload_store>>(config, layers, out);
     case method::nosa_offload:

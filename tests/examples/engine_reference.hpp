@@ -128,8 +128,10 @@ double check_steps_against_reference(Engine& engine, int steps, Selection select
         const std::vector<int> all = tokens_of(every, bs, h.tokens);
         for (int hk = 0; hk < model.kv_heads; ++hk) {
           const std::vector<std::int32_t> selected = selection(l, b, hk);
-          REQUIRE(selected.size() == std::size_t(std::min(blocks, model.selection.top_k)));
-          const std::vector<int> tokens = tokens_of(selected, bs, h.tokens);
+          // Full attention selects nothing and attends every block.
+          const bool dense_method = run.attention == nosa_engine::method::full;
+          REQUIRE(selected.size() == (dense_method ? 0 : std::size_t(std::min(blocks, model.selection.top_k))));
+          const std::vector<int> tokens = dense_method ? all : tokens_of(selected, bs, h.tokens);
           for (int hq = hk * group; hq < (hk + 1) * group; ++hq) {
             const std::size_t row = (std::size_t(b) * model.q_heads + hq) * model.head_dim;
             const std::vector<double> ref = reference_attention(model, h, t.q.data() + row, hq, bias, tokens);

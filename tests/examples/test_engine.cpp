@@ -52,6 +52,10 @@ TEST_CASE("engine attention equals dense attention over the selected tokens: inf
   CHECK(check_against_reference(method::infllmv2_offload, 12) > 1e-3);
 }
 
+TEST_CASE("engine attention equals dense attention over every token: full") {
+  check_against_reference(method::full, 12);  // the selection is every block: the reference is dense attention
+}
+
 TEST_CASE("the drift workload raises NOSA's locality") {
   const model_config model = tiny();
   const auto locality = [&](float drift) {

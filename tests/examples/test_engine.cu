@@ -56,3 +56,8 @@ TEST_CASE("CUDA engine attention equals dense attention over the selected tokens
   NOSA_REQUIRE_GPU();
   CHECK(check_against_reference(method::infllmv2_offload, nosa_cuda_test::scaled(12, 4)) > 1e-2);
 }
+
+TEST_CASE("CUDA engine attention equals dense attention over every token: full") {
+  NOSA_REQUIRE_GPU();
+  check_against_reference(method::full, nosa_cuda_test::scaled(12, 4));
+}

@@ -28,7 +28,7 @@ nosa::status make_cuda_stack_for(method m, const nosa::layer_config& config, int
   };
   switch (m) {
   case method::full:
-    return nosa::status::not_supported;
+    return make.template operator()<nosa::full_attention_pipeline<nosa::bf16, D>>();
   case method::infllmv2_offload:
     return make.template operator()<nosa::infllmv2_pipeline<nosa::bf16, D, nosa::offload_store>>();
   case method::nosa_offload:
