@@ -85,6 +85,7 @@ int main(int argc, char** argv) {
   r.context = opt.run.prompt_tokens;
   r.steps = opt.run.steps;
   r.drift = opt.run.drift;
+  r.batch_auto = opt.batch_auto;
   std::string error;
   if (opt.backend == backend_kind::cuda) {
 #ifdef NOSA_ENGINE_CUDA

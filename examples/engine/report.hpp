@@ -48,7 +48,7 @@ inline std::string report_json(const run_report& r) {
   std::ostringstream os;
   os << std::setprecision(9);
   os << "{\"preset\": \"" << r.preset << "\", \"method\": \"" << r.method << "\", \"backend\": \"" << r.backend
-     << "\", \"batch\": " << r.batch << ", \"context\": " << r.context << ", \"steps\": " << r.steps
+     << "\", \"batch\": " << r.batch << ", \"batch_auto\": " << (r.batch_auto ? "true" : "false") << ", \"context\": " << r.context << ", \"steps\": " << r.steps
      << ", \"layers\": " << r.layers << ", \"distinct_prompts\": " << r.distinct_prompts << ", \"drift\": " << r.drift
      << ", \"prefill_s\": " << r.prefill_s << ", \"decode_s\": " << r.decode_s << ", \"tokens_per_s\": " << r.tokens_per_s
      << ", \"ms_per_step\": " << r.ms_per_step << ", \"ms_per_layer\": " << r.ms_per_layer

@@ -80,6 +80,7 @@ struct prompt_trace {
 struct run_report {
   std::string preset, method, backend;
   int batch = 0, context = 0, steps = 0, layers = 0, distinct_prompts = 0;
+  bool batch_auto = false;  ///< the batch was chosen by --batch auto
   float drift = 0.0f;
   double prefill_s = 0.0;        ///< dense prefill and ingest of every sequence
   double decode_s = 0.0;         ///< the timed decode steps
