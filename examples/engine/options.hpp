@@ -39,7 +39,7 @@ options:
   --save-weights FILE   write the weights used to a safetensors file
   --hbm-gib X           device-memory budget in GiB (CUDA; default: the whole card)
   --host-gib X          host-memory budget in GiB for the offloaded KV cache
-                        (default: 90% of the machine's memory)
+                        (default: 80% of the machine's memory)
   --warmup N            untimed decode steps before the timed ones (CUDA) (2)
   --json FILE           also write the report as JSON
   --help                print this text and exit
@@ -57,7 +57,7 @@ struct options {
   bool batch_auto = false;
   bool distinct_per_sequence = false;  ///< --distinct-prompts 0
   double hbm_gib = 0.0;                ///< 0: the whole card
-  double host_gib = 0.0;               ///< 0: 90% of physical memory
+  double host_gib = 0.0;               ///< 0: 80% of physical memory
   int warmup = 2;
   std::string weights, save_weights, json;
 };

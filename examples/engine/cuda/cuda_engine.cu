@@ -583,7 +583,7 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
   // The whole card: what is free now, less 1 GiB for the CUDA context's own growth (graphs, cuBLAS).
   const double gib = 1024.0 * 1024.0 * 1024.0;
   const double hbm = opt.hbm_gib > 0 ? opt.hbm_gib * gib : double(free_bytes) - gib;
-  const double host = opt.host_gib > 0 ? opt.host_gib * gib : 0.9 * double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
+  const double host = opt.host_gib > 0 ? opt.host_gib * gib : 0.8 * double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
   run_config run = opt.run;
   run.steps = opt.run.steps + opt.warmup;
   if (opt.batch_auto) {
