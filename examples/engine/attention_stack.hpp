@@ -55,15 +55,19 @@ inline std::optional<method> find_method(std::string_view name) noexcept {
 
 /// True when the method adds the eviction scores `c` to the logits (NOSA's trained semantics); the dense
 /// prefill uses the same attention as the decode steps.
-constexpr bool uses_bias(method m) noexcept { return m == method::nosa_offload || m == method::nosa_resident; }
+constexpr bool uses_bias(method m) noexcept {
+  return m == method::nosa_offload || m == method::nosa_resident;
+}
 
 /// True when the method keeps the KV cache in host memory.
-constexpr bool offloads(method m) noexcept { return m == method::infllmv2_offload || m == method::nosa_offload; }
+constexpr bool offloads(method m) noexcept {
+  return m == method::infllmv2_offload || m == method::nosa_offload;
+}
 
 /// The layer configuration of every layer: capacity for `sequences` sequences of up to `max_tokens` tokens.
 /// One pool page per block of every sequence: sequences that share a prompt still store it once each.
-inline nosa::layer_config make_layer_config(const nosa::selection_params& selection, int q_heads, int kv_heads,
-                                            int sequences, int max_tokens) {
+inline nosa::layer_config make_layer_config(const nosa::selection_params& selection, int q_heads,
+                                            int kv_heads, int sequences, int max_tokens) {
   nosa::layer_config c;
   c.selection = selection;
   c.num_q_heads = q_heads;
@@ -81,7 +85,8 @@ class attention_stack {
  public:
   virtual ~attention_stack() = default;
   virtual int layers() const noexcept = 0;
-  virtual nosa::status add_sequence(int layer, int seq, const nosa::prompt_args<nosa::bf16>& prompt, Stream s) = 0;
+  virtual nosa::status add_sequence(int layer, int seq, const nosa::prompt_args<nosa::bf16>& prompt,
+                                    Stream s) = 0;
   /// Reserves pages in every layer so each live sequence can run `tokens_ahead` more steps.
   virtual nosa::status reserve(int tokens_ahead, Stream s) = 0;
   virtual nosa::status step(int layer, const nosa::step_args<nosa::bf16, Out>& args, Stream s) = 0;
@@ -100,7 +105,8 @@ class attention_stack_of final : public attention_stack<Out, typename Layer::bac
 
  public:
   /// Sizes of the arenas of `layers` layers of this configuration.
-  static nosa::status required_bytes(const nosa::layer_config& config, int layers, nosa::arena_sizes& out) noexcept {
+  static nosa::status required_bytes(const nosa::layer_config& config, int layers,
+                                     nosa::arena_sizes& out) noexcept {
     nosa::arena_sizes one;
     NOSA_TRY(Layer::required_bytes(config, one));
     out = {one.device * static_cast<std::size_t>(layers), one.host * static_cast<std::size_t>(layers)};
@@ -116,7 +122,8 @@ class attention_stack_of final : public attention_stack<Out, typename Layer::bac
   }
 
   int layers() const noexcept override { return static_cast<int>(layers_.size()); }
-  nosa::status add_sequence(int layer, int seq, const nosa::prompt_args<nosa::bf16>& prompt, stream s) override {
+  nosa::status add_sequence(int layer, int seq, const nosa::prompt_args<nosa::bf16>& prompt,
+                            stream s) override {
     return at(layer).add_sequence(seq, prompt, s);
   }
   nosa::status reserve(int tokens_ahead, stream s) override {

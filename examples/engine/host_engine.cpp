@@ -70,12 +70,14 @@ std::vector<float> to_f32(const std::vector<nosa::bf16>& x) {
 
 float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
-std::string status_text(const char* call, nosa::status s) { return std::string(call) + ": " + std::string(nosa::to_string(s)); }
+std::string status_text(const char* call, nosa::status s) {
+  return std::string(call) + ": " + std::string(nosa::to_string(s));
+}
 
 }  // namespace
 
-std::unique_ptr<host_engine> host_engine::create(const model_config& model, host_weights weights, const run_config& run,
-                                                 std::string& error) {
+std::unique_ptr<host_engine> host_engine::create(const model_config& model, host_weights weights,
+                                                 const run_config& run, std::string& error) {
   if (!validate_workload(run, error)) return nullptr;
   if (weights.bf16_data.size() != tensor_specs(model).size()) {
     error = "the weights do not belong to the " + model.name + " model";
@@ -85,9 +87,10 @@ std::unique_ptr<host_engine> host_engine::create(const model_config& model, host
   e->model_ = model;
   e->run_ = run;
   e->w_ = std::move(weights);
-  const nosa::layer_config config = make_layer_config(model.selection, model.q_heads, model.kv_heads, run.batch,
-                                                      run.prompt_tokens + run.steps);
-  if (const nosa::status s = make_host_stack(run.attention, model.head_dim, config, model.layers, e->stack_); !nosa::ok(s)) {
+  const nosa::layer_config config = make_layer_config(model.selection, model.q_heads, model.kv_heads,
+                                                      run.batch, run.prompt_tokens + run.steps);
+  if (const nosa::status s = make_host_stack(run.attention, model.head_dim, config, model.layers, e->stack_);
+      !nosa::ok(s)) {
     error = "cannot create the " + std::string(method_name(run.attention)) + " layers (head dim " +
             std::to_string(model.head_dim) + "): " + std::string(nosa::to_string(s));
     return nullptr;
@@ -102,11 +105,13 @@ std::unique_ptr<host_engine> host_engine::create(const model_config& model, host
 }
 
 template <class Position>
-void host_engine::project_qkv(int l, const std::vector<float>& x, int rows, Position position, std::vector<nosa::bf16>& qb,
-                              std::vector<nosa::bf16>& kb, std::vector<nosa::bf16>& vb) const {
+void host_engine::project_qkv(int l, const std::vector<float>& x, int rows, Position position,
+                              std::vector<nosa::bf16>& qb, std::vector<nosa::bf16>& kb,
+                              std::vector<nosa::bf16>& vb) const {
   const model_config& m = model_;
   const int hd = m.hidden, qw = m.q_width(), kvw = m.kv_width();
-  std::vector<float> h(x.size()), q(std::size_t(rows) * qw), k(std::size_t(rows) * kvw), v(std::size_t(rows) * kvw);
+  std::vector<float> h(x.size()), q(std::size_t(rows) * qw), k(std::size_t(rows) * kvw),
+      v(std::size_t(rows) * kvw);
   host_rmsnorm(x.data(), w(l, layer_tensor::attn_norm), hd, rows, m.norm_eps, h.data());
   host_linear(w(l, layer_tensor::wq), qw, hd, h.data(), rows, q.data());
   host_linear(w(l, layer_tensor::wk), kvw, hd, h.data(), rows, k.data());
@@ -152,8 +157,10 @@ void host_engine::finish_layer(int l, const std::vector<float>& o, int rows, std
 std::vector<std::int32_t> host_engine::next_tokens(const std::vector<float>& x, int rows) const {
   const int hd = model_.hidden;
   std::vector<float> h(std::size_t(rows) * hd), logits(std::size_t(rows) * model_.vocab);
-  host_rmsnorm(x.data(), w_.bf16_tensor(spec_index(model_tensor::final_norm)), hd, rows, model_.norm_eps, h.data());
-  host_linear(w_.bf16_tensor(spec_index(model_tensor::lm_head)), model_.vocab, hd, h.data(), rows, logits.data());
+  host_rmsnorm(x.data(), w_.bf16_tensor(spec_index(model_tensor::final_norm)), hd, rows, model_.norm_eps,
+               h.data());
+  host_linear(w_.bf16_tensor(spec_index(model_tensor::lm_head)), model_.vocab, hd, h.data(), rows,
+              logits.data());
   std::vector<std::int32_t> tokens(static_cast<std::size_t>(rows));
   for (int r = 0; r < rows; ++r) {
     const float* lr = logits.data() + std::size_t(r) * model_.vocab;
@@ -173,12 +180,15 @@ bool host_engine::prefill(std::string& error) {
     std::vector<float> x(std::size_t(P) * hd);
     for (int t = 0; t < P; ++t) {
       const std::int32_t tok = prompt_token(run_.prompt_seed, p, t, m.vocab);
-      for (int i = 0; i < hd; ++i) x[std::size_t(t) * hd + i] = nosa::to_float(embed[std::size_t(tok) * hd + i]);
+      for (int i = 0; i < hd; ++i)
+        x[std::size_t(t) * hd + i] = nosa::to_float(embed[std::size_t(tok) * hd + i]);
     }
-    std::vector<float> c(std::size_t(P) * m.kv_heads), o(std::size_t(P) * qw), logits(static_cast<std::size_t>(P));
+    std::vector<float> c(std::size_t(P) * m.kv_heads), o(std::size_t(P) * qw),
+        logits(static_cast<std::size_t>(P));
     for (int l = 0; l < m.layers; ++l) {
       std::vector<nosa::bf16> qb, kb, vb;
-      project_qkv(l, x, P, [](int t) { return t; }, qb, kb, vb);
+      project_qkv(
+          l, x, P, [](int t) { return t; }, qb, kb, vb);
       if (bias && !eviction_scores(l, vb, P, c, error)) return false;
       // Dense causal attention, with the method's bias (NOSA's c after the scale, or none).
       for (int t = 0; t < P; ++t) {
@@ -209,8 +219,10 @@ bool host_engine::prefill(std::string& error) {
 
       // Ingest (NOSA with full prefill): every sequence with this prompt gets the layer's K, V and c.
       nosa::prompt_args<nosa::bf16> prompt{
-          nosa::make_contiguous<3>(std::as_const(kb).data(), {P, m.kv_heads, D}), nosa::make_contiguous<3>(std::as_const(vb).data(), {P, m.kv_heads, D}),
-          bias ? nosa::make_contiguous<2>(static_cast<const float*>(c.data()), {P, m.kv_heads}) : nosa::tensor_view<const float, 2>{},
+          nosa::make_contiguous<3>(std::as_const(kb).data(), {P, m.kv_heads, D}),
+          nosa::make_contiguous<3>(std::as_const(vb).data(), {P, m.kv_heads, D}),
+          bias ? nosa::make_contiguous<2>(static_cast<const float*>(c.data()), {P, m.kv_heads})
+               : nosa::tensor_view<const float, 2>{},
           nosa::make_contiguous<2>(std::as_const(qb).data() + std::size_t(P - 1) * qw, {m.q_heads, D})};
       for (int b = p; b < run_.batch; b += run_.distinct_prompts) {
         if (const nosa::status s = stack_->add_sequence(l, b, prompt, {}); !nosa::ok(s)) {
@@ -235,7 +247,8 @@ bool host_engine::prefill(std::string& error) {
   if (run_.drift > 0.0f) {
     drift_state_.resize(std::size_t(run_.batch) * hd);
     for (int b = 0; b < run_.batch; ++b) {
-      for (int i = 0; i < hd; ++i) drift_state_[std::size_t(b) * hd + i] = nosa::to_float(embed[std::size_t(tokens_[b]) * hd + i]);
+      for (int i = 0; i < hd; ++i)
+        drift_state_[std::size_t(b) * hd + i] = nosa::to_float(embed[std::size_t(tokens_[b]) * hd + i]);
     }
   }
   return true;
@@ -261,8 +274,9 @@ bool host_engine::step(std::string& error) {
   const nosa::bf16* embed = w_.bf16_tensor(spec_index(model_tensor::embed));
   for (int b = 0; b < B; ++b) {
     for (int i = 0; i < hd; ++i) {
-      x[std::size_t(b) * hd + i] = run_.drift > 0.0f ? drift_state_[std::size_t(b) * hd + i]
-                                                     : nosa::to_float(embed[std::size_t(tokens_[b]) * hd + i]);
+      x[std::size_t(b) * hd + i] = run_.drift > 0.0f
+                                       ? drift_state_[std::size_t(b) * hd + i]
+                                       : nosa::to_float(embed[std::size_t(tokens_[b]) * hd + i]);
     }
   }
   std::vector<std::int32_t> rows(static_cast<std::size_t>(B));
@@ -270,14 +284,16 @@ bool host_engine::step(std::string& error) {
   std::vector<float> c(std::size_t(B) * m.kv_heads), o(std::size_t(B) * qw);
   for (int l = 0; l < m.layers; ++l) {
     std::vector<nosa::bf16> qb, kb, vb;
-    project_qkv(l, x, B, [&](int b) { return positions_[b]; }, qb, kb, vb);
+    project_qkv(
+        l, x, B, [&](int b) { return positions_[b]; }, qb, kb, vb);
     if (bias && !eviction_scores(l, vb, B, c, error)) return false;
     const nosa::step_args<nosa::bf16, float> args{
         nosa::make_contiguous<1>(static_cast<const std::int32_t*>(rows.data()), {B}),
         nosa::make_contiguous<3>(std::as_const(qb).data(), {B, m.q_heads, D}),
         nosa::make_contiguous<3>(std::as_const(kb).data(), {B, m.kv_heads, D}),
         nosa::make_contiguous<3>(std::as_const(vb).data(), {B, m.kv_heads, D}),
-        bias ? nosa::make_contiguous<2>(static_cast<const float*>(c.data()), {B, m.kv_heads}) : nosa::tensor_view<const float, 2>{},
+        bias ? nosa::make_contiguous<2>(static_cast<const float*>(c.data()), {B, m.kv_heads})
+             : nosa::tensor_view<const float, 2>{},
         nosa::make_contiguous<3>(o.data(), {B, m.q_heads, D})};
     if (const nosa::status s = stack_->step(l, args, {}); !nosa::ok(s)) {
       error = "layer " + std::to_string(l) + ": " + status_text("step", s);

@@ -30,8 +30,8 @@ class host_engine {
  public:
   /// Checks the workload against the model and creates the attention layers. On failure returns nothing
   /// and sets `error` to one line.
-  static std::unique_ptr<host_engine> create(const model_config& model, host_weights weights, const run_config& run,
-                                             std::string& error);
+  static std::unique_ptr<host_engine> create(const model_config& model, host_weights weights,
+                                             const run_config& run, std::string& error);
 
   /// Dense causal prefill of every distinct prompt, then ingest into every sequence that uses it; leaves the
   /// first decode input (the argmax token after the prompt).
@@ -48,7 +48,9 @@ class host_engine {
   /// The per-layer tensors of the last step (empty unless `run.trace`).
   const std::vector<layer_trace>& last_step() const { return step_trace_; }
   /// The ingested K, V, c of distinct prompt `p` in layer `l` (empty unless `run.trace`).
-  const prompt_trace& prompt(int p, int l) const { return prompt_trace_[static_cast<std::size_t>(p * model_.layers + l)]; }
+  const prompt_trace& prompt(int p, int l) const {
+    return prompt_trace_[static_cast<std::size_t>(p * model_.layers + l)];
+  }
   host_stack& attention() { return *stack_; }
   const host_stack& attention() const { return *stack_; }
   /// Counters of all layers summed.
@@ -75,10 +77,12 @@ class host_engine {
   const float* wf(int layer, layer_tensor t) const { return w_.f32_tensor(spec_index(layer, t)); }
   /// RMSNorm, Q/K/V projections and RoPE (row r at `position(r)`) of `rows` hidden states; bf16 results.
   template <class Position>
-  void project_qkv(int l, const std::vector<float>& x, int rows, Position position, std::vector<nosa::bf16>& qb,
-                   std::vector<nosa::bf16>& kb, std::vector<nosa::bf16>& vb) const;
+  void project_qkv(int l, const std::vector<float>& x, int rows, Position position,
+                   std::vector<nosa::bf16>& qb, std::vector<nosa::bf16>& kb,
+                   std::vector<nosa::bf16>& vb) const;
   /// The eviction head of layer `l` over the values of `rows` tokens.
-  bool eviction_scores(int l, const std::vector<nosa::bf16>& vb, int rows, std::vector<float>& c, std::string& error) const;
+  bool eviction_scores(int l, const std::vector<nosa::bf16>& vb, int rows, std::vector<float>& c,
+                       std::string& error) const;
   /// Output projection and residual, then the MLP block and its residual.
   void finish_layer(int l, const std::vector<float>& o, int rows, std::vector<float>& x) const;
   /// Final norm, LM head and argmax of `rows` hidden states.
@@ -88,7 +92,8 @@ class host_engine {
 // ---- Building blocks of the forward pass (fp32 activations, bf16 weights), used by both engines' tests ----
 
 /// y[r][o] = sum_i w[o][i] * x[r][i] (+ y when `accumulate`), for `rows` rows.
-void host_linear(const nosa::bf16* w, int out, int in, const float* x, int rows, float* y, bool accumulate = false);
+void host_linear(const nosa::bf16* w, int out, int in, const float* x, int rows, float* y,
+                 bool accumulate = false);
 /// y[r] = x[r] / rms(x[r]) * g, rms with eps.
 void host_rmsnorm(const float* x, const nosa::bf16* g, int width, int rows, float eps, float* y);
 /// Rotates pairs (i, i + D/2) of each head of `x` [heads][D] by position `pos` (Llama's rotate-half RoPE).

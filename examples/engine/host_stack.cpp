@@ -15,7 +15,8 @@ namespace {
 
 template <class Pipeline>
 nosa::status make(const nosa::layer_config& config, int layers, std::unique_ptr<host_stack>& out) {
-  auto stack = std::make_unique<attention_stack_of<nosa::decode_layer<Pipeline, nosa::host_backend>, float>>();
+  auto stack =
+      std::make_unique<attention_stack_of<nosa::decode_layer<Pipeline, nosa::host_backend>, float>>();
   NOSA_TRY(stack->create(config, layers));
   out = std::move(stack);
   return nosa::status::success;

@@ -33,8 +33,8 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 }
 
 /// The whole run on the host backend.
-bool run_host(const nosa_engine::model_config& model, const nosa_engine::options& opt, nosa_engine::run_report& r,
-              std::string& error) {
+bool run_host(const nosa_engine::model_config& model, const nosa_engine::options& opt,
+              nosa_engine::run_report& r, std::string& error) {
   using namespace nosa_engine;
   std::optional<host_weights> weights;
   if (!opt.weights.empty()) {
@@ -54,7 +54,8 @@ bool run_host(const nosa_engine::model_config& model, const nosa_engine::options
   t0 = std::chrono::steady_clock::now();
   for (int s = 0; s < opt.run.steps; ++s) {
     if (!engine->step(error)) return false;
-    if (progress.due(s + 1)) progress.print(s + 1, opt.run.batch, double((engine->total_counters() - before).misses));
+    if (progress.due(s + 1))
+      progress.print(s + 1, opt.run.batch, double((engine->total_counters() - before).misses));
   }
   finish_report(r, engine->total_counters() - before, seconds_since(t0), model.kv_heads);
   r.device_bytes = engine->device_bytes();
@@ -102,6 +103,7 @@ int main(int argc, char** argv) {
     if (!run_host(model, opt, r, error)) return report_error(error);
   }
   print_report(std::cout, r);
-  if (!opt.json.empty() && !write_text(opt.json, report_json(r))) return report_error(opt.json + ": cannot write");
+  if (!opt.json.empty() && !write_text(opt.json, report_json(r)))
+    return report_error(opt.json + ": cannot write");
   return 0;
 }

@@ -31,12 +31,12 @@ namespace nosa_engine {
 struct model_config {
   std::string name;
   int layers = 0;
-  int hidden = 0;          ///< residual stream width
-  int q_heads = 0;         ///< H_q
-  int kv_heads = 0;        ///< H_kv
-  int head_dim = 0;        ///< D
-  int mlp = 0;             ///< intermediate width of the SiLU-gated MLP
-  int vocab = 0;           ///< embedding rows and LM-head outputs
+  int hidden = 0;    ///< residual stream width
+  int q_heads = 0;   ///< H_q
+  int kv_heads = 0;  ///< H_kv
+  int head_dim = 0;  ///< D
+  int mlp = 0;       ///< intermediate width of the SiLU-gated MLP
+  int vocab = 0;     ///< embedding rows and LM-head outputs
   float rope_theta = 500000.0f;
   float norm_eps = 1e-5f;
   nosa::selection_params selection{};
@@ -45,9 +45,9 @@ struct model_config {
   int kv_width() const { return kv_heads * head_dim; }
   /// Parameters of the model (for memory estimates).
   std::uint64_t parameter_count() const {
-    const std::uint64_t h = hidden, per_layer = h * (q_width() + 2ull * kv_width()) + std::uint64_t(q_width()) * h +
-                                                 3ull * h * mlp + 2ull * h +
-                                                 std::uint64_t(kv_heads) * kv_width() + 2ull * kv_heads;
+    const std::uint64_t h = hidden, per_layer = h * (q_width() + 2ull * kv_width()) +
+                                                std::uint64_t(q_width()) * h + 3ull * h * mlp + 2ull * h +
+                                                std::uint64_t(kv_heads) * kv_width() + 2ull * kv_heads;
     return 2ull * vocab * h + h + per_layer * layers;
   }
 };
@@ -94,10 +94,12 @@ inline constexpr std::string_view preset_names = "nosa-8b, llama3-8b, tiny";
 
 // ---- Seeded random weights -----------------------------------------------------------------------------
 
-/// A counter-based generator: value `index` of tensor `tensor` for `seed`, uniform in [-1, 1). Any element can
-/// be computed on its own, so the host and a GPU fill the same tensors in any order.
-NOSA_ENGINE_HOST_DEVICE inline float random_uniform(std::uint64_t seed, std::uint64_t tensor, std::uint64_t index) {
-  std::uint64_t z = seed * 0x9E3779B97F4A7C15ull + tensor * 0xD1B54A32D192ED03ull + index * 0x8CB92BA72F3D8DD7ull;
+/// A counter-based generator: value `index` of tensor `tensor` for `seed`, uniform in [-1, 1). Any element
+/// can be computed on its own, so the host and a GPU fill the same tensors in any order.
+NOSA_ENGINE_HOST_DEVICE inline float random_uniform(std::uint64_t seed, std::uint64_t tensor,
+                                                    std::uint64_t index) {
+  std::uint64_t z =
+      seed * 0x9E3779B97F4A7C15ull + tensor * 0xD1B54A32D192ED03ull + index * 0x8CB92BA72F3D8DD7ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   z ^= z >> 31;
@@ -112,14 +114,15 @@ enum class init_kind : unsigned char {
 };
 
 /// Value `index` of a tensor initialised as described (bf16 tensors store it rounded).
-NOSA_ENGINE_HOST_DEVICE inline float initial_value(init_kind kind, float bound, std::uint64_t seed, std::uint64_t tensor,
-                                                   std::uint64_t index) {
+NOSA_ENGINE_HOST_DEVICE inline float initial_value(init_kind kind, float bound, std::uint64_t seed,
+                                                   std::uint64_t tensor, std::uint64_t index) {
   if (kind == init_kind::ones) return 1.0f;
   if (kind == init_kind::zeros) return 0.0f;
   return bound * random_uniform(seed, tensor, index);
 }
 
-// ---- The tensors of a checkpoint ---------------------------------------------------------------------------
+// ---- The tensors of a checkpoint
+// ---------------------------------------------------------------------------
 
 /// One tensor of the model: its checkpoint name, shape, element type and initialisation.
 struct tensor_spec {
@@ -139,7 +142,19 @@ struct tensor_spec {
 
 /// Which tensor of a layer a spec is (the order of `tensor_specs` within a layer).
 enum class layer_tensor : int {
-  attn_norm, wq, wk, wv, evict_w, evict_beta, evict_scale, wo, mlp_norm, w_gate, w_up, w_down, count
+  attn_norm,
+  wq,
+  wk,
+  wv,
+  evict_w,
+  evict_beta,
+  evict_scale,
+  wo,
+  mlp_norm,
+  w_gate,
+  w_up,
+  w_down,
+  count
 };
 /// Which model-level tensor a spec is (`tensor_specs` lists them first).
 enum class model_tensor : int { embed, final_norm, lm_head, count };
@@ -161,7 +176,8 @@ inline std::vector<tensor_spec> tensor_specs(const model_config& c) {
     s.push_back({p + "self_attn.q_proj.weight", {q, h}, dtype::bf16, init_kind::uniform, bound(h)});
     s.push_back({p + "self_attn.k_proj.weight", {kv, h}, dtype::bf16, init_kind::uniform, bound(h)});
     s.push_back({p + "self_attn.v_proj.weight", {kv, h}, dtype::bf16, init_kind::uniform, bound(h)});
-    s.push_back({p + "self_attn.eviction_head.weight", {c.kv_heads, kv}, dtype::bf16, init_kind::uniform, bound(kv)});
+    s.push_back(
+        {p + "self_attn.eviction_head.weight", {c.kv_heads, kv}, dtype::bf16, init_kind::uniform, bound(kv)});
     s.push_back({p + "self_attn.eviction_head.bias", {c.kv_heads}, dtype::f32, init_kind::zeros, 0.0f});
     s.push_back({p + "self_attn.eviction_head.scale", {c.kv_heads}, dtype::f32, init_kind::ones, 0.0f});
     s.push_back({p + "self_attn.o_proj.weight", {h, q}, dtype::bf16, init_kind::uniform, bound(q)});
@@ -178,7 +194,8 @@ inline std::vector<tensor_spec> tensor_specs(const model_config& c) {
 constexpr std::size_t spec_index(model_tensor t) { return static_cast<std::size_t>(t); }
 /// Index in `tensor_specs` of a tensor of layer `layer`.
 constexpr std::size_t spec_index(int layer, layer_tensor t) {
-  return static_cast<std::size_t>(model_tensor::count) + static_cast<std::size_t>(layer) * static_cast<std::size_t>(layer_tensor::count) +
+  return static_cast<std::size_t>(model_tensor::count) +
+         static_cast<std::size_t>(layer) * static_cast<std::size_t>(layer_tensor::count) +
          static_cast<std::size_t>(t);
 }
 
@@ -205,7 +222,8 @@ inline host_weights random_weights(const model_config& c, std::uint64_t seed) {
     if (s.type == dtype::bf16) {
       auto& out = w.bf16_data[s.id];
       out.resize(n);
-      for (std::uint64_t i = 0; i < n; ++i) out[i] = nosa::bf16(initial_value(s.init, s.bound, seed, s.id, i));
+      for (std::uint64_t i = 0; i < n; ++i)
+        out[i] = nosa::bf16(initial_value(s.init, s.bound, seed, s.id, i));
     } else {
       auto& out = w.f32_data[s.id];
       out.resize(n);
@@ -219,7 +237,8 @@ inline host_weights random_weights(const model_config& c, std::uint64_t seed) {
 /// and F32 are accepted and converted (bf16 for weights, f32 for the eviction head's bias and factor).
 /// Tensors the model does not use are ignored. On failure returns nothing and sets `error` to one line that
 /// names the file and the tensor.
-inline std::optional<host_weights> load_weights(const std::string& path, const model_config& c, std::string& error) {
+inline std::optional<host_weights> load_weights(const std::string& path, const model_config& c,
+                                                std::string& error) {
   const std::optional<safetensors_file> file = safetensors_file::open(path, error);
   if (!file) return std::nullopt;
   const std::vector<tensor_spec> specs = tensor_specs(c);
@@ -276,11 +295,13 @@ inline std::optional<host_weights> load_weights(const std::string& path, const m
 }
 
 /// Writes `w` (the weights of `c`) as a safetensors file that `load_weights` reads back.
-inline bool save_weights(const std::string& path, const model_config& c, const host_weights& w, std::string& error) {
+inline bool save_weights(const std::string& path, const model_config& c, const host_weights& w,
+                         std::string& error) {
   std::vector<tensor_to_write> out;
   for (const tensor_spec& s : tensor_specs(c)) {
-    const std::span<const std::byte> bytes =
-        s.type == dtype::bf16 ? std::as_bytes(std::span(w.bf16_data[s.id])) : std::as_bytes(std::span(w.f32_data[s.id]));
+    const std::span<const std::byte> bytes = s.type == dtype::bf16
+                                                 ? std::as_bytes(std::span(w.bf16_data[s.id]))
+                                                 : std::as_bytes(std::span(w.f32_data[s.id]));
     out.push_back({s.name, s.type, s.shape, bytes});
   }
   return write_safetensors(path, out, error, {{"format", "pt"}, {"nosa_engine_model", c.name}});

@@ -70,7 +70,9 @@ struct parse_result {
 
 /// Parses `argv[1..argc)` into `opt`. Accepts `--flag value` and `--flag=value`.
 inline parse_result parse_options(int argc, const char* const* argv, options& opt) {
-  const auto fail = [](std::string message) { return parse_result{parse_result::action::fail, std::move(message)}; };
+  const auto fail = [](std::string message) {
+    return parse_result{parse_result::action::fail, std::move(message)};
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (arg == "--help" || arg == "-h") return {parse_result::action::help, {}};

@@ -19,8 +19,8 @@ namespace nosa_engine {
 inline void print_report(std::ostream& os, const run_report& r) {
   const auto gib = [](double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); };
   os << std::fixed << std::setprecision(3);
-  os << "model            " << r.preset << " (" << r.layers << " layers), method " << r.method << ", backend " << r.backend
-     << '\n';
+  os << "model            " << r.preset << " (" << r.layers << " layers), method " << r.method << ", backend "
+     << r.backend << '\n';
   os << "workload         batch " << r.batch << ", context " << r.context << ", " << r.steps << " steps, "
      << r.distinct_prompts << " distinct prompt(s), drift " << r.drift << '\n';
   os << "prefill          " << r.prefill_s << " s (dense prefill and ingest)\n";
@@ -33,9 +33,11 @@ inline void print_report(std::ostream& os, const run_report& r) {
   } else {
     os << "locality         n/a (the KV cache is not offloaded)\n";
   }
-  os << "PCIe             " << r.h2d_gb_per_s << " GB/s host to device, " << r.d2h_gb_per_s << " GB/s device to host\n";
+  os << "PCIe             " << r.h2d_gb_per_s << " GB/s host to device, " << r.d2h_gb_per_s
+     << " GB/s device to host\n";
   os << "memory           " << gib(r.device_bytes) << " GiB " << (r.backend == "cuda" ? "HBM" : "device tier")
-     << (r.hbm_budget_bytes > 0 ? " (budget " + std::to_string(gib(r.hbm_budget_bytes)) + " GiB)" : std::string())
+     << (r.hbm_budget_bytes > 0 ? " (budget " + std::to_string(gib(r.hbm_budget_bytes)) + " GiB)"
+                                : std::string())
      << ", " << gib(r.host_bytes) << " GiB host KV cache\n";
   os << "last tokens     ";
   for (std::size_t b = 0; b < r.last_tokens.size() && b < 8; ++b) os << ' ' << r.last_tokens[b];
@@ -47,12 +49,14 @@ inline void print_report(std::ostream& os, const run_report& r) {
 inline std::string report_json(const run_report& r) {
   std::ostringstream os;
   os << std::setprecision(9);
-  os << "{\"preset\": \"" << r.preset << "\", \"method\": \"" << r.method << "\", \"backend\": \"" << r.backend
-     << "\", \"batch\": " << r.batch << ", \"batch_auto\": " << (r.batch_auto ? "true" : "false") << ", \"context\": " << r.context << ", \"steps\": " << r.steps
-     << ", \"layers\": " << r.layers << ", \"distinct_prompts\": " << r.distinct_prompts << ", \"drift\": " << r.drift
-     << ", \"prefill_s\": " << r.prefill_s << ", \"decode_s\": " << r.decode_s << ", \"tokens_per_s\": " << r.tokens_per_s
-     << ", \"ms_per_step\": " << r.ms_per_step << ", \"ms_per_layer\": " << r.ms_per_layer
-     << ", \"misses_per_step\": " << r.misses_per_step << ", \"misses_per_head\": " << r.misses_per_head
+  os << "{\"preset\": \"" << r.preset << "\", \"method\": \"" << r.method << "\", \"backend\": \""
+     << r.backend << "\", \"batch\": " << r.batch << ", \"batch_auto\": " << (r.batch_auto ? "true" : "false")
+     << ", \"context\": " << r.context << ", \"steps\": " << r.steps << ", \"layers\": " << r.layers
+     << ", \"distinct_prompts\": " << r.distinct_prompts << ", \"drift\": " << r.drift
+     << ", \"prefill_s\": " << r.prefill_s << ", \"decode_s\": " << r.decode_s
+     << ", \"tokens_per_s\": " << r.tokens_per_s << ", \"ms_per_step\": " << r.ms_per_step
+     << ", \"ms_per_layer\": " << r.ms_per_layer << ", \"misses_per_step\": " << r.misses_per_step
+     << ", \"misses_per_head\": " << r.misses_per_head
      << ", \"locality\": " << (r.locality >= 0 ? std::to_string(r.locality) : std::string("null"))
      << ", \"h2d_gb_per_s\": " << r.h2d_gb_per_s << ", \"d2h_gb_per_s\": " << r.d2h_gb_per_s
      << ", \"device_bytes\": " << r.device_bytes << ", \"host_bytes\": " << r.host_bytes
@@ -67,13 +71,15 @@ class progress_line {
   explicit progress_line(int total, double period = 5.0) : total_(total), period_(period) {}
   /// True when step `done` should print (the caller then gathers the misses, which may synchronise).
   bool due(int done) const {
-    return done == total_ || std::chrono::duration<double>(std::chrono::steady_clock::now() - last_).count() >= period_;
+    return done == total_ ||
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - last_).count() >= period_;
   }
   void print(int done, int batch, double misses) {
     last_ = std::chrono::steady_clock::now();
     const double elapsed = std::chrono::duration<double>(last_ - start_).count();
     std::fprintf(stderr, "  step %d/%d  %.1f tokens/s  %.1f misses/step\n", done, total_,
-                 elapsed > 0 ? static_cast<double>(done) * batch / elapsed : 0.0, done > 0 ? misses / done : 0.0);
+                 elapsed > 0 ? static_cast<double>(done) * batch / elapsed : 0.0,
+                 done > 0 ? misses / done : 0.0);
   }
 
  private:

@@ -15,9 +15,9 @@ namespace nosa_engine {
 /// The workload of a run.
 struct run_config {
   method attention = method::nosa_offload;
-  int batch = 1;             ///< sequences decoded together
-  int prompt_tokens = 256;   ///< prompt length of every sequence (the context at the first decode step)
-  int steps = 16;            ///< decode steps (generated tokens per sequence)
+  int batch = 1;            ///< sequences decoded together
+  int prompt_tokens = 256;  ///< prompt length of every sequence (the context at the first decode step)
+  int steps = 16;           ///< decode steps (generated tokens per sequence)
   /// Distinct prompts; sequence b gets prompt b % distinct_prompts. Dense prefill runs once per distinct
   /// prompt and its K, V and c are ingested into every sequence that shares it (each still stores its own
   /// copy in the KV cache), so a study of long contexts at large batch does not pay prefill per sequence.
@@ -89,19 +89,20 @@ struct run_report {
   double ms_per_layer = 0.0;     ///< ms_per_step / layers
   double misses_per_step = 0.0;  ///< blocks loaded per step, summed over layers, sequences and KV heads
   double misses_per_head = 0.0;  ///< per (layer, sequence, KV head) and step
-  double locality = -1.0;        ///< selected blocks already resident / selected blocks; -1 when not offloaded
-  double h2d_gb_per_s = 0.0;     ///< bytes gathered host -> device during decode / decode_s
-  double d2h_gb_per_s = 0.0;     ///< bytes written back during decode / decode_s
-  double device_bytes = 0.0;     ///< weights + arenas + activations (HBM on the CUDA backend)
-  double host_bytes = 0.0;       ///< host arenas (pinned on the CUDA backend)
-  double hbm_budget_bytes = 0.0; ///< 0 on the host backend
+  double locality = -1.0;     ///< selected blocks already resident / selected blocks; -1 when not offloaded
+  double h2d_gb_per_s = 0.0;  ///< bytes gathered host -> device during decode / decode_s
+  double d2h_gb_per_s = 0.0;  ///< bytes written back during decode / decode_s
+  double device_bytes = 0.0;  ///< weights + arenas + activations (HBM on the CUDA backend)
+  double host_bytes = 0.0;    ///< host arenas (pinned on the CUDA backend)
+  double hbm_budget_bytes = 0.0;          ///< 0 on the host backend
   std::vector<std::int32_t> last_tokens;  ///< argmax tokens of the last step, per sequence
 };
 
 /// The difference of two counter readings (decode steps only, plan calls excluded by taking both readings
 /// around the decode loop).
 inline nosa::counters operator-(const nosa::counters& a, const nosa::counters& b) {
-  return {a.steps - b.steps, a.hits - b.hits, a.misses - b.misses, a.bytes_h2d - b.bytes_h2d, a.bytes_d2h - b.bytes_d2h};
+  return {a.steps - b.steps, a.hits - b.hits, a.misses - b.misses, a.bytes_h2d - b.bytes_h2d,
+          a.bytes_d2h - b.bytes_d2h};
 }
 inline nosa::counters& operator+=(nosa::counters& a, const nosa::counters& b) {
   a.steps += b.steps;
@@ -123,7 +124,8 @@ inline void finish_report(run_report& r, const nosa::counters& decode, double se
   r.misses_per_step = static_cast<double>(decode.misses) / steps;
   r.misses_per_head = r.misses_per_step / (static_cast<double>(r.layers) * r.batch * kv_heads);
   const double selected = static_cast<double>(decode.hits + decode.misses);
-  r.locality = offloads(*find_method(r.method)) && selected > 0 ? static_cast<double>(decode.hits) / selected : -1.0;
+  r.locality =
+      offloads(*find_method(r.method)) && selected > 0 ? static_cast<double>(decode.hits) / selected : -1.0;
   r.h2d_gb_per_s = seconds > 0 ? static_cast<double>(decode.bytes_h2d) / seconds / 1e9 : 0.0;
   r.d2h_gb_per_s = seconds > 0 ? static_cast<double>(decode.bytes_d2h) / seconds / 1e9 : 0.0;
 }

@@ -46,7 +46,8 @@ struct histories {
   }
 
   /// Appends each sequence's new token of the step traced in `step` (one trace per layer).
-  void append(const nosa_engine::model_config& m, int batch, const std::vector<nosa_engine::layer_trace>& step) {
+  void append(const nosa_engine::model_config& m, int batch,
+              const std::vector<nosa_engine::layer_trace>& step) {
     const std::size_t kv = std::size_t(m.kv_width());
     for (int l = 0; l < m.layers; ++l) {
       const nosa_engine::layer_trace& t = step[std::size_t(l)];
@@ -73,7 +74,8 @@ inline std::vector<int> tokens_of(const std::vector<std::int32_t>& selected, int
 
 /// softmax_j(q . k_j / sqrt(D) + bias * c_j) v_j over `tokens`, for query head `hq` of a GQA model.
 inline std::vector<double> reference_attention(const nosa_engine::model_config& m, const token_history& h,
-                                               const float* q, int hq, bool bias, const std::vector<int>& tokens) {
+                                               const float* q, int hq, bool bias,
+                                               const std::vector<int>& tokens) {
   const int D = m.head_dim, hk = hq / (m.q_heads / m.kv_heads);
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   std::vector<double> logits;
@@ -89,7 +91,8 @@ inline std::vector<double> reference_attention(const nosa_engine::model_config& 
   for (std::size_t i = 0; i < tokens.size(); ++i) {
     const double p = std::exp(logits[i] - mx);
     sum += p;
-    for (int d = 0; d < D; ++d) o[std::size_t(d)] += p * h.v[(std::size_t(tokens[i]) * m.kv_heads + hk) * D + d];
+    for (int d = 0; d < D; ++d)
+      o[std::size_t(d)] += p * h.v[(std::size_t(tokens[i]) * m.kv_heads + hk) * D + d];
   }
   for (double& x : o) x /= sum;
   return o;
@@ -110,7 +113,8 @@ template <class Engine, class Selection>
 double check_steps_against_reference(Engine& engine, int steps, Selection selection, double rel, double abs) {
   const nosa_engine::model_config& model = engine.model();
   const nosa_engine::run_config& run = engine.run();
-  histories history(model, run, [&](int p, int l) -> const nosa_engine::prompt_trace& { return engine.prompt(p, l); });
+  histories history(model, run,
+                    [&](int p, int l) -> const nosa_engine::prompt_trace& { return engine.prompt(p, l); });
   const bool bias = nosa_engine::uses_bias(run.attention);
   const int bs = model.selection.block_size, group = model.q_heads / model.kv_heads;
   double dense_gap = 0.0;
@@ -130,7 +134,8 @@ double check_steps_against_reference(Engine& engine, int steps, Selection select
           const std::vector<std::int32_t> selected = selection(l, b, hk);
           // Full attention selects nothing and attends every block.
           const bool dense_method = run.attention == nosa_engine::method::full;
-          REQUIRE(selected.size() == (dense_method ? 0 : std::size_t(std::min(blocks, model.selection.top_k))));
+          REQUIRE(selected.size() ==
+                  (dense_method ? 0 : std::size_t(std::min(blocks, model.selection.top_k))));
           const std::vector<int> tokens = dense_method ? all : tokens_of(selected, bs, h.tokens);
           for (int hq = hk * group; hq < (hk + 1) * group; ++hq) {
             const std::size_t row = (std::size_t(b) * model.q_heads + hq) * model.head_dim;

@@ -27,7 +27,7 @@ double check_against_reference(method attention, int steps) {
   run.distinct_prompts = 2;
   run.prompt_tokens = 300;  // 19 blocks of 16, the last partial; k = 12, so selection is sparse
   run.steps = steps;
-  run.reserve_ahead = 5;    // plan calls between steps, as an engine would
+  run.reserve_ahead = 5;  // plan calls between steps, as an engine would
   run.trace = true;
   std::string error;
   const auto engine = host_engine::create(model, random_weights(model, 7), run, error);
@@ -35,7 +35,8 @@ double check_against_reference(method attention, int steps) {
   REQUIRE_MESSAGE(engine->prefill(error), error);
   // fp32 arithmetic over bf16 inputs (fp32 output) against a double reference: only summation order differs.
   return nosa_engine_test::check_steps_against_reference(
-      *engine, steps, [&](int l, int b, int h) { return engine->attention().selection(l, b, h, {}); }, 0.0, 2e-5);
+      *engine, steps, [&](int l, int b, int h) { return engine->attention().selection(l, b, h, {}); }, 0.0,
+      2e-5);
 }
 
 }  // namespace
@@ -53,7 +54,8 @@ TEST_CASE("engine attention equals dense attention over the selected tokens: inf
 }
 
 TEST_CASE("engine attention equals dense attention over every token: full") {
-  check_against_reference(method::full, 12);  // the selection is every block: the reference is dense attention
+  check_against_reference(method::full,
+                          12);  // the selection is every block: the reference is dense attention
 }
 
 TEST_CASE("the drift workload raises NOSA's locality") {

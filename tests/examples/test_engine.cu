@@ -34,7 +34,8 @@ double check_against_reference(method attention, int steps) {
   // The output is bf16: rounding it costs up to half an ulp (2^-9 relative); one ulp (2^-8) covers fp32
   // summation-order differences on top of it.
   const double gap = nosa_engine_test::check_steps_against_reference(
-      *engine, steps, [&](int l, int b, int h) { return engine->attention().selection(l, b, h, engine->stream()); },
+      *engine, steps,
+      [&](int l, int b, int h) { return engine->attention().selection(l, b, h, engine->stream()); },
       1.0 / 256.0, 1e-5);
   REQUIRE_MESSAGE(engine->finish(error), error);
   return gap;

@@ -45,7 +45,8 @@ std::string write_edited(const nosa_test::temp_dir& dir, const std::string& name
   std::vector<std::vector<std::byte>> storage;
   for (const tensor_spec& s : tensor_specs(m)) {
     tensor_to_write t{s.name, s.type, s.shape,
-                      s.type == dtype::bf16 ? std::as_bytes(std::span(w.bf16_data[s.id])) : std::as_bytes(std::span(w.f32_data[s.id]))};
+                      s.type == dtype::bf16 ? std::as_bytes(std::span(w.bf16_data[s.id]))
+                                            : std::as_bytes(std::span(w.f32_data[s.id]))};
     if (edit(t, storage)) tensors.push_back(t);
   }
   std::string error;
@@ -87,7 +88,8 @@ TEST_CASE("F32 weights are accepted and rounded to bf16") {
       std::vector<float> f(t.bytes.size() / 2);
       const auto* b = reinterpret_cast<const nosa::bf16*>(t.bytes.data());
       for (std::size_t i = 0; i < f.size(); ++i) f[i] = nosa::to_float(b[i]);
-      storage.emplace_back(reinterpret_cast<const std::byte*>(f.data()), reinterpret_cast<const std::byte*>(f.data() + f.size()));
+      storage.emplace_back(reinterpret_cast<const std::byte*>(f.data()),
+                           reinterpret_cast<const std::byte*>(f.data() + f.size()));
       t.type = dtype::f32;
       t.bytes = storage.back();
     }
@@ -97,7 +99,8 @@ TEST_CASE("F32 weights are accepted and rounded to bf16") {
   const auto loaded = load_weights(path, tiny(), error);
   REQUIRE_MESSAGE(loaded, error);
   const std::size_t head = spec_index(model_tensor::lm_head);
-  CHECK(std::memcmp(loaded->bf16_data[head].data(), w.bf16_data[head].data(), 2 * w.bf16_data[head].size()) == 0);
+  CHECK(std::memcmp(loaded->bf16_data[head].data(), w.bf16_data[head].data(), 2 * w.bf16_data[head].size()) ==
+        0);
 }
 
 TEST_CASE("a missing tensor is named") {
@@ -120,7 +123,8 @@ TEST_CASE("a tensor of the wrong shape is named with both shapes") {
   });
   std::string error;
   CHECK_FALSE(load_weights(path, tiny(), error));
-  CHECK(error == path + ": model.layers.0.self_attn.k_proj.weight: expected shape [128, 256] for the tiny model, found [64, 512]");
+  CHECK(error == path + ": model.layers.0.self_attn.k_proj.weight: expected shape [128, 256] for the tiny "
+                        "model, found [64, 512]");
 }
 
 TEST_CASE("weights of another preset do not load") {
@@ -132,7 +136,8 @@ TEST_CASE("weights of another preset do not load") {
   std::string error;
   REQUIRE_MESSAGE(save_weights(path, other, random_weights(other, 1), error), error);
   CHECK_FALSE(load_weights(path, tiny(), error));
-  CHECK(error.find("mlp.gate_proj.weight: expected shape [512, 256] for the tiny model, found [384, 256]") != std::string::npos);
+  CHECK(error.find("mlp.gate_proj.weight: expected shape [512, 256] for the tiny model, found [384, 256]") !=
+        std::string::npos);
 }
 
 TEST_CASE("a truncated file is rejected by the reader") {

@@ -63,7 +63,9 @@ bool nosa_ok(nosa::status s, const std::string& call, std::string& error) {
 
 bool launched(const char* kernel, std::string& error) { return cuda_ok(cudaGetLastError(), kernel, error); }
 
-unsigned grid_for(std::uint64_t n) { return static_cast<unsigned>(std::min<std::uint64_t>((n + 255) / 256, 65535)); }
+unsigned grid_for(std::uint64_t n) {
+  return static_cast<unsigned>(std::min<std::uint64_t>((n + 255) / 256, 65535));
+}
 
 /// The arrays of the prefill workspace of a prompt of P tokens.
 struct prefill_layout {
@@ -122,7 +124,8 @@ struct decode_layout {
 /// Bytes of all weights on the device (bf16 and f32 buffers).
 double weight_bytes(const model_config& m) {
   double bytes = 0;
-  for (const tensor_spec& s : tensor_specs(m)) bytes += double(s.elements()) * (s.type == dtype::bf16 ? 2 : 4);
+  for (const tensor_spec& s : tensor_specs(m))
+    bytes += double(s.elements()) * (s.type == dtype::bf16 ? 2 : 4);
   return bytes;
 }
 
@@ -139,14 +142,17 @@ nosa::status make_cuda_stack(method m, int head_dim, const nosa::layer_config& c
   });
 }
 
-nosa::status cuda_stack_bytes(method m, int head_dim, const nosa::layer_config& config, int layers, nosa::arena_sizes& out) {
+nosa::status cuda_stack_bytes(method m, int head_dim, const nosa::layer_config& config, int layers,
+                              nosa::arena_sizes& out) {
   return nosa::dispatch_value<64, 128>(head_dim, [&](auto d) {
     return make_cuda_stack_for<decltype(d)::value>(m, config, layers, nullptr, &out);
   });
 }
 
 std::size_t decode_activation_bytes(const model_config& m, int batch) { return decode_layout(m, batch).size; }
-std::size_t prefill_workspace_bytes(const model_config& m, int tokens) { return prefill_layout(m, tokens).size; }
+std::size_t prefill_workspace_bytes(const model_config& m, int tokens) {
+  return prefill_layout(m, tokens).size;
+}
 
 std::unique_ptr<cuda_engine> cuda_engine::create(const model_config& model, const host_weights* weights,
                                                  const run_config& run, std::string& error) {
@@ -154,7 +160,9 @@ std::unique_ptr<cuda_engine> cuda_engine::create(const model_config& model, cons
   std::unique_ptr<cuda_engine> e(new cuda_engine());
   e->model_ = model;
   e->run_ = run;
-  if (!cuda_ok(cudaStreamCreateWithFlags(&e->stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags", error)) return nullptr;
+  if (!cuda_ok(cudaStreamCreateWithFlags(&e->stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags",
+               error))
+    return nullptr;
   if (!cublas_ok(cublasCreate(&e->cublas_), "cublasCreate", error)) return nullptr;
   if (!cublas_ok(cublasSetStream(e->cublas_, e->stream_), "cublasSetStream", error)) return nullptr;
   // An explicit workspace: cuBLAS then allocates nothing while the decode step is being captured.
@@ -164,8 +172,10 @@ std::unique_ptr<cuda_engine> cuda_engine::create(const model_config& model, cons
     return nullptr;
   }
   if (!e->upload_weights(weights, error)) return nullptr;
-  const nosa::status s = make_cuda_stack(run.attention, model.head_dim, layer_config_for(model, run), model.layers, e->stack_);
-  if (!nosa_ok(s, "creating the " + std::string(method_name(run.attention)) + " layers", error)) return nullptr;
+  const nosa::status s =
+      make_cuda_stack(run.attention, model.head_dim, layer_config_for(model, run), model.layers, e->stack_);
+  if (!nosa_ok(s, "creating the " + std::string(method_name(run.attention)) + " layers", error))
+    return nullptr;
   if (!e->allocate_activations(error)) return nullptr;
   return e;
 }
@@ -200,9 +210,11 @@ bool cuda_engine::upload_weights(const host_weights* weights, std::string& error
     if (weights != nullptr) {
       const void* src = s.type == dtype::bf16 ? static_cast<const void*>(weights->bf16_data[s.id].data())
                                               : static_cast<const void*>(weights->f32_data[s.id].data());
-      void* dst = s.type == dtype::bf16 ? weights_.at<void>(offset_[s.id]) : weights_f32_.at<void>(offset_[s.id]);
-      if (!cuda_ok(cudaMemcpyAsync(dst, src, s.elements() * element_size(s.type), cudaMemcpyHostToDevice, stream_),
-                   "cudaMemcpyAsync (weights)", error)) {
+      void* dst =
+          s.type == dtype::bf16 ? weights_.at<void>(offset_[s.id]) : weights_f32_.at<void>(offset_[s.id]);
+      if (!cuda_ok(
+              cudaMemcpyAsync(dst, src, s.elements() * element_size(s.type), cudaMemcpyHostToDevice, stream_),
+              "cudaMemcpyAsync (weights)", error)) {
         return false;
       }
     } else if (s.type == dtype::bf16) {
@@ -239,8 +251,8 @@ bool cuda_engine::allocate_activations(std::string& error) {
   if (!cuda_ok(cudaMemsetAsync(act_.at<void>(0), 0, d.size, stream_), "cudaMemsetAsync", error)) return false;
   std::vector<std::int32_t> rows(static_cast<std::size_t>(run_.batch));
   for (int b = 0; b < run_.batch; ++b) rows[std::size_t(b)] = b;
-  if (!cuda_ok(cudaMemcpyAsync(sequences_, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync",
-               error)) {
+  if (!cuda_ok(cudaMemcpyAsync(sequences_, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpyAsync", error)) {
     return false;
   }
   if (run_.trace) {
@@ -257,13 +269,14 @@ bool cuda_engine::allocate_activations(std::string& error) {
   return cuda_ok(cudaStreamSynchronize(stream_), "allocating activations", error);
 }
 
-bool cuda_engine::linear(const nosa::bf16* w, int out, int in, const nosa::bf16* x, int rows, void* y, bool f32_out,
-                         bool accumulate, std::string& error) {
+bool cuda_engine::linear(const nosa::bf16* w, int out, int in, const nosa::bf16* x, int rows, void* y,
+                         bool f32_out, bool accumulate, std::string& error) {
   // Row-major Y[rows][out] = X[rows][in] W[out][in]^T is, column-major, Y^T = W^T(as stored) ... i.e.
   // C (out x rows) = op_T(A: in x out) * B (in x rows).
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  return cublas_ok(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w, CUDA_R_16BF, in, x, CUDA_R_16BF,
-                                in, &beta, y, f32_out ? CUDA_R_32F : CUDA_R_16BF, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+  return cublas_ok(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w, CUDA_R_16BF, in,
+                                x, CUDA_R_16BF, in, &beta, y, f32_out ? CUDA_R_32F : CUDA_R_16BF, out,
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                    "cublasGemmEx", error);
 }
 
@@ -280,14 +293,15 @@ bool cuda_engine::prefill(std::string& error) {
   nosa::bf16 *K = ws.at<nosa::bf16>(L.k), *V = ws.at<nosa::bf16>(L.v), *H = ws.at<nosa::bf16>(L.h);
   nosa::bf16 *Q = ws.at<nosa::bf16>(L.q), *O = ws.at<nosa::bf16>(L.o), *A = ws.at<nosa::bf16>(L.a);
   nosa::bf16 *probs = ws.at<nosa::bf16>(L.probs), *last_q = ws.at<nosa::bf16>(L.last_q);
-  float *Cs = ws.at<float>(L.c), *QKV = ws.at<float>(L.qkv), *GU = ws.at<float>(L.gu), *S = ws.at<float>(L.scores);
+  float *Cs = ws.at<float>(L.c), *QKV = ws.at<float>(L.qkv), *GU = ws.at<float>(L.gu),
+        *S = ws.at<float>(L.scores);
   std::int32_t* tokens = ws.at<std::int32_t>(L.tokens);
   std::vector<std::int32_t> positions(std::size_t(run_.batch), P);
   for (int p = 0; p < run_.distinct_prompts; ++p) {
     std::vector<std::int32_t> prompt(static_cast<std::size_t>(P));
     for (int t = 0; t < P; ++t) prompt[std::size_t(t)] = prompt_token(run_.prompt_seed, p, t, m.vocab);
-    if (!cuda_ok(cudaMemcpyAsync(tokens, prompt.data(), prompt.size() * 4, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync",
-                 error)) {
+    if (!cuda_ok(cudaMemcpyAsync(tokens, prompt.data(), prompt.size() * 4, cudaMemcpyHostToDevice, stream_),
+                 "cudaMemcpyAsync", error)) {
       return false;
     }
     kernels::embed<<<P, kernels::threads, 0, stream_>>>(w(spec_index(model_tensor::embed)), tokens, hd, X);
@@ -296,19 +310,25 @@ bool cuda_engine::prefill(std::string& error) {
       for (int t0 = 0; t0 < P; t0 += L.chunk) {
         const int rows = std::min(L.chunk, P - t0);
         float* Xc = X + std::size_t(t0) * hd;
-        kernels::rmsnorm<<<rows, kernels::threads, 0, stream_>>>(Xc, w(l, layer_tensor::attn_norm), hd, m.norm_eps, H);
-        if (!launched("rmsnorm", error) || !linear(w(l, layer_tensor::wq), qkvw, hd, H, rows, QKV, true, false, error)) return false;
-        kernels::rope_split<<<rows, kernels::threads, 0, stream_>>>(QKV, nullptr, t0, m.q_heads, m.kv_heads, D, m.rope_theta, Q,
-                                                                     K + std::size_t(t0) * kvw, V + std::size_t(t0) * kvw);
+        kernels::rmsnorm<<<rows, kernels::threads, 0, stream_>>>(Xc, w(l, layer_tensor::attn_norm), hd,
+                                                                 m.norm_eps, H);
+        if (!launched("rmsnorm", error) ||
+            !linear(w(l, layer_tensor::wq), qkvw, hd, H, rows, QKV, true, false, error))
+          return false;
+        kernels::rope_split<<<rows, kernels::threads, 0, stream_>>>(
+            QKV, nullptr, t0, m.q_heads, m.kv_heads, D, m.rope_theta, Q, K + std::size_t(t0) * kvw,
+            V + std::size_t(t0) * kvw);
         if (!launched("rope_split", error)) return false;
         if (bias) {
           const nosa::eviction_head_args<nosa::bf16> args{
-              nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(V + std::size_t(t0) * kvw), {rows, m.kv_heads, D}),
+              nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(V + std::size_t(t0) * kvw),
+                                       {rows, m.kv_heads, D}),
               nosa::make_contiguous<2>(w(l, layer_tensor::evict_w), {m.kv_heads, kvw}),
               nosa::make_contiguous<1>(wf(l, layer_tensor::evict_beta), {m.kv_heads}),
               nosa::make_contiguous<1>(wf(l, layer_tensor::evict_scale), {m.kv_heads}),
               nosa::make_contiguous<2>(Cs + std::size_t(t0) * m.kv_heads, {rows, m.kv_heads})};
-          if (!nosa_ok(nosa::compute_eviction_scores(nosa::cuda_backend{}, args, stream_), "compute_eviction_scores", error)) {
+          if (!nosa_ok(nosa::compute_eviction_scores(nosa::cuda_backend{}, args, stream_),
+                       "compute_eviction_scores", error)) {
             return false;
           }
         }
@@ -319,36 +339,42 @@ bool cuda_engine::prefill(std::string& error) {
           for (int h = 0; h < m.kv_heads; ++h) {
             const float one = 1.0f, zero = 0.0f;
             const nosa::bf16* q_tile = Q + (std::size_t(s0 - t0) * m.q_heads + std::size_t(h) * G) * D;
-            if (!cublas_ok(cublasGemmStridedBatchedEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, keys, tile, D, &one, K + std::size_t(h) * D,
-                                                      CUDA_R_16BF, kvw, 0, q_tile, CUDA_R_16BF, qw, D, &zero, S, CUDA_R_32F, P,
-                                                      std::int64_t(tile) * P, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            if (!cublas_ok(cublasGemmStridedBatchedEx(
+                               cublas_, CUBLAS_OP_T, CUBLAS_OP_N, keys, tile, D, &one, K + std::size_t(h) * D,
+                               CUDA_R_16BF, kvw, 0, q_tile, CUDA_R_16BF, qw, D, &zero, S, CUDA_R_32F, P,
+                               std::int64_t(tile) * P, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                            "cublasGemmStridedBatchedEx (scores)", error)) {
               return false;
             }
-            kernels::prefill_softmax<<<dim3(tile, G), kernels::threads, 0, stream_>>>(S, P, tile, s0, keys, scale,
-                                                                                   bias ? Cs : nullptr, m.kv_heads, h, probs);
+            kernels::prefill_softmax<<<dim3(tile, G), kernels::threads, 0, stream_>>>(
+                S, P, tile, s0, keys, scale, bias ? Cs : nullptr, m.kv_heads, h, probs);
             if (!launched("prefill_softmax", error)) return false;
             nosa::bf16* o_tile = O + (std::size_t(s0 - t0) * m.q_heads + std::size_t(h) * G) * D;
-            if (!cublas_ok(cublasGemmStridedBatchedEx(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, D, tile, keys, &one, V + std::size_t(h) * D,
-                                                      CUDA_R_16BF, kvw, 0, probs, CUDA_R_16BF, P, std::int64_t(tile) * P, &zero,
-                                                      o_tile, CUDA_R_16BF, qw, D, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            if (!cublas_ok(cublasGemmStridedBatchedEx(
+                               cublas_, CUBLAS_OP_N, CUBLAS_OP_N, D, tile, keys, &one, V + std::size_t(h) * D,
+                               CUDA_R_16BF, kvw, 0, probs, CUDA_R_16BF, P, std::int64_t(tile) * P, &zero,
+                               o_tile, CUDA_R_16BF, qw, D, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                            "cublasGemmStridedBatchedEx (values)", error)) {
               return false;
             }
           }
         }
         if (t0 + rows == P &&
-            !cuda_ok(cudaMemcpyAsync(last_q, Q + std::size_t(rows - 1) * qw, std::size_t(qw) * 2, cudaMemcpyDeviceToDevice, stream_),
+            !cuda_ok(cudaMemcpyAsync(last_q, Q + std::size_t(rows - 1) * qw, std::size_t(qw) * 2,
+                                     cudaMemcpyDeviceToDevice, stream_),
                      "cudaMemcpyAsync", error)) {
           return false;
         }
         if (!linear(w(l, layer_tensor::wo), hd, qw, O, rows, Xc, true, true, error)) return false;
-        kernels::rmsnorm<<<rows, kernels::threads, 0, stream_>>>(Xc, w(l, layer_tensor::mlp_norm), hd, m.norm_eps, H);
-        if (!launched("rmsnorm", error) || !linear(w(l, layer_tensor::w_gate), 2 * m.mlp, hd, H, rows, GU, true, false, error)) {
+        kernels::rmsnorm<<<rows, kernels::threads, 0, stream_>>>(Xc, w(l, layer_tensor::mlp_norm), hd,
+                                                                 m.norm_eps, H);
+        if (!launched("rmsnorm", error) ||
+            !linear(w(l, layer_tensor::w_gate), 2 * m.mlp, hd, H, rows, GU, true, false, error)) {
           return false;
         }
         kernels::silu_mul<<<rows, kernels::threads, 0, stream_>>>(GU, m.mlp, A);
-        if (!launched("silu_mul", error) || !linear(w(l, layer_tensor::w_down), hd, m.mlp, A, rows, Xc, true, true, error)) {
+        if (!launched("silu_mul", error) ||
+            !linear(w(l, layer_tensor::w_down), hd, m.mlp, A, rows, Xc, true, true, error)) {
           return false;
         }
       }
@@ -356,7 +382,8 @@ bool cuda_engine::prefill(std::string& error) {
       const nosa::prompt_args<nosa::bf16> prompt_views{
           nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(K), {P, m.kv_heads, D}),
           nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(V), {P, m.kv_heads, D}),
-          bias ? nosa::make_contiguous<2>(static_cast<const float*>(Cs), {P, m.kv_heads}) : nosa::tensor_view<const float, 2>{},
+          bias ? nosa::make_contiguous<2>(static_cast<const float*>(Cs), {P, m.kv_heads})
+               : nosa::tensor_view<const float, 2>{},
           nosa::make_contiguous<2>(static_cast<const nosa::bf16*>(last_q), {m.q_heads, D})};
       for (int b = p; b < run_.batch; b += run_.distinct_prompts) {
         if (!nosa_ok(stack_->add_sequence(l, b, prompt_views, stream_), "add_sequence", error)) return false;
@@ -367,7 +394,8 @@ bool cuda_engine::prefill(std::string& error) {
         tr.c.assign(std::size_t(P) * m.kv_heads, 0.0f);
         if (!cuda_ok(cudaMemcpy(kb.data(), K, kb.size() * 2, cudaMemcpyDeviceToHost), "cudaMemcpy", error) ||
             !cuda_ok(cudaMemcpy(vb.data(), V, vb.size() * 2, cudaMemcpyDeviceToHost), "cudaMemcpy", error) ||
-            (bias && !cuda_ok(cudaMemcpy(tr.c.data(), Cs, tr.c.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy", error))) {
+            (bias && !cuda_ok(cudaMemcpy(tr.c.data(), Cs, tr.c.size() * 4, cudaMemcpyDeviceToHost),
+                              "cudaMemcpy", error))) {
           return false;
         }
         tr.k.resize(kb.size());
@@ -380,24 +408,28 @@ bool cuda_engine::prefill(std::string& error) {
     }
     // The first decode input: argmax after the last prompt token, for every sequence of this prompt.
     std::int32_t* next = ws.at<std::int32_t>(L.next_token);
-    kernels::rmsnorm<<<1, kernels::threads, 0, stream_>>>(X + std::size_t(P - 1) * hd, w(spec_index(model_tensor::final_norm)), hd,
-                                                          m.norm_eps, H);
-    if (!launched("rmsnorm", error) ||
-        !linear(w(spec_index(model_tensor::lm_head)), m.vocab, hd, H, 1, ws.at<float>(L.logits), true, false, error)) {
+    kernels::rmsnorm<<<1, kernels::threads, 0, stream_>>>(
+        X + std::size_t(P - 1) * hd, w(spec_index(model_tensor::final_norm)), hd, m.norm_eps, H);
+    if (!launched("rmsnorm", error) || !linear(w(spec_index(model_tensor::lm_head)), m.vocab, hd, H, 1,
+                                               ws.at<float>(L.logits), true, false, error)) {
       return false;
     }
     kernels::argmax<<<1, 1024, 0, stream_>>>(ws.at<float>(L.logits), m.vocab, next);
     if (!launched("argmax", error)) return false;
     for (int b = p; b < run_.batch; b += run_.distinct_prompts) {
-      if (!cuda_ok(cudaMemcpyAsync(tokens_ + b, next, 4, cudaMemcpyDeviceToDevice, stream_), "cudaMemcpyAsync", error)) return false;
+      if (!cuda_ok(cudaMemcpyAsync(tokens_ + b, next, 4, cudaMemcpyDeviceToDevice, stream_),
+                   "cudaMemcpyAsync", error))
+        return false;
     }
   }
-  if (!cuda_ok(cudaMemcpyAsync(positions_, positions.data(), positions.size() * 4, cudaMemcpyHostToDevice, stream_),
+  if (!cuda_ok(cudaMemcpyAsync(positions_, positions.data(), positions.size() * 4, cudaMemcpyHostToDevice,
+                               stream_),
                "cudaMemcpyAsync", error)) {
     return false;
   }
   if (run_.drift > 0.0f) {
-    kernels::embed<<<run_.batch, kernels::threads, 0, stream_>>>(w(spec_index(model_tensor::embed)), tokens_, hd, drift_state_);
+    kernels::embed<<<run_.batch, kernels::threads, 0, stream_>>>(w(spec_index(model_tensor::embed)), tokens_,
+                                                                 hd, drift_state_);
     if (!launched("embed", error)) return false;
   }
   // The workspace is freed when `ws` goes out of scope: wait for the work that uses it.
@@ -409,8 +441,9 @@ bool cuda_engine::enqueue_step(std::string& error) {
   const int B = run_.batch, hd = m.hidden, qw = m.q_width(), kvw = m.kv_width(), D = m.head_dim;
   const bool bias = uses_bias(run_.attention);
   if (run_.drift > 0.0f) {
-    if (!cuda_ok(cudaMemcpyAsync(x_, drift_state_, std::size_t(B) * hd * 4, cudaMemcpyDeviceToDevice, stream_), "cudaMemcpyAsync",
-                 error)) {
+    if (!cuda_ok(
+            cudaMemcpyAsync(x_, drift_state_, std::size_t(B) * hd * 4, cudaMemcpyDeviceToDevice, stream_),
+            "cudaMemcpyAsync", error)) {
       return false;
     }
   } else {
@@ -418,9 +451,13 @@ bool cuda_engine::enqueue_step(std::string& error) {
     if (!launched("embed", error)) return false;
   }
   for (int l = 0; l < m.layers; ++l) {
-    kernels::rmsnorm<<<B, kernels::threads, 0, stream_>>>(x_, w(l, layer_tensor::attn_norm), hd, m.norm_eps, h_);
-    if (!launched("rmsnorm", error) || !linear(w(l, layer_tensor::wq), qw + 2 * kvw, hd, h_, B, qkv_, true, false, error)) return false;
-    kernels::rope_split<<<B, kernels::threads, 0, stream_>>>(qkv_, positions_, 0, m.q_heads, m.kv_heads, D, m.rope_theta, q_, k_, v_);
+    kernels::rmsnorm<<<B, kernels::threads, 0, stream_>>>(x_, w(l, layer_tensor::attn_norm), hd, m.norm_eps,
+                                                          h_);
+    if (!launched("rmsnorm", error) ||
+        !linear(w(l, layer_tensor::wq), qw + 2 * kvw, hd, h_, B, qkv_, true, false, error))
+      return false;
+    kernels::rope_split<<<B, kernels::threads, 0, stream_>>>(qkv_, positions_, 0, m.q_heads, m.kv_heads, D,
+                                                             m.rope_theta, q_, k_, v_);
     if (!launched("rope_split", error)) return false;
     if (bias) {
       const nosa::eviction_head_args<nosa::bf16> args{
@@ -429,16 +466,20 @@ bool cuda_engine::enqueue_step(std::string& error) {
           nosa::make_contiguous<1>(wf(l, layer_tensor::evict_beta), {m.kv_heads}),
           nosa::make_contiguous<1>(wf(l, layer_tensor::evict_scale), {m.kv_heads}),
           nosa::make_contiguous<2>(c_, {B, m.kv_heads})};
-      if (!nosa_ok(nosa::compute_eviction_scores(nosa::cuda_backend{}, args, stream_), "compute_eviction_scores", error)) return false;
+      if (!nosa_ok(nosa::compute_eviction_scores(nosa::cuda_backend{}, args, stream_),
+                   "compute_eviction_scores", error))
+        return false;
     }
     const nosa::step_args<nosa::bf16, nosa::bf16> args{
         nosa::make_contiguous<1>(static_cast<const std::int32_t*>(sequences_), {B}),
         nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(q_), {B, m.q_heads, D}),
         nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(k_), {B, m.kv_heads, D}),
         nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(v_), {B, m.kv_heads, D}),
-        bias ? nosa::make_contiguous<2>(static_cast<const float*>(c_), {B, m.kv_heads}) : nosa::tensor_view<const float, 2>{},
+        bias ? nosa::make_contiguous<2>(static_cast<const float*>(c_), {B, m.kv_heads})
+             : nosa::tensor_view<const float, 2>{},
         nosa::make_contiguous<3>(o_, {B, m.q_heads, D})};
-    if (!nosa_ok(stack_->step(l, args, stream_), "layer " + std::to_string(l) + ": step", error)) return false;
+    if (!nosa_ok(stack_->step(l, args, stream_), "layer " + std::to_string(l) + ": step", error))
+      return false;
     if (run_.trace) {
       // q, k, v and o widened to fp32 and c copied, in one buffer per layer: [q | k | v | o | c].
       float* t = trace_[std::size_t(l)];
@@ -448,30 +489,41 @@ bool cuda_engine::enqueue_step(std::string& error) {
       kernels::widen<<<grid_for(nkv), kernels::threads, 0, stream_>>>(v_, nkv, t + nq + nkv);
       kernels::widen<<<grid_for(nq), kernels::threads, 0, stream_>>>(o_, nq, t + nq + 2 * nkv);
       if (!launched("widen", error) ||
-          !cuda_ok(cudaMemcpyAsync(t + 2 * nq + 2 * nkv, c_, std::size_t(B) * m.kv_heads * 4, cudaMemcpyDeviceToDevice, stream_),
+          !cuda_ok(cudaMemcpyAsync(t + 2 * nq + 2 * nkv, c_, std::size_t(B) * m.kv_heads * 4,
+                                   cudaMemcpyDeviceToDevice, stream_),
                    "cudaMemcpyAsync", error)) {
         return false;
       }
     }
     if (!linear(w(l, layer_tensor::wo), hd, qw, o_, B, x_, true, true, error)) return false;
-    kernels::rmsnorm<<<B, kernels::threads, 0, stream_>>>(x_, w(l, layer_tensor::mlp_norm), hd, m.norm_eps, h_);
-    if (!launched("rmsnorm", error) || !linear(w(l, layer_tensor::w_gate), 2 * m.mlp, hd, h_, B, gu_, true, false, error)) return false;
+    kernels::rmsnorm<<<B, kernels::threads, 0, stream_>>>(x_, w(l, layer_tensor::mlp_norm), hd, m.norm_eps,
+                                                          h_);
+    if (!launched("rmsnorm", error) ||
+        !linear(w(l, layer_tensor::w_gate), 2 * m.mlp, hd, h_, B, gu_, true, false, error))
+      return false;
     kernels::silu_mul<<<B, kernels::threads, 0, stream_>>>(gu_, m.mlp, a_);
-    if (!launched("silu_mul", error) || !linear(w(l, layer_tensor::w_down), hd, m.mlp, a_, B, x_, true, true, error)) return false;
+    if (!launched("silu_mul", error) ||
+        !linear(w(l, layer_tensor::w_down), hd, m.mlp, a_, B, x_, true, true, error))
+      return false;
   }
-  kernels::rmsnorm<<<B, kernels::threads, 0, stream_>>>(x_, w(spec_index(model_tensor::final_norm)), hd, m.norm_eps, h_);
-  if (!launched("rmsnorm", error) || !linear(w(spec_index(model_tensor::lm_head)), m.vocab, hd, h_, B, logits_, true, false, error)) {
+  kernels::rmsnorm<<<B, kernels::threads, 0, stream_>>>(x_, w(spec_index(model_tensor::final_norm)), hd,
+                                                        m.norm_eps, h_);
+  if (!launched("rmsnorm", error) ||
+      !linear(w(spec_index(model_tensor::lm_head)), m.vocab, hd, h_, B, logits_, true, false, error)) {
     return false;
   }
   kernels::argmax<<<B, 1024, 0, stream_>>>(logits_, m.vocab, tokens_);
-  kernels::advance<<<B, kernels::threads, 0, stream_>>>(positions_, run_.drift > 0.0f ? drift_state_ : nullptr, drift_step_, run_.drift,
-                                                        run_.prompt_seed, hd, B);
+  kernels::advance<<<B, kernels::threads, 0, stream_>>>(positions_,
+                                                        run_.drift > 0.0f ? drift_state_ : nullptr,
+                                                        drift_step_, run_.drift, run_.prompt_seed, hd, B);
   if (run_.drift > 0.0f) kernels::count_step<<<1, 1, 0, stream_>>>(drift_step_);
   return launched("argmax/advance", error);
 }
 
 bool cuda_engine::capture(std::string& error) {
-  if (!cuda_ok(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture", error)) return false;
+  if (!cuda_ok(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture",
+               error))
+    return false;
   const bool enqueued = enqueue_step(error);
   cudaGraph_t graph = nullptr;
   const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
@@ -504,7 +556,8 @@ bool cuda_engine::copy_traces(std::string& error) {
   const std::size_t B = std::size_t(run_.batch), nq = B * model_.q_width(), nkv = B * model_.kv_width();
   std::vector<float> all(2 * nq + 2 * nkv + B * model_.kv_heads);
   for (int l = 0; l < model_.layers; ++l) {
-    if (!cuda_ok(cudaMemcpyAsync(all.data(), trace_[std::size_t(l)], all.size() * 4, cudaMemcpyDeviceToHost, stream_),
+    if (!cuda_ok(cudaMemcpyAsync(all.data(), trace_[std::size_t(l)], all.size() * 4, cudaMemcpyDeviceToHost,
+                                 stream_),
                  "cudaMemcpyAsync", error) ||
         !cuda_ok(cudaStreamSynchronize(stream_), "copying traces", error)) {
       return false;
@@ -523,7 +576,8 @@ bool cuda_engine::copy_traces(std::string& error) {
 bool cuda_engine::finish(std::string& error) {
   if (!cuda_ok(cudaStreamSynchronize(stream_), "decode", error)) return false;
   for (int l = 0; l < model_.layers; ++l) {
-    if (!nosa_ok(stack_->step_status(l, stream_), "layer " + std::to_string(l) + ": step_status", error)) return false;
+    if (!nosa_ok(stack_->step_status(l, stream_), "layer " + std::to_string(l) + ": step_status", error))
+      return false;
   }
   return true;
 }
@@ -548,14 +602,16 @@ double cuda_engine::device_bytes() const {
 
 double cuda_engine::host_bytes() const { return double(stack_->arena_bytes().host); }
 
-int largest_batch(const model_config& m, const run_config& run, bool distinct_per_sequence, double hbm_bytes, double host_bytes,
-                  std::string& error) {
-  const double fixed = weight_bytes(m) + double(cublas_workspace_bytes) + double(prefill_workspace_bytes(m, run.prompt_tokens));
+int largest_batch(const model_config& m, const run_config& run, bool distinct_per_sequence, double hbm_bytes,
+                  double host_bytes, std::string& error) {
+  const double fixed = weight_bytes(m) + double(cublas_workspace_bytes) +
+                       double(prefill_workspace_bytes(m, run.prompt_tokens));
   const auto fits = [&](int batch) {
     run_config r = run;
     r.batch = batch;
     nosa::arena_sizes arenas;
-    const nosa::status s = cuda_stack_bytes(run.attention, m.head_dim, layer_config_for(m, r), m.layers, arenas);
+    const nosa::status s =
+        cuda_stack_bytes(run.attention, m.head_dim, layer_config_for(m, r), m.layers, arenas);
     if (!nosa::ok(s)) {
       error = "sizing the layers: " + std::string(nosa::to_string(s));
       return false;
@@ -583,19 +639,23 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
   // The whole card: what is free now, less 1 GiB for the CUDA context's own growth (graphs, cuBLAS).
   const double gib = 1024.0 * 1024.0 * 1024.0;
   const double hbm = opt.hbm_gib > 0 ? opt.hbm_gib * gib : double(free_bytes) - gib;
-  const double host = opt.host_gib > 0 ? opt.host_gib * gib : 0.8 * double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
+  const double host = opt.host_gib > 0
+                          ? opt.host_gib * gib
+                          : 0.8 * double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
   run_config run = opt.run;
   run.steps = opt.run.steps + opt.warmup;
   if (opt.batch_auto) {
     run.batch = largest_batch(model, run, opt.distinct_per_sequence, hbm, host, error);
     if (run.batch == 0) {
-      if (error.empty()) error = "not even one sequence of " + std::to_string(run.prompt_tokens) + " tokens fits the budgets";
+      if (error.empty())
+        error = "not even one sequence of " + std::to_string(run.prompt_tokens) + " tokens fits the budgets";
       return false;
     }
   } else if (largest_batch(model, run, opt.distinct_per_sequence, hbm, host, error) < run.batch) {
     if (error.empty()) {
-      error = "batch " + std::to_string(run.batch) + " does not fit the HBM budget (" + std::to_string(hbm / gib) +
-              " GiB) and host budget (" + std::to_string(host / gib) + " GiB); try --batch auto";
+      error = "batch " + std::to_string(run.batch) + " does not fit the HBM budget (" +
+              std::to_string(hbm / gib) + " GiB) and host budget (" + std::to_string(host / gib) +
+              " GiB); try --batch auto";
     }
     return false;
   }
@@ -604,8 +664,8 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
   r.batch = run.batch;
   r.distinct_prompts = run.distinct_prompts;
   r.hbm_budget_bytes = hbm;
-  std::fprintf(stderr, "nosa-engine: %s, %s, batch %d, context %d\n", model.name.c_str(), r.method.c_str(), run.batch,
-               run.prompt_tokens);
+  std::fprintf(stderr, "nosa-engine: %s, %s, batch %d, context %d\n", model.name.c_str(), r.method.c_str(),
+               run.batch, run.prompt_tokens);
 
   std::optional<host_weights> weights;
   if (!opt.weights.empty()) {
@@ -614,7 +674,8 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
   } else if (!opt.save_weights.empty()) {
     weights = random_weights(model, run.weight_seed);
   }
-  if (weights && !opt.save_weights.empty() && !save_weights(opt.save_weights, model, *weights, error)) return false;
+  if (weights && !opt.save_weights.empty() && !save_weights(opt.save_weights, model, *weights, error))
+    return false;
   const auto engine = cuda_engine::create(model, weights ? &*weights : nullptr, run, error);
   if (!engine) return false;
   weights.reset();

@@ -27,7 +27,8 @@ using cuda_stack = attention_stack<nosa::bf16, cudaStream_t>;
 nosa::status make_cuda_stack(method m, int head_dim, const nosa::layer_config& config, int layers,
                              std::unique_ptr<cuda_stack>& out);
 /// The arena bytes `make_cuda_stack` would allocate, without allocating.
-nosa::status cuda_stack_bytes(method m, int head_dim, const nosa::layer_config& config, int layers, nosa::arena_sizes& out);
+nosa::status cuda_stack_bytes(method m, int head_dim, const nosa::layer_config& config, int layers,
+                              nosa::arena_sizes& out);
 
 /// Device memory owned by the engine (one allocation, freed on destruction).
 class device_memory {
@@ -63,8 +64,8 @@ class cuda_engine {
  public:
   /// Uploads `weights` (or, when null, generates the seeded random weights on the device), creates the
   /// layers, the cuBLAS handle and the stream. On failure returns nothing and sets `error`.
-  static std::unique_ptr<cuda_engine> create(const model_config& model, const host_weights* weights, const run_config& run,
-                                             std::string& error);
+  static std::unique_ptr<cuda_engine> create(const model_config& model, const host_weights* weights,
+                                             const run_config& run, std::string& error);
   ~cuda_engine();
   cuda_engine(const cuda_engine&) = delete;
   cuda_engine& operator=(const cuda_engine&) = delete;
@@ -82,7 +83,9 @@ class cuda_engine {
   cudaStream_t stream() const { return stream_; }
   cuda_stack& attention() { return *stack_; }
   const std::vector<layer_trace>& last_step() const { return step_trace_; }
-  const prompt_trace& prompt(int p, int l) const { return prompt_trace_[static_cast<std::size_t>(p * model_.layers + l)]; }
+  const prompt_trace& prompt(int p, int l) const {
+    return prompt_trace_[static_cast<std::size_t>(p * model_.layers + l)];
+  }
   /// Argmax tokens of the last step (waits).
   std::vector<std::int32_t> tokens();
   /// Counters of all layers summed (waits).
@@ -101,27 +104,27 @@ class cuda_engine {
   cublasHandle_t cublas_ = nullptr;
   cudaGraphExec_t graph_ = nullptr;
   std::unique_ptr<cuda_stack> stack_;
-  device_memory weights_;      // every bf16 tensor, in tensor_specs order
-  device_memory weights_f32_;  // the f32 tensors
+  device_memory weights_;            // every bf16 tensor, in tensor_specs order
+  device_memory weights_f32_;        // the f32 tensors
   std::vector<std::size_t> offset_;  // byte offset of each tensor in its buffer
-  device_memory act_;          // decode activations, fixed addresses for the graph
+  device_memory act_;                // decode activations, fixed addresses for the graph
   device_memory cublas_workspace_;
   int steps_done_ = 0;
   std::vector<layer_trace> step_trace_;
   std::vector<prompt_trace> prompt_trace_;
 
   // Decode activations (pointers into act_).
-  float* x_ = nullptr;             // [B][hidden] residual stream
-  nosa::bf16* h_ = nullptr;        // [B][hidden] normed
-  float* qkv_ = nullptr;           // [B][qw + 2 kvw]
-  nosa::bf16* q_ = nullptr;        // [B][H_q][D]
-  nosa::bf16* k_ = nullptr;        // [B][H_kv][D]
-  nosa::bf16* v_ = nullptr;        // [B][H_kv][D]
-  float* c_ = nullptr;             // [B][H_kv]
-  nosa::bf16* o_ = nullptr;        // [B][H_q][D]
-  float* gu_ = nullptr;            // [B][2 mlp]
-  nosa::bf16* a_ = nullptr;        // [B][mlp]
-  float* logits_ = nullptr;        // [B][vocab]
+  float* x_ = nullptr;                 // [B][hidden] residual stream
+  nosa::bf16* h_ = nullptr;            // [B][hidden] normed
+  float* qkv_ = nullptr;               // [B][qw + 2 kvw]
+  nosa::bf16* q_ = nullptr;            // [B][H_q][D]
+  nosa::bf16* k_ = nullptr;            // [B][H_kv][D]
+  nosa::bf16* v_ = nullptr;            // [B][H_kv][D]
+  float* c_ = nullptr;                 // [B][H_kv]
+  nosa::bf16* o_ = nullptr;            // [B][H_q][D]
+  float* gu_ = nullptr;                // [B][2 mlp]
+  nosa::bf16* a_ = nullptr;            // [B][mlp]
+  float* logits_ = nullptr;            // [B][vocab]
   std::int32_t* tokens_ = nullptr;     // [B]
   std::int32_t* positions_ = nullptr;  // [B]
   std::int32_t* sequences_ = nullptr;  // [B] = 0 .. B-1
@@ -137,8 +140,8 @@ class cuda_engine {
   bool upload_weights(const host_weights* weights, std::string& error);
   bool allocate_activations(std::string& error);
   /// y[rows][out] (+)= x[rows][in] . W[out][in]^T, bf16 inputs, fp32 accumulate; `Out` is float or bf16.
-  bool linear(const nosa::bf16* w, int out, int in, const nosa::bf16* x, int rows, void* y, bool f32_out, bool accumulate,
-              std::string& error);
+  bool linear(const nosa::bf16* w, int out, int in, const nosa::bf16* x, int rows, void* y, bool f32_out,
+              bool accumulate, std::string& error);
   /// Enqueues the whole decode step (what the graph holds).
   bool enqueue_step(std::string& error);
   bool capture(std::string& error);

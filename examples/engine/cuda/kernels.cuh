@@ -46,8 +46,10 @@ __device__ inline float block_max(float v) {
 
 /// Fills `n` elements of a tensor with `initial_value` (the host's `random_weights`, element for element).
 template <class T>
-__global__ void init_tensor(T* out, std::uint64_t n, init_kind kind, float bound, std::uint64_t seed, std::uint64_t id) {
-  for (std::uint64_t i = blockIdx.x * std::uint64_t(blockDim.x) + threadIdx.x; i < n; i += std::uint64_t(gridDim.x) * blockDim.x) {
+__global__ void init_tensor(T* out, std::uint64_t n, init_kind kind, float bound, std::uint64_t seed,
+                            std::uint64_t id) {
+  for (std::uint64_t i = blockIdx.x * std::uint64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::uint64_t(gridDim.x) * blockDim.x) {
     const float v = initial_value(kind, bound, seed, id, i);
     if constexpr (sizeof(T) == 2) {
       out[i] = nosa::bf16(v);
@@ -71,15 +73,17 @@ __global__ void rmsnorm(const float* x, const nosa::bf16* g, int width, float ep
   float sum = 0.0f;
   for (int i = threadIdx.x; i < width; i += blockDim.x) sum += xr[i] * xr[i];
   const float inv = rsqrtf(block_sum(sum) / float(width) + eps);
-  for (int i = threadIdx.x; i < width; i += blockDim.x) y[r * width + i] = nosa::bf16(xr[i] * inv * nosa::to_float(g[i]));
+  for (int i = threadIdx.x; i < width; i += blockDim.x)
+    y[r * width + i] = nosa::bf16(xr[i] * inv * nosa::to_float(g[i]));
 }
 
 /// Splits the fused projection row [q | k | v] (fp32) into bf16 q [H_q][D], k and v [H_kv][D], with RoPE
 /// (rotate-half pairs i, i + D/2) on q and k at the row's position: `positions[r]` when given, else
 /// `first_position + r`. q, k, v rows may be strided (`q_stride`, `kv_stride` elements between rows).
 /// Grid: rows.
-__global__ void rope_split(const float* qkv, const std::int32_t* positions, int first_position, int q_heads, int kv_heads,
-                           int head_dim, float theta, nosa::bf16* q, nosa::bf16* k, nosa::bf16* v) {
+__global__ void rope_split(const float* qkv, const std::int32_t* positions, int first_position, int q_heads,
+                           int kv_heads, int head_dim, float theta, nosa::bf16* q, nosa::bf16* k,
+                           nosa::bf16* v) {
   const std::int64_t r = blockIdx.x;
   const int qw = q_heads * head_dim, kvw = kv_heads * head_dim, half = head_dim / 2;
   const float* row = qkv + r * (qw + 2 * kvw);
@@ -141,8 +145,8 @@ __global__ void argmax(const float* logits, int vocab, std::int32_t* tokens) {
 
 /// End of a decode step: positions advance; with drift, each row's input embedding takes one step of its
 /// random walk (noise of step `*step`). Grid: rows.
-__global__ void advance(std::int32_t* positions, float* drift_state, const int* step, float drift, std::uint64_t seed,
-                        int hidden, int batch) {
+__global__ void advance(std::int32_t* positions, float* drift_state, const int* step, float drift,
+                        std::uint64_t seed, int hidden, int batch) {
   const int r = blockIdx.x;
   if (threadIdx.x == 0) positions[r] += 1;
   if (drift_state == nullptr) return;
@@ -159,25 +163,29 @@ __global__ void count_step(int* step) { *step += 1; }
 /// Probabilities of one prefill attention tile: row r of head g holds the logits (q . k_j) of query position
 /// `first + r` against keys j < `keys`; writes softmax_j(logit * scale + bias c[j][h]) over the causal keys
 /// j <= first + r as bf16, and zeros beyond. Grid: (rows, G).
-__global__ void prefill_softmax(const float* scores, std::int64_t ld, int rows, int first, int keys, float scale,
-                                const float* c, int kv_heads, int h, nosa::bf16* probs) {
+__global__ void prefill_softmax(const float* scores, std::int64_t ld, int rows, int first, int keys,
+                                float scale, const float* c, int kv_heads, int h, nosa::bf16* probs) {
   const int r = blockIdx.x, g = blockIdx.y;
   const float* s = scores + (std::int64_t(g) * rows + r) * ld;
   nosa::bf16* p = probs + (std::int64_t(g) * rows + r) * ld;
   const int valid = first + r + 1;
-  const auto logit = [&](int j) { return s[j] * scale + (c != nullptr ? c[std::int64_t(j) * kv_heads + h] : 0.0f); };
+  const auto logit = [&](int j) {
+    return s[j] * scale + (c != nullptr ? c[std::int64_t(j) * kv_heads + h] : 0.0f);
+  };
   float m = -INFINITY;
   for (int j = threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, logit(j));
   m = block_max(m);
   float sum = 0.0f;
   for (int j = threadIdx.x; j < valid; j += blockDim.x) sum += __expf(logit(j) - m);
   const float inv = 1.0f / block_sum(sum);
-  for (int j = threadIdx.x; j < keys; j += blockDim.x) p[j] = nosa::bf16(j < valid ? __expf(logit(j) - m) * inv : 0.0f);
+  for (int j = threadIdx.x; j < keys; j += blockDim.x)
+    p[j] = nosa::bf16(j < valid ? __expf(logit(j) - m) * inv : 0.0f);
 }
 
 /// Element-wise conversion of `n` bf16 values to fp32 (trace copies).
 __global__ void widen(const nosa::bf16* in, std::int64_t n, float* out) {
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
     out[i] = nosa::to_float(in[i]);
   }
 }

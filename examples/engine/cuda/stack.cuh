@@ -16,8 +16,8 @@ namespace nosa_engine {
 
 /// Creates the stack of method `m` into `*out`, or, when `out` is null, only sizes it into `*bytes`.
 template <int D>
-nosa::status make_cuda_stack_for(method m, const nosa::layer_config& config, int layers, std::unique_ptr<cuda_stack>* out,
-                                 nosa::arena_sizes* bytes) {
+nosa::status make_cuda_stack_for(method m, const nosa::layer_config& config, int layers,
+                                 std::unique_ptr<cuda_stack>* out, nosa::arena_sizes* bytes) {
   const auto make = [&]<class Pipeline>() -> nosa::status {
     using stack = attention_stack_of<nosa::decode_layer<Pipeline, nosa::cuda_backend>, nosa::bf16>;
     if (out == nullptr) return stack::required_bytes(config, layers, *bytes);
@@ -39,9 +39,9 @@ nosa::status make_cuda_stack_for(method m, const nosa::layer_config& config, int
   return nosa::status::invalid_argument;
 }
 
-extern template nosa::status make_cuda_stack_for<64>(method, const nosa::layer_config&, int, std::unique_ptr<cuda_stack>*,
-                                                     nosa::arena_sizes*);
-extern template nosa::status make_cuda_stack_for<128>(method, const nosa::layer_config&, int, std::unique_ptr<cuda_stack>*,
-                                                      nosa::arena_sizes*);
+extern template nosa::status make_cuda_stack_for<64>(method, const nosa::layer_config&, int,
+                                                     std::unique_ptr<cuda_stack>*, nosa::arena_sizes*);
+extern template nosa::status make_cuda_stack_for<128>(method, const nosa::layer_config&, int,
+                                                      std::unique_ptr<cuda_stack>*, nosa::arena_sizes*);
 
 }  // namespace nosa_engine

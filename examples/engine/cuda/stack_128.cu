@@ -3,6 +3,6 @@
 #include "stack.cuh"
 
 namespace nosa_engine {
-template nosa::status make_cuda_stack_for<128>(method, const nosa::layer_config&, int, std::unique_ptr<cuda_stack>*,
-                                               nosa::arena_sizes*);
+template nosa::status make_cuda_stack_for<128>(method, const nosa::layer_config&, int,
+                                               std::unique_ptr<cuda_stack>*, nosa::arena_sizes*);
 }  // namespace nosa_engine
