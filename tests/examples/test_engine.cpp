@@ -42,15 +42,17 @@ double check_against_reference(method attention, int steps) {
 }  // namespace
 
 TEST_CASE("engine attention equals dense attention over the selected tokens: nosa-offload") {
-  CHECK(check_against_reference(method::nosa_offload, 20) > 1e-3);
+  const double gap = check_against_reference(method::nosa_offload, 20);
+  MESSAGE("largest difference to dense attention over all tokens: " << gap);
+  CHECK(gap > 0.05);
 }
 
 TEST_CASE("engine attention equals dense attention over the selected tokens: nosa-resident") {
-  CHECK(check_against_reference(method::nosa_resident, 12) > 1e-3);
+  CHECK(check_against_reference(method::nosa_resident, 12) > 0.05);
 }
 
 TEST_CASE("engine attention equals dense attention over the selected tokens: infllmv2-offload") {
-  CHECK(check_against_reference(method::infllmv2_offload, 12) > 1e-3);
+  CHECK(check_against_reference(method::infllmv2_offload, 12) > 0.05);
 }
 
 TEST_CASE("engine attention equals dense attention over every token: full") {
