@@ -22,6 +22,8 @@
 #   the whole card)  STEPS [64] timed decode steps  WARMUP [4]  DRIFT [calibrated]  DRIFTS [0.02 0.05 0.1 0.2 0.4]
 #   RUN_TIMEOUT [540] seconds per run  NOSA_THROUGHPUT_BUILD_DIR [build-throughput]  NOSA_CUDA_ARCHITECTURES
 #   [90]  JOBS [all cores]  PYTHON [python3]  DRY_RUN [0] (1: print the runs instead of running them)
+#   LINK_GBPS [51] the gather's reachable host-to-device bandwidth (spec §6: random 16 KiB blocks on the H200;
+#   take the measured figure of docs/performance.md when it differs), for the report's PCIe target
 #
 # BACKEND=host PRESET=tiny runs the same study on the host backend (no --batch auto there: BATCHES only),
 # which is how the script itself is checked on a machine without a GPU.
@@ -48,6 +50,7 @@ run_timeout=${RUN_TIMEOUT:-540}
 build=${NOSA_THROUGHPUT_BUILD_DIR:-build-throughput}
 python=${PYTHON:-python3}
 dry_run=${DRY_RUN:-0}
+link_gbps=${LINK_GBPS:-51}
 results=$out/throughput.jsonl
 log=$out/throughput.log
 engine=$build/examples/nosa-engine
@@ -166,7 +169,7 @@ done
 
 # ---- 4. The report ----------------------------------------------------------------------------------------
 [[ $dry_run == 1 ]] && exit 0
-if ! "$python" scripts/throughput_report.py "$results" --out "$out" >>"$log" 2>&1; then
+if ! "$python" scripts/throughput_report.py "$results" --out "$out" --link-gbps "$link_gbps" >>"$log" 2>&1; then
   say "nosa-throughput: the report failed (see $log)"
   exit 1
 fi

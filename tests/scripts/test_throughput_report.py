@@ -44,14 +44,14 @@ FAILURE = {"error": "nosa-engine: batch 64 does not fit the HBM budget", "args":
 
 
 class ThroughputReport(unittest.TestCase):
-    def render(self, lines):
+    def render(self, lines, *extra):
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
         path = os.path.join(tmp.name, "runs.jsonl")
         with open(path, "w") as f:
             f.write("\n".join(json.dumps(r) for r in lines) + "\n")
         out = os.path.join(tmp.name, "out")
-        subprocess.run([sys.executable, SCRIPT, path, "--out", out], check=True)
+        subprocess.run([sys.executable, SCRIPT, path, "--out", out, *extra], check=True)
         with open(os.path.join(out, "throughput.md")) as f:
             return f.read(), out
 
@@ -81,6 +81,11 @@ class ThroughputReport(unittest.TestCase):
         slow.append(run("nosa-offload", 32768, 120, 1000.0, True, locality=0.945))
         text, _ = self.render(slow)
         self.assertIn("nosa-offload / full = 2.00 (target >= 5.0: missed)", text)
+
+    def test_pcie_share_of_the_link(self):
+        text, _ = self.render(RUNS, "--link-gbps", "25")
+        # The runs gather 20 GB/s at most: 80% of a 25 GB/s link.
+        self.assertIn("gathers 20.0 GB/s, 80% of the 25 GB/s link (target >= 85% when misses make PCIe the bottleneck: missed", text)
 
     def test_malformed_input_is_an_error(self):
         tmp = tempfile.TemporaryDirectory()
