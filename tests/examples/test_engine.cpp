@@ -67,8 +67,8 @@ TEST_CASE("the drift workload raises NOSA's locality") {
     run.attention = method::nosa_offload;
     run.batch = 2;
     run.distinct_prompts = 2;
-    run.prompt_tokens = 512;
-    run.steps = 32;
+    run.prompt_tokens = 320;
+    run.steps = 24;
     run.drift = drift;
     std::string error;
     const auto engine = host_engine::create(model, random_weights(model, 3), run, error);
