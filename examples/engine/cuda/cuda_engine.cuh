@@ -72,8 +72,9 @@ class cuda_engine {
 
   /// Dense prefill of each distinct prompt (chunked, cuBLAS attention tiles), ingest into its sequences.
   bool prefill(std::string& error);
-  /// One decode step of every sequence: a plan call when due, then one launch of the captured graph (captured
-  /// at the first call). Returns once enqueued; with `run.trace` it waits and copies the traces.
+  /// One decode step of every sequence: a plan call when due, then one launch of the captured graph (the
+  /// first step runs eagerly, the second captures the graph). Returns once enqueued; with `run.trace` it
+  /// waits and copies the traces.
   bool step(std::string& error);
   /// Waits for the work enqueued so far and checks every layer's step status.
   bool finish(std::string& error);
