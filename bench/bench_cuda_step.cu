@@ -11,10 +11,11 @@
 //   ceiling/h2d_copy, ceiling/d2h_copy, ceiling/hbm_copy, ceiling/hbm_read
 //       the copies and the read kernel themselves (the H2D copy at several sizes);
 //   gather
-//       set-difference + gather (select_diff_kernel then gather_kernel, the offload store) at a forced miss
-//       rate: before each timed launch a small kernel evicts the chosen share of every (sequence, KV head)'s
-//       selected blocks from its slot cache, so the diff finds exactly those blocks missing and the gather
-//       loads them from the pinned host pool; also timed: one contiguous copy of the same bytes;
+//       set-difference + gather (diff_kernel then gather_kernel, the offload store) at a forced miss rate:
+//       before each timed launch a small kernel evicts the chosen share of every (sequence, KV head)'s
+//       selected blocks from its slot cache and the selection kernel runs (untimed), so the diff finds
+//       exactly those blocks missing and the gather loads them from the pinned host pool; also timed: one
+//       contiguous copy of the same bytes;
 //   attention/{resident,offload,full}
 //       the attention kernel + merge_kernel over the full selection (k blocks per (sequence, KV head)), or
 //       over every block of the cache for full attention;
@@ -632,9 +633,9 @@ class bench_layer final : public resource {
     fill_random(c_.data(), B * spec_.hkv, seed + 13, s);
   }
 
-  /// Enqueues one step through decode_layer::enqueue_step (the launches `step` makes), with events 0..6
-  /// around the stages when `ev` is given: 0 | begin | 1 | append_score | 2 | select_diff | 3 | gather
-  /// (offload store) | 4 | attention | 5 | merge | 6.
+  /// Enqueues one step through decode_layer::enqueue_step (the launches `step` makes), with events 0..7
+  /// around the stages when `ev` is given: 0 | begin | 1 | append_score | 2 | select | 3 | diff (offload
+  /// store) | 4 | gather (offload store) | 5 | attention | 6 | merge | 7.
   void launch_step_kernels(int batch, event_set* ev) {
     const cudaStream_t s = st();
     using stage = typename nosa::decode_layer<P, nosa::cuda_backend>::step_stage;
@@ -645,11 +646,19 @@ class bench_layer final : public resource {
     BENCH_LAUNCHED();
   }
 
-  /// One step of `batch` rows captured through decode_layer::step.
-  std::unique_ptr<graph_exec> capture_step(int batch) {
+  /// One step of `batch` rows captured through decode_layer::step; `overlapped`: the gather on a second
+  /// stream, forked and joined inside the graph (cuda_overlap).
+  std::unique_ptr<graph_exec> capture_step(int batch, bool overlapped = false) {
     auto g = std::make_unique<graph_exec>();
+    if (overlapped && transfer_ == nullptr) {
+      transfer_ = std::make_unique<stream_handle>();
+      BENCH_CUDA(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+      BENCH_CUDA(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
+    }
     BENCH_CUDA(cudaStreamBeginCapture(st(), cudaStreamCaptureModeThreadLocal));
-    const nosa::status enqueued = layer_.step(args(batch), st());
+    const nosa::status enqueued =
+        overlapped ? layer_.step(args(batch), st(), nosa::cuda_overlap{transfer_->get(), fork_, join_})
+                   : layer_.step(args(batch), st());
     const cudaError_t ended = cudaStreamEndCapture(st(), &g->graph);
     BENCH_NOSA(enqueued);
     BENCH_CUDA(ended);
@@ -789,6 +798,16 @@ class bench_layer final : public resource {
   device_array<out_type> o_;
   device_array<std::int32_t> lengths_backup_;
   std::unique_ptr<host_reference> ref_;
+  std::unique_ptr<stream_handle> transfer_;  // overlapped steps: the gather's stream and its two events
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+
+ public:
+  ~bench_layer() override {
+    if (fork_ != nullptr) cudaEventDestroy(fork_);
+    if (join_ != nullptr) cudaEventDestroy(join_);
+  }
+
+ private:
 
   static std::vector<std::int32_t> copy(std::span<const std::int32_t> s) { return {s.begin(), s.end()}; }
 
@@ -1029,11 +1048,11 @@ void bench_gather(benchmark::State& state, const std::string& key, const layer_s
     const nd::sequence_source seqs = L.source(batch);
     const auto enqueue = [&](event_set* ev) {
       evict_kernel<<<(rows + 127) / 128, 128, 0, s>>>(st, L.seq_ids(), rows, total);
+      nd::launch_select<P>(st, seqs, rows, 0, true, true, nd::count_mode::step, s);
       if (ev != nullptr) ev->record(0, s);
-      nd::select_diff_kernel<P>
-          <<<rows, nd::cuda_threads, 0, s>>>(st, seqs, 0, true, true, nd::count_mode::step);
+      nd::launch_diff(st, seqs, rows, 0, nd::count_mode::step, s);
       if (ev != nullptr) ev->record(1, s);
-      nd::gather_kernel<<<dim3(rows, k + 1), nd::cuda_threads, 0, s>>>(st, seqs, false);
+      nd::launch_gather(st, seqs, rows, false, s);
       if (ev != nullptr) ev->record(2, s);
       BENCH_LAUNCHED();
     };
@@ -1070,7 +1089,7 @@ void bench_gather(benchmark::State& state, const std::string& key, const layer_s
     set(state, "misses", double(total));
     set(state, "bytes_h2d", bytes);
     set(state, "median_us", us);
-    set(state, "select_diff_us", median(t_diff) * 1e3);
+    set(state, "diff_us", median(t_diff) * 1e3);
     set(state, "gather_us", gather_us);
     set(state, "GBps", gbps);
     set(state, "ceiling_GBps", g_ceiling.h2d_gbps);
@@ -1078,7 +1097,7 @@ void bench_gather(benchmark::State& state, const std::string& key, const layer_s
     set(state, "gather_GBps", gather_us > 0 ? bytes / (gather_us * 1e-6) / 1e9 : 0.0);
     set(state, "copy_same_bytes_us", copy_us);
     set(state, "ratio_same_bytes", bytes > 0 && us > 0 ? copy_us / us : 0.0);
-    set(state, "ctas", double(rows) * (k + 1));
+    set(state, "ctas", double(rows) * nd::gather_ctas_per_row(rows, k));
     set(state, "near_ties", ties);
   });
 }
@@ -1151,7 +1170,7 @@ void bench_step(benchmark::State& state, const std::string& key, const layer_spe
     const std::unique_ptr<graph_exec> g = L.capture_step(batch);
     const int ties = L.validate_once(key, batch, [&] { BENCH_CUDA(cudaGraphLaunch(g->exec, s)); });
     const int n = static_cast<int>(state.max_iterations);
-    L.ensure_room(2 * n + 8);
+    L.ensure_room(3 * n + 8);
     std::uint64_t seed = mix64(std::hash<std::string>{}(key)) + 1000;
     for (int i = 0; i < 3; ++i) {
       L.new_inputs(batch, seed++, true);
@@ -1161,16 +1180,20 @@ void bench_step(benchmark::State& state, const std::string& key, const layer_spe
     L.expect_step_success();
 
     const nosa::counters before = L.layer().total_counters(s);
-    event_set ev(7);
-    std::vector<double> t;
-    for (auto _ : state) {
+    event_set ev(8);
+    // One replay of `graph` on fresh, drifting inputs; milliseconds.
+    const auto replay = [&](const graph_exec& graph) {
       L.new_inputs(batch, seed++, true);
       spin(s);
       ev.record(0, s);
-      BENCH_CUDA(cudaGraphLaunch(g->exec, s));
+      BENCH_CUDA(cudaGraphLaunch(graph.exec, s));
       ev.record(1, s);
       ev.wait(1);
-      t.push_back(ev.ms(0, 1));
+      return ev.ms(0, 1);
+    };
+    std::vector<double> t;
+    for (auto _ : state) {
+      t.push_back(replay(*g));
       state.SetIterationTime(t.back() * 1e-3);
     }
     L.expect_step_success();
@@ -1178,35 +1201,47 @@ void bench_step(benchmark::State& state, const std::string& key, const layer_spe
     const double kv_bytes = L.selected_kv_bytes(batch, 0);
 
     // The same steps kernel by kernel, events between the kernels.
-    std::vector<std::vector<double>> stage(6);
+    constexpr int stages = 7;
+    std::vector<std::vector<double>> stage(stages);
     std::vector<double> sum;
     for (int i = 0; i < n; ++i) {
       L.new_inputs(batch, seed++, true);
       spin(s);
       L.launch_step_kernels(batch, &ev);
-      ev.wait(6);
-      for (int x = 0; x < 6; ++x) stage[std::size_t(x)].push_back(ev.ms(x, x + 1));
-      sum.push_back(ev.ms(0, 6));
+      ev.wait(stages);
+      for (int x = 0; x < stages; ++x) stage[std::size_t(x)].push_back(ev.ms(x, x + 1));
+      sum.push_back(ev.ms(0, stages));
     }
     L.expect_step_success();
 
+    // Offload store: the same steps with the gather overlapped with attention over the resident blocks. The
+    // exposed transfer time is what the overlapped step takes beyond the step without its gather.
+    std::vector<double> t_overlap;
+    if constexpr (P::store::offloads) {
+      const std::unique_ptr<graph_exec> go = L.capture_step(batch, true);
+      for (int i = 0; i < n; ++i) t_overlap.push_back(replay(*go));
+      L.expect_step_success();
+    }
+    const nosa::counters last = L.layer().total_counters(s);
+
     const double steps = double(t.size());
     const double us = median(t) * 1e3, kernels_us = median(sum) * 1e3;
-    const char* names[6] = {"begin_us",  "append_score_us", "select_diff_us",
-                            "gather_us", "attention_us",    "merge_us"};
-    double stage_us[6];
-    for (int x = 0; x < 6; ++x) {
+    const char* names[stages] = {"begin_us", "append_score_us", "select_us", "diff_us",
+                                 "gather_us", "attention_us",   "merge_us"};
+    double stage_us[stages];
+    for (int x = 0; x < stages; ++x) {
       stage_us[x] = median(stage[std::size_t(x)]) * 1e3;
       set(state, names[x], stage_us[x]);
     }
-    const double other = stage_us[0] + stage_us[1] + stage_us[2];
-    const double attention = stage_us[4] + stage_us[5];
+    set(state, "select_diff_us", stage_us[2] + stage_us[3]);
+    const double other = stage_us[0] + stage_us[1] + stage_us[2] + stage_us[3];
+    const double attention = stage_us[5] + stage_us[6];
     const double h2d = steps > 0 ? double(after.bytes_h2d - before.bytes_h2d) / steps : 0.0;
     set(state, "median_us", us);
     set(state, "step_ms", us * 1e-3);
     set(state, "kernels_us", kernels_us);
     set(state, "graph_over_kernels", kernels_us > 0 ? us / kernels_us : 0.0);
-    set(state, "score_select_us", stage_us[1] + stage_us[2]);
+    set(state, "score_select_us", stage_us[1] + stage_us[2] + stage_us[3]);
     set(state, "other_share", kernels_us > 0 ? other / kernels_us : 0.0);
     set(state, "kv_bytes", kv_bytes);
     set(state, "attention_GBps", attention > 0 ? kv_bytes / (attention * 1e-6) / 1e9 : 0.0);
@@ -1215,7 +1250,16 @@ void bench_step(benchmark::State& state, const std::string& key, const layer_spe
     set(state, "misses_per_step", steps > 0 ? double(after.misses - before.misses) / steps : 0.0);
     set(state, "h2d_bytes_per_step", h2d);
     set(state, "d2h_bytes_per_step", steps > 0 ? double(after.bytes_d2h - before.bytes_d2h) / steps : 0.0);
-    set(state, "gather_GBps", stage_us[3] > 0 ? h2d / (stage_us[3] * 1e-6) / 1e9 : 0.0);
+    set(state, "gather_GBps", stage_us[4] > 0 ? h2d / (stage_us[4] * 1e-6) / 1e9 : 0.0);
+    const double selected = double(last.hits - before.hits + last.misses - before.misses);
+    set(state, "hit_rate", selected > 0 ? double(last.hits - before.hits) / selected : 0.0);
+    if (!t_overlap.empty()) {
+      const double overlap_us = median(t_overlap) * 1e3;
+      const double exposed = std::max(0.0, overlap_us - (us - stage_us[4]));
+      set(state, "overlap_us", overlap_us);
+      set(state, "exposed_transfer_us", exposed);
+      set(state, "exposed_share", stage_us[4] > 0 ? exposed / stage_us[4] : 0.0);
+    }
     set(state, "near_ties", ties);
   });
 }

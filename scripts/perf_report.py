@@ -37,7 +37,8 @@ ATTENTION_RATIO = 0.80           # of the HBM read ceiling, whenever B x H_kv >=
 ATTENTION_MIN_ROWS = 64
 STEP_B1_US = 40.0                # B = 1, 32K, H_kv = 2, resident store, graph-replayed
 OTHER_SHARE = 0.15               # non-attention, non-transfer share of the step at 32K and B = 64
-GRAPH_GAP = 0.10                 # graph replay within 10% of the sum of its kernels
+EXPOSED_SHARE = 0.25             # transfer time left exposed by the overlapped step
+GRAPH_GAP = 0.10                 # graph replay at most 10% above the sum of its kernels (launch gaps)
 
 IMAGES = ["h2d_bandwidth.png", "attention_bandwidth.png", "step_vs_batch.png", "step_vs_context.png",
           "stage_times.png"]
@@ -275,13 +276,14 @@ TABLE_NOTES = """## What each table means
 
 - **Ceilings**: the reference figures of this run. `h2d_copy` at several sizes shows how a contiguous copy
   ramps up with size (the first plot); the 256 MiB copy is the H2D ceiling.
-- **Gather (offload store)**: `select_diff_kernel` + `gather_kernel`, as a step launches them (without the
+- **Gather (offload store)**: `diff_kernel` + `gather_kernel`, as a step launches them (without the
   write-back of a completed tail), on a batch whose selections are forced to miss a given share of their
   `k` blocks: before each timed run a small kernel evicts that many non-forced selected blocks of every
-  (sequence, KV head) from the slot cache, so the diff finds exactly those missing and the gather loads
-  them (K and V, 16 KiB each) from the pinned host pool over PCIe. *Bytes* = misses x 32 KiB; *GB/s* =
-  bytes / (diff + gather time); *ratio* = GB/s / H2D ceiling; *copy* = one contiguous `cudaMemcpyAsync` of
-  the same bytes, and *vs copy* = copy time / (diff + gather time), the figure NOSI's 88% is quoted in.
+  (sequence, KV head) from the slot cache and `select_kernel` runs (untimed), so the diff finds exactly
+  those missing and the gather loads them (K and V, 16 KiB each) from the pinned host pool over PCIe.
+  *Bytes* = misses x 32 KiB; *GB/s* = bytes / (diff + gather time); *ratio* = GB/s / H2D ceiling; *copy* =
+  one contiguous `cudaMemcpyAsync` of the same bytes, and *vs copy* = copy time / (diff + gather time), the
+  figure NOSI's 88% is quoted in.
   Zero-miss rows give the cost of a step that moves nothing.
 - **Attention**: `attention_kernel` + `merge_kernel` over full selections (`k = 64` blocks, about 2 MiB of
   K and V per (sequence, KV head)). *KV bytes* = the bytes of the selected K and V rows; *GB/s* = KV bytes /
@@ -357,7 +359,7 @@ def section_gather(results) -> str:
     for r in gather_rows(results):
         rows.append([str(r.p("batch")), str(r.p("hkv")), str(r.p("group")), str(r.p("context")), str(r.p("miss_pct")),
                      num(r.get("misses")), mib(r.get("bytes_h2d")), num(r.get("median_us")),
-                     num(r.get("select_diff_us")), num(r.get("gather_us")), num(r.get("GBps")),
+                     num(r.get("diff_us", r.get("select_diff_us"))), num(r.get("gather_us")), num(r.get("GBps")),
                      num(r.get("ceiling_GBps")), pct(r.get("ratio")) if r.get("bytes_h2d") else "–",
                      num(r.get("copy_same_bytes_us")) if r.get("bytes_h2d") else "–",
                      pct(r.get("ratio_same_bytes")) if r.get("bytes_h2d") else "–"])
@@ -407,7 +409,7 @@ def section_targets(ctx: dict, results) -> str:
         if b < GATHER_MIN_BYTES or r.get("ratio") is None:
             continue
         ratio = r.get("ratio")
-        share = (r.get("select_diff_us") or 0) / r.get("median_us") if r.get("median_us") else None
+        share = (r.get("diff_us", r.get("select_diff_us")) or 0) / r.get("median_us") if r.get("median_us") else None
         how = f"{100 * (GATHER_CEILING_RATIO - ratio):.1f} points short"
         rows.append([f"gather >= {GATHER_CEILING_RATIO:.0%} of H2D copy (>= 4 MiB/step)",
                      f"B {r.p('batch')}, H_kv {r.p('hkv')}, {r.p('context')} ctx, {r.p('miss_pct')}% misses, "
@@ -448,7 +450,8 @@ def section_targets(ctx: dict, results) -> str:
         if rows_ < ATTENTION_MIN_ROWS or r.get("ratio") is None:
             continue
         ratio = r.get("ratio")
-        rows.append([f"sparse attention >= {ATTENTION_RATIO:.0%} of HBM read (B x H_kv >= 64)",
+        kind = "dense attention, whole cache" if r.family.endswith("/full") else "sparse attention"
+        rows.append([f"{kind} >= {ATTENTION_RATIO:.0%} of HBM read (B x H_kv >= 64)",
                      f"{r.family.split('/')[1]}, {r.p('context')} ctx, H_kv {r.p('hkv')}, B {r.p('batch')}",
                      f"{num(r.get('GBps'))} GB/s", f"{num(hbm)} GB/s", pct(ratio),
                      verdict(ratio >= ATTENTION_RATIO, f"{100 * (ATTENTION_RATIO - ratio):.1f} points short")])
@@ -483,6 +486,18 @@ def section_targets(ctx: dict, results) -> str:
                          f"{num(r.get('kernels_us'))} us", pct(share),
                          verdict(share <= OTHER_SHARE, f"{100 * (share - OTHER_SHARE):.1f} points over")])
 
+    # Exposed transfer time of the overlapped step (offload store), at the run's own miss rate.
+    for r in step_rows(results):
+        if r.get("exposed_share") is None or not r.get("gather_us"):
+            continue
+        share = r.get("exposed_share")
+        rows.append([f"exposed transfer <= {EXPOSED_SHARE:.0%} of the transfer time (overlapped step)",
+                     f"{r.p('context')} ctx, H_kv {r.p('hkv')}, B {r.p('batch')}, hit rate {pct(r.get('hit_rate'))}, "
+                     f"{num(r.get('misses_per_step'))} misses/step",
+                     f"{num(r.get('exposed_transfer_us'))} us exposed ({num(r.get('overlap_us'))} us step)",
+                     f"{num(r.get('gather_us'))} us gather", pct(share),
+                     verdict(share <= EXPOSED_SHARE, f"{100 * (share - EXPOSED_SHARE):.1f} points over")])
+
     # Graph replay against the kernels: one row for the worst configuration, one for every miss.
     graphed = [r for r in step_rows(results) if r.get("graph_over_kernels") is not None]
     if graphed:
@@ -492,19 +507,20 @@ def section_targets(ctx: dict, results) -> str:
         def row(r, label):
             g = r.get("graph_over_kernels")
             return [label, where(r), f"{num(r.get('median_us'))} us", f"{num(r.get('kernels_us'))} us", num(g) + "x",
-                    verdict(abs(g - 1.0) <= GRAPH_GAP, f"{100 * (g - 1.0):+.1f}%")]
+                    verdict(g <= 1.0 + GRAPH_GAP, f"{100 * (g - 1.0):+.1f}%")]
 
-        worst = max(graphed, key=lambda r: abs(r.get("graph_over_kernels") - 1.0))
-        within = sum(abs(r.get("graph_over_kernels") - 1.0) <= GRAPH_GAP for r in graphed)
-        rows.append(row(worst, f"graph replay within 10% of the sum of its kernels: {within} of {len(graphed)} "
-                               "configurations; the farthest"))
+        # A launch gap makes the replay slower than its kernels; kernels timed one by one carry the events
+        # between them, so a replay below their sum has no gaps at all.
+        worst = max(graphed, key=lambda r: r.get("graph_over_kernels"))
+        within = sum(r.get("graph_over_kernels") <= 1.0 + GRAPH_GAP for r in graphed)
+        rows.append(row(worst, f"graph replay at most 10% above the sum of its kernels: {within} of {len(graphed)} "
+                               "configurations; the slowest"))
         for r in graphed:
-            if r is not worst and abs(r.get("graph_over_kernels") - 1.0) > GRAPH_GAP:
-                rows.append(row(r, "graph replay within 10% of the sum of its kernels"))
+            if r is not worst and r.get("graph_over_kernels") > 1.0 + GRAPH_GAP:
+                rows.append(row(r, "graph replay at most 10% above the sum of its kernels"))
 
     out = "### Targets\n\n" + table(["target", "where", "achieved", "ceiling / reference", "ratio", "verdict"], rows)
-    out += ("\nNot measured by this suite yet: the exposed transfer time with overlap (no overlap path exists yet), "
-            "the dense full-attention path (not in the library yet), and how many SMs the gather occupies (the "
+    out += ("\nNot measured by this suite yet: how many SMs the gather occupies (the "
             "gather grid has `B x H_kv x (k + 1)` CTAs, of which only the misses copy).\n")
     if notes:
         out += "\nFigures that explain the misses (from the same run):\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -85,6 +85,16 @@ struct prompt_args {
                                       ///< selection; without it the query-aware part is left empty
 };
 
+/// A prompt prefix that a new sequence shares with a live one (prompts with a common beginning, such as a
+/// system prompt, or many samples of one prompt). The first `blocks` blocks of the new sequence reference
+/// the pages of the same blocks of `source` (reference-counted) instead of new pages, so the pool holds them
+/// once. Each shared block must be complete in both sequences and hold the same tokens; the prompt views
+/// must still hold every token, since the compressed state and the slot cache are per sequence.
+struct shared_prefix {
+  int source = -1;  ///< live sequence whose pages are shared
+  int blocks = 0;   ///< complete blocks to share, from block 0
+};
+
 /// Traffic and residency counters. Accumulated in state memory during steps; reading them never forces a
 /// synchronisation of the step.
 struct counters {

@@ -33,6 +33,10 @@ struct capacity {
   int max_sequences = 1;           ///< sequence slots (ids 0 .. max_sequences-1)
   int max_blocks_per_sequence = 1; ///< longest sequence is max_blocks_per_sequence * block_size tokens
   int pool_pages = 1;              ///< pages in the paged KV pool; one page holds one block of every KV head
+  /// Offload store: slots per (sequence, KV head) beyond the `k + 1` a step needs. Blocks that leave the
+  /// selection then stay in their slots until a slot is needed (the least recently selected goes first), so
+  /// a block selected again soon is a hit instead of a transfer. 0 frees a dropped block's slot at once.
+  int cache_slots = 0;
 };
 
 /// Everything a layer needs besides its compile-time policies.
@@ -67,6 +71,7 @@ constexpr status validate(const layer_config& c) noexcept {
   if (c.limits.max_sequences <= 0 || c.limits.max_blocks_per_sequence <= 0 || c.limits.pool_pages <= 0) {
     return status::invalid_argument;
   }
+  if (c.limits.cache_slots < 0 || c.limits.cache_slots > (1 << 20)) return status::invalid_argument;
   const std::int64_t tokens = static_cast<std::int64_t>(c.limits.max_blocks_per_sequence) * c.selection.block_size;
   if (tokens > (std::int64_t{1} << 30)) return status::invalid_argument;
   if (static_cast<std::int64_t>(c.limits.pool_pages) > (std::int64_t{1} << 30)) return status::invalid_argument;

@@ -4,7 +4,7 @@
 /// same offsets, so the state is one design executed two ways. Every array is sized by a capacity.
 ///
 /// Notation: S = max_sequences, H = num_kv_heads, MB = max_blocks_per_sequence, MT = MB * b_s (tokens),
-/// MW = window_count(MT), NS = top_k + spare_slots (slots per (sequence, KV head)), P = pool_pages,
+/// MW = window_count(MT), NS = top_k + spare_slots + cache_slots (slots per (sequence, KV head)), P = pool_pages,
 /// D = head_dim, E = sizeof(element).
 
 #include <nosa/core/params.hpp>
@@ -29,6 +29,7 @@ struct state_layout {
   int sequences = 0, kv_heads = 0, head_dim = 0, block_size = 0, window = 0;
   int max_blocks = 0, max_tokens = 0, max_windows = 0, top_k = 0, slots = 0, pages = 0;
   int group = 0;       // G = H_q / H_kv
+  int cache_slots = 0; // slots beyond k + spare that keep dropped blocks (offload store)
   int max_splits = 0;  // parts a (sequence, KV head)'s attention may be split into (CUDA backend)
   int score_chunks = 0;  // MC: chunks of score_chunk_windows windows covering MW
   std::size_t element_size = 0;
@@ -40,7 +41,7 @@ struct state_layout {
   std::size_t seq_live = 0;         // int32 [S]                     1 when the slot holds a live sequence
   std::size_t block_table = 0;      // int32 [S][MB]                 pool page of each block, -1 if none
   std::size_t token_scores = 0;     // f32   [S][H][MT]              eviction score c of every token
-  std::size_t compressed_keys = 0;  // f32   [S][H][MW][D]           Kc, mean of K over each window
+  std::size_t compressed_keys = 0;  // f32   [S][H][D/4][MW][4]      Kc, mean of K over each window (see compressed_key_index)
   std::size_t compressed_scores = 0;// f32   [S][H][MW]              cc, mean of c over each window
   std::size_t key_ring = 0;         // E     [S][H][l_c][D]          K of the last l_c tokens, ring by t % l_c
   std::size_t selection = 0;        // int32 [S][H][k]               selected blocks in rank order
@@ -48,6 +49,7 @@ struct state_layout {
   std::size_t step_misses = 0;      // int32 [S][H]                  blocks loaded by the last step
   std::size_t slot_map = 0;         // int32 [S][H][NS]              block held by each slot, -1 if free
   std::size_t block_slot = 0;       // int32 [S][H][MB]              slot holding each block, -1 if none
+  std::size_t slot_stamp = 0;       // int32 [S][H][NS]              length at which each slot's block was last selected
   std::size_t slot_keys = 0;        // E     [S][H][NS][b_s][D]      slot cache, K
   std::size_t slot_values = 0;      // E     [S][H][NS][b_s][D]      slot cache, V
   std::size_t query_scores = 0;     // f32   [S][H][MB]              scratch: Sq per block
@@ -86,6 +88,14 @@ struct state_layout {
   constexpr std::size_t block_elements() const noexcept { return std::size_t(block_size) * head_dim; }
 };
 
+/// Position of dimension `d` of window `w`'s compressed key among one (sequence, KV head)'s compressed keys:
+/// dimensions in groups of four, window-major within a group (`[D/4][MW][4]`), so that the same four
+/// dimensions of consecutive windows are adjacent (a GPU thread per window then reads coalesced 16-byte
+/// pieces).
+NOSA_HOST_DEVICE constexpr std::size_t compressed_key_index(int w, int d, int max_windows) noexcept {
+  return (std::size_t(d / 4) * std::size_t(max_windows) + std::size_t(w)) * 4 + std::size_t(d % 4);
+}
+
 namespace detail {
 constexpr std::size_t align_up(std::size_t n, std::size_t a) noexcept { return (n + a - 1) / a * a; }
 
@@ -113,7 +123,8 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.max_tokens = s.max_blocks * sel.block_size;
   s.max_windows = window_count(s.max_tokens, sel);
   s.top_k = sel.top_k;
-  s.slots = sel.top_k + P::store::spare_slots;
+  s.cache_slots = P::store::offloads ? config.limits.cache_slots : 0;
+  s.slots = sel.top_k + P::store::spare_slots + s.cache_slots;
   s.pages = config.limits.pool_pages;
   s.group = config.group_size();
   // Full attention splits over every block of a sequence, sparse attention over the k selected.
@@ -133,7 +144,7 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   // Full attention keeps no compressed state and no scoring scratch: those offsets stay 0 and are never used.
   const bool scored = !P::dense;
   if (scored) {
-    s.compressed_keys = dev.take(SH * s.max_windows * D * f32);
+    s.compressed_keys = dev.take(SH * s.max_windows * detail::align_up(D, 4) * f32);
     s.compressed_scores = dev.take(SH * s.max_windows * f32);
     s.key_ring = dev.take(SH * sel.window * D * E);
   }
@@ -143,6 +154,7 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   if (s.offloads) {
     s.slot_map = dev.take(SH * s.slots * i32);
     s.block_slot = dev.take(SH * s.max_blocks * i32);
+    s.slot_stamp = dev.take(SH * s.slots * i32);
     s.slot_keys = dev.take(SH * s.slots * s.block_elements() * E);
     s.slot_values = dev.take(SH * s.slots * s.block_elements() * E);
   }

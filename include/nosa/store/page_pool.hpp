@@ -6,6 +6,7 @@
 
 #include <nosa/core/params.hpp>
 #include <nosa/core/status.hpp>
+#include <nosa/pipeline.hpp>
 #include <nosa/scorer/windows.hpp>
 #include <nosa/store/layout.hpp>
 
@@ -39,6 +40,8 @@ class page_pool {
     refs_[page] = 1;
     return page;
   }
+  /// One more reference to a page in use (a block shared by two sequences).
+  void add_ref(std::int32_t page) noexcept { ++refs_[page]; }
   /// Drops one reference; the page is free again when none is left.
   void release(std::int32_t page) noexcept {
     if (--refs_[page] == 0) stack_[(*count_)++] = page;
@@ -61,6 +64,18 @@ class page_pool {
     for (int m = 0; m < blocks; ++m) {
       if (table[m] < 0) table[m] = pop();
     }
+  }
+
+  /// Checks a shared prefix for a new sequence of `length` tokens in slot `seq`, given the source's live flag
+  /// and length: a live source other than `seq`, and blocks complete in both.
+  static status check_shared(const shared_prefix& share, int seq, int length, bool source_live, int source_length,
+                             const selection_params& sel) noexcept {
+    if (share.blocks == 0) return status::success;
+    if (share.blocks < 0) return status::invalid_argument;
+    if (!source_live || share.source == seq) return status::unknown_sequence;
+    const std::int64_t tokens = std::int64_t(share.blocks) * sel.block_size;
+    if (tokens > length || tokens > source_length) return status::invalid_argument;
+    return status::success;
   }
 
   /// The per-sequence state a reservation reads and writes, wherever the backend keeps a host copy of it.

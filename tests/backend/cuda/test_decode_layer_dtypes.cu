@@ -35,6 +35,20 @@ TEST_CASE_TEMPLATE("16-bit storage decodes like the host backend, output in fp32
   bare.config.selection.n_local = 0;
   bare.config.selection.top_k_query_aware = 4;
   run_differential<nosi, float>(bare, "G 7, budget 0, only the current block forced, fp32 output");
+  // The gather on its own stream, overlapped with attention over the blocks that were already resident.
+  nosa_cuda_test::run_spec overlapped = ragged_spec(make_config(32, 8, 2, 5, 64), 208, steps);
+  overlapped.overlap = true;
+  run_differential<nosa_p, T>(overlapped, "G 4, storage-type output");
+  overlapped.config.selection.max_new_blocks = 1;
+  run_differential<nosa_p, float>(overlapped, "G 4, budget 1, fp32 output");
+  // A slot cache beyond k: dropped blocks stay until a miss needs their slot (least recently selected first).
+  nosa_cuda_test::run_spec cached = ragged_spec(make_config(32, 8, 2, 5, 64), 209, steps);
+  cached.config.limits.cache_slots = 6;
+  run_differential<nosa_p, T>(cached, "G 4, 6 cache slots");
+  cached.config.selection.max_new_blocks = 2;
+  cached.config.limits.cache_slots = 20;
+  cached.overlap = true;
+  run_differential<nosa_p, float>(cached, "G 4, 20 cache slots, budget 2");
   // Blocks of 24 tokens: the tensor-core attention's 16-row tiles end part-way through every block.
   run_differential<nosa_p, T>(ragged_spec(make_config(24, 8, 2, 5, 64), 207, steps), "blocks of 24, G 4");
   // Full attention over every block (the dense baseline), plain and with the eviction-score bias.

@@ -26,10 +26,9 @@ struct captured_graph {
   }
 };
 
-}  // namespace
-
-TEST_CASE("a step captured once in a CUDA graph and replayed for 2,000+ steps decodes like the host backend") {
-  NOSA_REQUIRE_GPU();
+/// Captures one step (overlapped: the gather on a second stream, forked and joined inside the capture) and
+/// replays it for 2,000+ steps against the host backend.
+void replay_captured_step(bool overlapped) {
   using P = nosa::nosa_pipeline<nosa::bf16, 64>;
   using T = P::element_type;
   const int steps = scaled(2100, 150);
@@ -52,7 +51,8 @@ TEST_CASE("a step captured once in a CUDA graph and replayed for 2,000+ steps de
 
   nosa_cuda_test::stream st;
   nosa_cuda_test::twin<P> t(cfg, st);
-  t.context = "graph replay: ";
+  t.context = overlapped ? "graph replay, overlapped: " : "graph replay: ";
+  nosa_cuda_test::overlap_resources overlap;
   random_source rng(501);
   for (int seq = 0; seq < 4; ++seq) {
     REQUIRE(t.admit(seq, random_prompt<P>(rng, cfg, prompts[std::size_t(seq)], seq % 2 == 0)) == status::success);
@@ -64,7 +64,8 @@ TEST_CASE("a step captured once in a CUDA graph and replayed for 2,000+ steps de
   const std::vector<std::int32_t> order = {2, 0, 3, 1};
   captured_graph g;
   NOSA_CUDA_REQUIRE(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-  const status enqueued = t.gpu.layer.step(t.device_args<T>(4), st);
+  const status enqueued = overlapped ? t.gpu.layer.step(t.device_args<T>(4), st, overlap.get())
+                                     : t.gpu.layer.step(t.device_args<T>(4), st);
   NOSA_CUDA_REQUIRE(cudaStreamEndCapture(st, &g.graph));
   REQUIRE(enqueued == status::success);
   NOSA_CUDA_REQUIRE(cudaGraphInstantiate(&g.exec, g.graph, 0));
@@ -82,4 +83,16 @@ TEST_CASE("a step captured once in a CUDA graph and replayed for 2,000+ steps de
                     << r.misses << " misses, max output error / tolerance " << r.max_output_error);
   CHECK(r.near_ties * 100 < r.selections);
   CHECK(r.steps == std::uint64_t(steps));
+}
+
+}  // namespace
+
+TEST_CASE("a step captured once in a CUDA graph and replayed for 2,000+ steps decodes like the host backend") {
+  NOSA_REQUIRE_GPU();
+  replay_captured_step(false);
+}
+
+TEST_CASE("an overlapped step (gather on its own stream) captured once and replayed decodes like the host") {
+  NOSA_REQUIRE_GPU();
+  replay_captured_step(true);
 }

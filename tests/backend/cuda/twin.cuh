@@ -289,6 +289,27 @@ struct gpu_side {
   }
 };
 
+/// A transfer stream and the two events of an overlapped step (`nosa::cuda_overlap`), owned.
+class overlap_resources {
+ public:
+  overlap_resources() {
+    NOSA_CUDA_REQUIRE(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    NOSA_CUDA_REQUIRE(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
+  }
+  ~overlap_resources() {
+    if (fork_ != nullptr) cudaEventDestroy(fork_);
+    if (join_ != nullptr) cudaEventDestroy(join_);
+  }
+  overlap_resources(const overlap_resources&) = delete;
+  overlap_resources& operator=(const overlap_resources&) = delete;
+  nosa::cuda_overlap get() const noexcept { return {transfer_.get(), fork_, join_}; }
+
+ private:
+  stream transfer_;
+  cudaEvent_t fork_ = nullptr;
+  cudaEvent_t join_ = nullptr;
+};
+
 /// One persistent state array: where it lives and how many bytes of it both backends must agree on.
 struct region {
   const char* name;
@@ -319,7 +340,7 @@ inline std::vector<region> persistent_regions(const nosa::state_layout& l) {
       {"free_count", false, l.free_count, i32},
   };
   if (!l.dense) {  // full attention has no compressed state
-    r.push_back({"compressed_keys", true, l.compressed_keys, SH * MW * D * f32});
+    r.push_back({"compressed_keys", true, l.compressed_keys, SH * MW * ((D + 3) / 4 * 4) * f32});
     r.push_back({"compressed_scores", true, l.compressed_scores, SH * MW * f32});
     r.push_back({"key_ring", true, l.key_ring, SH * std::size_t(l.window) * D * E});
     r.push_back({"block_mark", true, l.block_mark, SH * MB * i32});
@@ -328,6 +349,7 @@ inline std::vector<region> persistent_regions(const nosa::state_layout& l) {
   if (l.offloads) {
     r.push_back({"slot_map", true, l.slot_map, SH * NS * i32});
     r.push_back({"block_slot", true, l.block_slot, SH * MB * i32});
+    r.push_back({"slot_stamp", true, l.slot_stamp, SH * NS * i32});
     r.push_back({"slot_keys", true, l.slot_keys, SH * NS * l.block_elements() * E});
     r.push_back({"slot_values", true, l.slot_values, SH * NS * l.block_elements() * E});
     r.push_back({"host_pool", false, l.host_pool, pool});
@@ -392,6 +414,7 @@ class twin {
   cudaStream_t s;
   run_stats stats;
   std::string context;  ///< prefixed to every report (which run, which step)
+  const nosa::cuda_overlap* overlap = nullptr;  ///< when set, CUDA steps overlap the gather with attention
 
   twin(const nosa::layer_config& config, cudaStream_t stream, int max_batch = 0) : cfg(config), s(stream) {
     REQUIRE(host.create(cfg) == status::success);
@@ -438,7 +461,7 @@ class twin {
   }
 
   /// Admits sequence `seq` with prompt `p` on both layers and checks the initial selection and state.
-  status admit(int seq, const prompt<T>& p, status expect = status::success) {
+  status admit(int seq, const prompt<T>& p, status expect = status::success, nosa::shared_prefix share = {}) {
     const int hq = cfg.num_q_heads, hkv = cfg.num_kv_heads, len = p.length;
     nosa::prompt_args<T> hp;
     hp.k = nosa::make_contiguous<3>(p.k.data(), {len, hkv, D});
@@ -461,9 +484,10 @@ class twin {
     std::ostringstream what;
     what << "admission of sequence " << seq << " with a " << len << "-token prompt"
          << (p.last_query.empty() ? "" : " and its last query");
+    if (share.blocks != 0) what << ", sharing " << share.blocks << " blocks of sequence " << share.source;
     const status r = plan(
-        what.str(), expect, [&](auto& l) { return l.add_sequence(seq, hp); },
-        [&](auto& l) { return l.add_sequence(seq, gp, s); });
+        what.str(), expect, [&](auto& l) { return l.add_sequence(seq, hp, share); },
+        [&](auto& l) { return l.add_sequence(seq, gp, share, s); });
     if (ok(r)) check_admission(seq, !p.last_query.empty(), what.str());
     return r;
   }
@@ -516,7 +540,13 @@ class twin {
   /// The same step on both layers; the CUDA layer through `step()` on the twin's device buffers.
   template <class Out>
   status step(const batch<T>& in, status expect = status::success) {
-    return step_with<Out>(in, [&] { return gpu.layer.step(device_args<Out>(in.size()), s); }, expect);
+    return step_with<Out>(
+        in,
+        [&] {
+          return overlap != nullptr ? gpu.layer.step(device_args<Out>(in.size()), s, *overlap)
+                                    : gpu.layer.step(device_args<Out>(in.size()), s);
+        },
+        expect);
   }
 
   /// The same step on both layers. The inputs are copied into the twin's device buffers first, then
@@ -659,8 +689,22 @@ class twin {
             x.map.assign(map, map + l.slots);
             x.where.assign(where, where + l.max_blocks);
             if (t % bs == 0 && t / bs < l.max_blocks) {
+              // The new tail's slot: the lowest free one, else (with a cache) the least recently selected
+              // block outside the current selection leaves.
               int slot = 0;
               while (slot < l.slots && x.map[std::size_t(slot)] >= 0) ++slot;
+              if (slot == l.slots && l.cache_slots > 0) {
+                const std::vector<std::int32_t> chosen = copy_of(host.layer.selection(seq, h));
+                const std::int32_t* stamp = host_array<std::int32_t>(l.slot_stamp) + sh(seq, h) * l.slots;
+                int best = -1;
+                for (int j = 0; j < l.slots; ++j) {
+                  const int held = x.map[std::size_t(j)];
+                  if (std::find(chosen.begin(), chosen.end(), held) != chosen.end()) continue;
+                  if (best < 0 || stamp[j] < stamp[best]) best = j;
+                }
+                slot = best;
+                x.where[std::size_t(x.map[std::size_t(slot)])] = -1;
+              }
               if (slot < l.slots) {
                 x.map[std::size_t(slot)] = t / bs;
                 x.where[std::size_t(t / bs)] = slot;
@@ -885,6 +929,7 @@ struct run_spec {
   bool admit_query = false;
   int empty_batch_at = -1;            ///< a step with no sequence at all
   double sit_out = 0.15;              ///< chance that one live sequence sits a step out
+  bool overlap = false;               ///< CUDA steps overlap the gather with attention (cuda_overlap)
 };
 
 /// Five slots: a short prompt, one above k blocks, one that crosses k blocks during the run, a tiny one, and
@@ -920,8 +965,11 @@ template <class P, class Out = float>
 run_stats run_differential(const run_spec& spec, const std::string& name) {
   stream st;
   twin<P> t(spec.config, st);
+  overlap_resources overlap;
+  const nosa::cuda_overlap streams = overlap.get();
+  if (spec.overlap) t.overlap = &streams;
   std::ostringstream ctx;
-  ctx << name << " (D " << P::head_dim << ", G " << spec.config.group_size() << ", block "
+  ctx << name << (spec.overlap ? ", overlapped" : "") << " (D " << P::head_dim << ", G " << spec.config.group_size() << ", block "
       << spec.config.selection.block_size << ", budget " << spec.config.selection.max_new_blocks << "): ";
   t.context = ctx.str();
   random_source rng(spec.seed);

@@ -35,6 +35,18 @@
 
 namespace nosa {
 
+/// What a step needs to overlap its host-to-device transfers with attention: a second stream for the
+/// gather and two events, created once by the caller (events preferably with `cudaEventDisableTiming`).
+/// The step records `fork` on its stream after the set-difference, runs the gather on `transfer`, records
+/// `join` there, attends the blocks that were already resident meanwhile, then waits for `join` and attends
+/// the loaded blocks; the two parts merge by log-sum-exp. Inside a stream capture the fork and the join
+/// become two branches of the graph.
+struct cuda_overlap {
+  cudaStream_t transfer = nullptr;
+  cudaEvent_t fork = nullptr;
+  cudaEvent_t join = nullptr;
+};
+
 /// One layer's decode state and its CUDA executor. Cheap to copy; copies share the state.
 template <pipeline_policy P>
 class decode_layer<P, cuda_backend> {
@@ -89,10 +101,16 @@ class decode_layer<P, cuda_backend> {
     NOSA_CUDA_TRY(cudaGetDevice(&device));
     int sms = 0;
     NOSA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    // Attention CTAs the device holds at once: the splits are chosen to fill exactly one wave of them.
+    int resident_ctas = 0;
     if constexpr (mma_attention) {
-      NOSA_CUDA_TRY(cudaFuncSetAttribute(detail::attention_mma_kernel<P, element_type, head_dim>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(detail::mma_attention_smem_bytes<head_dim>())));
+      const auto kernel = detail::attention_mma_kernel<P, element_type, head_dim>;
+      const int smem = static_cast<int>(detail::mma_attention_smem_bytes<head_dim>());
+      NOSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      NOSA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_ctas, kernel, detail::mma_warps * 32, smem));
+    } else {
+      NOSA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &resident_ctas, detail::attention_kernel<P, element_type, head_dim>, detail::attention_warps * 32, 0));
     }
 
     decode_layer layer;
@@ -101,7 +119,7 @@ class decode_layer<P, cuda_backend> {
     layer.device_ = device_arena.data();
     layer.host_ = host_arena.data();
     layer.host_mapped_ = static_cast<std::byte*>(mapped);
-    layer.sms_ = sms;
+    layer.attention_slots_ = std::max(1, sms * std::max(1, resident_ctas));
     layer.state_ = detail::make_cuda_state<element_type, head_dim>(
         config, s, layer.device_, offloads ? layer.host_mapped_ : layer.device_);
     NOSA_TRY(layer.initialise(stream));
@@ -119,6 +137,13 @@ class decode_layer<P, cuda_backend> {
   /// managed or mapped pinned memory).
   [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt,
                                     cudaStream_t stream = nullptr) noexcept {
+    return add_sequence(seq, prompt, shared_prefix{}, stream);
+  }
+
+  /// `add_sequence` whose first `share.blocks` blocks reference the pages of the live sequence
+  /// `share.source` (see `shared_prefix`): those blocks take no new page and are not written to the pool.
+  [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt, const shared_prefix& share,
+                                    cudaStream_t stream = nullptr) noexcept {
     if (seq < 0 || seq >= layout_.sequences) return status::unknown_sequence;
     if (is_live(seq, stream)) return status::sequence_exists;
     const int hkv = config_.num_kv_heads;
@@ -130,18 +155,38 @@ class decode_layer<P, cuda_backend> {
     if (!prompt.last_query.empty()) NOSA_TRY(check_view(prompt.last_query, {config_.num_q_heads, head_dim}));
     if (len > layout_.max_tokens) return status::sequence_full;
     const int length = static_cast<int>(len);
-    const int pages_needed = block_count(std::min(length + 1, layout_.max_tokens), config_.selection);
-    if (pages_needed > free_page_count()) return status::host_pool_full;
+    std::int32_t* row = staging();
+    if (share.blocks != 0) {
+      // The source's liveness, length and block table, read into the staging row.
+      const bool in_range = share.source >= 0 && share.source < layout_.sequences;
+      std::int32_t source_length = 0;
+      const bool source_live = in_range && is_live(share.source, stream);
+      if (source_live) {
+        NOSA_TRY(read_device(&source_length, layout_.seq_length + sizeof(std::int32_t) * share.source, 1, stream));
+        NOSA_TRY(read_device(row, layout_.block_table + sizeof(std::int32_t) * share.source * layout_.max_blocks,
+                             layout_.max_blocks, stream));
+      }
+      NOSA_TRY(page_pool::check_shared(share, seq, length, source_live, source_length, config_.selection));
+    }
+    const int blocks_needed = block_count(std::min(length + 1, layout_.max_tokens), config_.selection);
+    if (blocks_needed - share.blocks > free_page_count()) return status::host_pool_full;
 
     // Validated: the pages are taken on the host, everything else runs on the device.
-    std::int32_t* row = staging();
-    for (int m = 0; m < layout_.max_blocks; ++m) row[m] = m < pages_needed ? pages().pop() : -1;
+    for (int m = 0; m < layout_.max_blocks; ++m) {
+      if (m < share.blocks) {
+        pages().add_ref(row[m]);
+      } else {
+        row[m] = m < blocks_needed ? pages().pop() : -1;
+      }
+    }
     const std::int32_t* row_dev = reinterpret_cast<const std::int32_t*>(host_mapped_ + layout_.staging);
     const int chunks = static_cast<int>(std::clamp<std::int64_t>((len * head_dim + 255) / 256, 1, 64));
-    detail::admit_kernel<offloads><<<hkv, detail::cuda_threads, 0, stream>>>(state_, seq, length, row_dev);
+    detail::admit_kernel<offloads>
+        <<<hkv, detail::cuda_threads, 0, stream>>>(state_, seq, length, row_dev, share.blocks);
     if (length > 0) {
       detail::ingest_kernel<offloads, !P::dense>
-          <<<dim3(hkv, chunks), detail::cuda_threads, 0, stream>>>(state_, seq, length, prompt.k, prompt.v, prompt.c);
+          <<<dim3(hkv, chunks), detail::cuda_threads, 0, stream>>>(state_, seq, length, prompt.k, prompt.v, prompt.c,
+                                                                   share.blocks);
       const int windows = P::dense ? 0 : window_count(length, config_.selection);
       if (windows > 0) {
         detail::compress_prompt_kernel<<<dim3(hkv, std::min(windows, 64)), head_dim, 0, stream>>>(state_, seq, length,
@@ -165,10 +210,10 @@ class decode_layer<P, cuda_backend> {
           <<<dim3(hkv, layout_.score_chunks), detail::cuda_threads, 0, stream>>>(state_, one, 0, q);
     }
     detail::pool_scores_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(state_, one, 0, have_query);
-    detail::select_diff_kernel<P><<<hkv, detail::cuda_threads, 0, stream>>>(
-        state_, one, 0, have_query, false, detail::count_mode::ingest);
+    detail::launch_select<P>(state_, one, hkv, 0, have_query, false, detail::count_mode::ingest, stream);
     if constexpr (offloads) {
-      detail::gather_kernel<<<dim3(hkv, layout_.top_k), detail::cuda_threads, 0, stream>>>(state_, one, false);
+      detail::launch_diff(state_, one, hkv, 0, detail::count_mode::ingest, stream);
+      detail::launch_gather(state_, one, hkv, false, stream);
     }
     detail::clear_step_misses_kernel<<<1, 32, 0, stream>>>(state_, seq);
     return finish_plan(stream);
@@ -220,8 +265,17 @@ class decode_layer<P, cuda_backend> {
     return enqueue_step(args, stream, [](step_stage) {});
   }
 
-  /// The stages of a step, in launch order.
-  enum class step_stage : int { begin, append_score, select_diff, gather, attention, merge };
+  /// `step` with the gather overlapped with attention over the resident blocks (see `cuda_overlap`). Takes
+  /// effect for the offload store with 16-bit storage and D 64 or 128; otherwise it is `step`.
+  template <storage_element Out>
+  [[nodiscard]] status step(const step_args<element_type, Out>& args, cudaStream_t stream,
+                            const cuda_overlap& overlap) noexcept {
+    return enqueue_step(args, stream, [](step_stage) {}, step_stage::begin, step_stage::merge, &overlap);
+  }
+
+  /// The stages of a step, in launch order. `select` launches nothing for full attention, `diff` and
+  /// `gather` nothing with the resident store.
+  enum class step_stage : int { begin, append_score, select, diff, gather, attention, merge };
 
   /// `step`, with `after(stage)` called on the host right after each stage's kernels are enqueued (to
   /// record events around them), restricted to the stages `first` to `last`. Running part of a step is for
@@ -229,7 +283,8 @@ class decode_layer<P, cuda_backend> {
   template <storage_element Out, class After>
   [[nodiscard]] status enqueue_step(const step_args<element_type, Out>& args, cudaStream_t stream, After&& after,
                                     step_stage first = step_stage::begin,
-                                    step_stage last = step_stage::merge) noexcept {
+                                    step_stage last = step_stage::merge,
+                                    const cuda_overlap* overlap = nullptr) noexcept {
     const std::int64_t batch = args.sequences.extents[0];
     if (batch < 0) return status::shape_mismatch;
     const int hq = config_.num_q_heads, hkv = config_.num_kv_heads;
@@ -257,25 +312,54 @@ class decode_layer<P, cuda_backend> {
       }
       after(step_stage::append_score);
     }
-    if (runs(step_stage::select_diff)) {
+    if (runs(step_stage::select)) {
       if constexpr (!P::dense) {
-        detail::select_diff_kernel<P>
-            <<<rows, threads, 0, stream>>>(state_, seqs, 1, true, true, detail::count_mode::step);
+        detail::launch_select<P>(state_, seqs, rows, 1, true, true, detail::count_mode::step, stream);
       }
-      after(step_stage::select_diff);
+      after(step_stage::select);
     }
+    if (runs(step_stage::diff)) {
+      if constexpr (offloads) detail::launch_diff(state_, seqs, rows, 1, detail::count_mode::step, stream);
+      after(step_stage::diff);
+    }
+    // Overlap needs a transfer stream, both events, and a split of the attention into two parts.
+    const bool overlapped = offloads && mma_attention && overlap != nullptr && overlap->transfer != nullptr &&
+                            overlap->fork != nullptr && overlap->join != nullptr && layout_.max_splits >= 2;
     if (runs(step_stage::gather)) {
       if constexpr (offloads) {
-        detail::gather_kernel<<<dim3(rows, layout_.top_k + 1), threads, 0, stream>>>(state_, seqs, true);
+        cudaStream_t gather_stream = stream;
+        if (overlapped) {
+          NOSA_CUDA_TRY(cudaEventRecord(overlap->fork, stream));
+          NOSA_CUDA_TRY(cudaStreamWaitEvent(overlap->transfer, overlap->fork, 0));
+          gather_stream = overlap->transfer;
+        }
+        detail::launch_gather(state_, seqs, rows, true, gather_stream);
+        if (overlapped) NOSA_CUDA_TRY(cudaEventRecord(overlap->join, overlap->transfer));
       }
       after(step_stage::gather);
     }
-    const int splits = rows > 0 ? attention_splits(rows) : 1;
+    // Splits of the attention: with overlap, about a quarter for the loaded blocks (a step loads few) and
+    // the rest for the resident ones; the merge combines them all.
+    int splits = rows > 0 ? attention_splits(rows) : 1;
+    int loaded_splits = 0;
+    if (overlapped) {
+      loaded_splits = std::max(1, splits / 4);
+      splits = std::max(1, std::min(splits - loaded_splits, layout_.max_splits - loaded_splits));
+    }
     if (runs(step_stage::attention)) {
       if constexpr (mma_attention) {
-        detail::attention_mma_kernel<P>
-            <<<dim3(rows, splits), detail::mma_warps * 32, detail::mma_attention_smem_bytes<head_dim>(), stream>>>(
-                state_, seqs, args.q);
+        constexpr std::size_t smem = detail::mma_attention_smem_bytes<head_dim>();
+        const auto kernel = detail::attention_mma_kernel<P, element_type, head_dim>;
+        if (overlapped) {
+          kernel<<<dim3(rows, splits), detail::mma_warps * 32, smem, stream>>>(
+              state_, seqs, args.q, detail::attend_part::resident, 0);
+          NOSA_CUDA_TRY(cudaStreamWaitEvent(stream, overlap->join, 0));
+          kernel<<<dim3(rows, loaded_splits), detail::mma_warps * 32, smem, stream>>>(
+              state_, seqs, args.q, detail::attend_part::loaded, splits);
+        } else {
+          kernel<<<dim3(rows, splits), detail::mma_warps * 32, smem, stream>>>(state_, seqs, args.q,
+                                                                               detail::attend_part::all, 0);
+        }
       } else {
         detail::attention_kernel<P>
             <<<dim3(rows, splits), detail::attention_warps * 32, 0, stream>>>(state_, seqs, args.q);
@@ -283,7 +367,8 @@ class decode_layer<P, cuda_backend> {
       after(step_stage::attention);
     }
     if (runs(step_stage::merge)) {
-      detail::merge_kernel<<<dim3(rows, config_.group_size()), head_dim, 0, stream>>>(state_, seqs, args.o, splits);
+      detail::merge_kernel<<<dim3(rows, config_.group_size()), head_dim, 0, stream>>>(state_, seqs, args.o,
+                                                                                    splits + loaded_splits);
       after(step_stage::merge);
     }
     return detail::from_cuda(cudaGetLastError());
@@ -363,9 +448,10 @@ class decode_layer<P, cuda_backend> {
   /// launch one stage's kernel on its own. Not needed to run a layer.
   const detail::cuda_state<element_type, head_dim>& kernel_state() const noexcept { return state_; }
   /// Parts each (sequence, KV head)'s attention is split into for a batch of `rows` (sequence, KV head)
-  /// pairs: as many as fill the device twice over, at most `layout().max_splits`.
+  /// pairs: as many as fit in one wave of attention CTAs on the device (a second, partly empty wave would
+  /// leave SMs idle), at least 1 and at most `layout().max_splits`.
   int attention_splits(int rows) const noexcept {
-    const int wanted = (2 * sms_ + rows - 1) / rows;
+    const int wanted = attention_slots_ / std::max(rows, 1);
     return std::max(1, std::min(wanted, layout_.max_splits));
   }
 
@@ -379,13 +465,17 @@ class decode_layer<P, cuda_backend> {
   std::byte* device_ = nullptr;
   std::byte* host_ = nullptr;
   std::byte* host_mapped_ = nullptr;
-  int sms_ = 1;
+  int attention_slots_ = 1;
   detail::cuda_state<element_type, head_dim> state_{};
 
   static status check_config(const layer_config& config) noexcept {
     NOSA_TRY(validate(config));
     if (config.group_size() > max_group || config.selection.top_k > max_top_k) return status::not_supported;
     if (config.selection.block_size % 8 != 0) return status::not_supported;
+    // The set-difference runs one thread per slot.
+    if (P::store::offloads && config.selection.top_k + 1 + config.limits.cache_slots > detail::select_threads) {
+      return status::not_supported;
+    }
     return status::success;
   }
 

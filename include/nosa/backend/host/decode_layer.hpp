@@ -87,6 +87,13 @@ class decode_layer<P, host_backend> {
   /// pool, keeps the tail, builds the compressed state, computes the initial selection and loads it into the
   /// slot cache. Reserves the page of the block that the next token will start or continue.
   [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt,
+                                    host_backend::stream_type stream = {}) noexcept {
+    return add_sequence(seq, prompt, shared_prefix{}, stream);
+  }
+
+  /// `add_sequence` whose first `share.blocks` blocks reference the pages of the live sequence
+  /// `share.source` (see `shared_prefix`): those blocks take no new page and are not written to the pool.
+  [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt, const shared_prefix& share,
                                     host_backend::stream_type = {}) noexcept {
     if (seq < 0 || seq >= layout_.sequences) return status::unknown_sequence;
     if (live_flags()[seq]) return status::sequence_exists;
@@ -99,13 +106,20 @@ class decode_layer<P, host_backend> {
     if (!prompt.last_query.empty()) NOSA_TRY(check_view(prompt.last_query, {config_.num_q_heads, head_dim}));
     if (len > layout_.max_tokens) return status::sequence_full;
     const int length = static_cast<int>(len);
+    const bool source_ok = share.source >= 0 && share.source < layout_.sequences && live_flags()[share.source];
+    NOSA_TRY(page_pool::check_shared(share, seq, length, source_ok, source_ok ? lengths()[share.source] : 0,
+                                     config_.selection));
     const int reserve_through = std::min(length + 1, layout_.max_tokens);
-    const int pages_needed = block_count(reserve_through, config_.selection);
-    if (pages_needed > free_page_count()) return status::host_pool_full;
+    const int blocks_needed = block_count(reserve_through, config_.selection);
+    if (blocks_needed - share.blocks > free_page_count()) return status::host_pool_full;
 
     // Validated: from here on nothing fails.
     std::int32_t* table = block_table(seq);
-    for (int m = 0; m < pages_needed; ++m) table[m] = pages().pop();
+    for (int m = 0; m < share.blocks; ++m) {
+      table[m] = block_table(share.source)[m];
+      pages().add_ref(table[m]);
+    }
+    for (int m = share.blocks; m < blocks_needed; ++m) table[m] = pages().pop();
     live_flags()[seq] = 1;
     lengths()[seq] = length;
     const selection_params& sel = config_.selection;
@@ -122,7 +136,6 @@ class decode_layer<P, host_backend> {
       // Compressed keys and scores of every complete window, summed in token order.
       const int n_windows = P::dense ? 0 : window_count(length, sel);
       for (int w = 0; w < n_windows; ++w) {
-        float* kc = compressed_keys(seq, h) + std::size_t(w) * head_dim;
         float sum[head_dim] = {};
         float csum = 0.0f;
         for (int i = 0; i < sel.window; ++i) {
@@ -130,11 +143,11 @@ class decode_layer<P, host_backend> {
           for (int d = 0; d < head_dim; ++d) sum[d] += to_float(prompt.k(t, h, d));
           csum += c_state[t];
         }
-        for (int d = 0; d < head_dim; ++d) kc[d] = sum[d] / static_cast<float>(sel.window);
+        store_compressed_key(seq, h, w, sum);
         compressed_scores(seq, h)[w] = csum / static_cast<float>(sel.window);
       }
-      // Blocks to the pool (the offload store keeps a partial tail in a slot instead).
-      for (int m = 0; m < full_blocks; ++m) {
+      // Blocks to the pool (the offload store keeps a partial tail in a slot instead); shared blocks are there.
+      for (int m = share.blocks; m < full_blocks; ++m) {
         const int first = m * sel.block_size;
         const int rows = std::min(sel.block_size, length - first);
         element_type* pk = page_keys(table[m], h);
@@ -358,7 +371,7 @@ class decode_layer<P, host_backend> {
     return dev<float>(layout_.token_scores) + sh(seq, h) * layout_.max_tokens;
   }
   float* compressed_keys(int seq, int h) const noexcept {
-    return dev<float>(layout_.compressed_keys) + sh(seq, h) * layout_.max_windows * head_dim;
+    return dev<float>(layout_.compressed_keys) + sh(seq, h) * layout_.max_windows * ((head_dim + 3) / 4 * 4);
   }
   float* compressed_scores(int seq, int h) const noexcept {
     return dev<float>(layout_.compressed_scores) + sh(seq, h) * layout_.max_windows;
@@ -376,6 +389,12 @@ class decode_layer<P, host_backend> {
   }
   std::int32_t* block_slot(int seq, int h) const noexcept {
     return dev<std::int32_t>(layout_.block_slot) + sh(seq, h) * layout_.max_blocks;
+  }
+  std::int32_t* slot_stamps(int seq, int h) const noexcept {
+    return dev<std::int32_t>(layout_.slot_stamp) + sh(seq, h) * layout_.slots;
+  }
+  std::int32_t* block_marks(int seq, int h) const noexcept {
+    return dev<std::int32_t>(layout_.block_mark) + sh(seq, h) * layout_.max_blocks;
   }
   element_type* slot_keys(int seq, int h, int slot) const noexcept {
     return dev<element_type>(layout_.slot_keys) + (sh(seq, h) * layout_.slots + slot) * layout_.block_elements();
@@ -473,15 +492,39 @@ class decode_layer<P, host_backend> {
 
   // --- stages -------------------------------------------------------------------------------------
 
-  /// Claims a free slot of (seq, h) for `block`. The slot cache has a spare, so one is always free.
+  /// Claims a slot of (seq, h) for `block` (a new tail). Without a cache the spare slot guarantees a free
+  /// one; with a cache, a block outside the current selection may have to leave (`victim_slot`).
   int claim_free_slot(int seq, int h, int block) noexcept {
     std::int32_t* map = slot_map(seq, h);
-    int slot = 0;
-    while (map[slot] >= 0) ++slot;
+    std::int32_t* mark = block_marks(seq, h);
+    const std::int32_t* chosen = selection_ptr(seq, h);
+    const int n = selection_counts()[sh(seq, h)];
+    for (int i = 0; i < n; ++i) mark[chosen[i]] = 1;
+    const int slot = victim_slot(seq, h);
+    for (int i = 0; i < n; ++i) mark[chosen[i]] = 0;
+    if (map[slot] >= 0) block_slot(seq, h)[map[slot]] = -1;
     map[slot] = block;
     block_slot(seq, h)[block] = slot;
+    if (layout_.cache_slots > 0) slot_stamps(seq, h)[slot] = length_clock(seq);
     return slot;
   }
+
+  /// The slot a block that is not resident goes to: the lowest free slot, else (with a cache) the slot of
+  /// the least recently selected block that is not marked, the lower slot on a tie.
+  int victim_slot(int seq, int h) const noexcept {
+    const std::int32_t* map = slot_map(seq, h);
+    const std::int32_t* mark = block_marks(seq, h);
+    const std::int32_t* stamp = slot_stamps(seq, h);
+    int best = -1;
+    for (int slot = 0; slot < layout_.slots; ++slot) {
+      if (map[slot] < 0) return slot;
+      if (!mark[map[slot]] && (best < 0 || stamp[slot] < stamp[best])) best = slot;
+    }
+    return best;
+  }
+
+  /// A clock for the slot stamps: the sequence's length, which every step advances.
+  std::int32_t length_clock(int seq) const noexcept { return lengths()[seq]; }
 
   /// Append: the token at position t goes to the tail, the key ring and the score history; a window that
   /// the token completes yields a compressed key and a compressed score (summed in token order).
@@ -509,9 +552,16 @@ class decode_layer<P, host_backend> {
       for (int d = 0; d < head_dim; ++d) sum[d] += to_float(kr[d]);
       csum += c_state[token];
     }
-    float* kc = compressed_keys(seq, h) + std::size_t(w) * head_dim;
-    for (int d = 0; d < head_dim; ++d) kc[d] = sum[d] / static_cast<float>(sel.window);
+    store_compressed_key(seq, h, w, sum);
     compressed_scores(seq, h)[w] = csum / static_cast<float>(sel.window);
+  }
+
+  /// Kc of window w: the window's key sum divided by its length.
+  void store_compressed_key(int seq, int h, int w, const float* sum) noexcept {
+    float* kc = compressed_keys(seq, h);
+    for (int d = 0; d < head_dim; ++d) {
+      kc[compressed_key_index(w, d, layout_.max_windows)] = sum[d] / static_cast<float>(config_.selection.window);
+    }
   }
 
   /// Score: Sq and Se of every block of (seq, h) for a sequence of `length` tokens. `q` holds the group's
@@ -535,7 +585,9 @@ class decode_layer<P, host_backend> {
         // Softmax over the windows for one query head, each logit computed once.
         float max_logit = negative_infinity;
         for (int w = 0; w < n_windows; ++w) {
-          logits[w] = scorer::window_logit(dot(q[g], kc + std::size_t(w) * head_dim), scale);
+          float d = 0.0f;
+          for (int j = 0; j < head_dim; ++j) d += q[g][j] * kc[compressed_key_index(w, j, layout_.max_windows)];
+          logits[w] = scorer::window_logit(d, scale);
           max_logit = max_keep_left(max_logit, logits[w]);
         }
         float denom = 0.0f;
@@ -559,12 +611,6 @@ class decode_layer<P, host_backend> {
     }
   }
 
-  static float dot(const float* q, const float* k) noexcept {
-    float acc = 0.0f;
-    for (int d = 0; d < head_dim; ++d) acc += q[d] * k[d];
-    return acc;
-  }
-
   /// Select: writes the ranked selection of (seq, h) to state and returns its size.
   int select(int seq, int h, int length, bool have_query, bool with_budget) noexcept {
     const std::size_t base = sh(seq, h) * layout_.max_blocks;
@@ -584,32 +630,41 @@ class decode_layer<P, host_backend> {
   load_result load_selection(int seq, int h) noexcept {
     const std::int32_t* chosen = selection_ptr(seq, h);
     const int n = selection_counts()[sh(seq, h)];
-    std::int32_t* mark = dev<std::int32_t>(layout_.block_mark) + sh(seq, h) * layout_.max_blocks;
+    std::int32_t* mark = block_marks(seq, h);
     std::int32_t* map = slot_map(seq, h);
     std::int32_t* where = block_slot(seq, h);
+    const bool cache = layout_.cache_slots > 0;
     for (int i = 0; i < n; ++i) mark[chosen[i]] = 1;
-    for (int slot = 0; slot < layout_.slots; ++slot) {
-      if (map[slot] >= 0 && !mark[map[slot]]) {
-        where[map[slot]] = -1;
-        map[slot] = -1;
+    if (!cache) {
+      // Dropped blocks leave at once.
+      for (int slot = 0; slot < layout_.slots; ++slot) {
+        if (map[slot] >= 0 && !mark[map[slot]]) {
+          where[map[slot]] = -1;
+          map[slot] = -1;
+        }
       }
     }
     load_result r;
-    int free_slot = 0;
     for (int i = 0; i < n; ++i) {
       const int b = chosen[i];
-      mark[b] = 0;
       if (where[b] >= 0) {
         ++r.hits;
         continue;
       }
-      while (map[free_slot] >= 0) ++free_slot;
-      map[free_slot] = b;
-      where[b] = free_slot;
+      // The lowest free slot; with a cache, else the least recently selected block outside the selection.
+      const int slot = victim_slot(seq, h);
+      if (map[slot] >= 0) where[map[slot]] = -1;
+      map[slot] = b;
+      where[b] = slot;
       const int page = block_table(seq)[b];
-      std::memcpy(slot_keys(seq, h, free_slot), page_keys(page, h), block_bytes());
-      std::memcpy(slot_values(seq, h, free_slot), page_values(page, h), block_bytes());
+      std::memcpy(slot_keys(seq, h, slot), page_keys(page, h), block_bytes());
+      std::memcpy(slot_values(seq, h, slot), page_values(page, h), block_bytes());
       ++r.misses;
+    }
+    const std::int32_t clock = length_clock(seq);
+    for (int i = 0; i < n; ++i) {
+      mark[chosen[i]] = 0;
+      if (cache) slot_stamps(seq, h)[where[chosen[i]]] = clock;
     }
     return r;
   }

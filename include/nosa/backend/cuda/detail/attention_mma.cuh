@@ -34,10 +34,16 @@ inline constexpr int mma_stages = 3;
 template <class E, int D>
 inline constexpr bool uses_mma_attention = (std::is_same_v<E, bf16> || std::is_same_v<E, fp16>) && (D == 64 || D == 128);
 
+/// Bytes of one pipeline stage: a K tile, a V tile and the tile's eviction scores.
+template <int D>
+NOSA_HOST_DEVICE constexpr std::size_t mma_stage_bytes() {
+  return std::size_t(2) * mma_tile_rows * D * 2 + mma_tile_rows * sizeof(float);
+}
+
 /// Dynamic shared memory of `attention_mma_kernel<P, E, D>`: the pipelines, reused to combine the warps.
 template <int D>
-constexpr std::size_t mma_attention_smem_bytes() {
-  const std::size_t pipelines = std::size_t(mma_stages) * mma_warps * 2 * mma_tile_rows * D * 2;
+NOSA_HOST_DEVICE constexpr std::size_t mma_attention_smem_bytes() {
+  const std::size_t pipelines = std::size_t(mma_stages) * mma_warps * mma_stage_bytes<D>();
   const std::size_t combine = std::size_t(mma_warps) * 16 * (D + 2) * sizeof(float);
   return pipelines > combine ? pipelines : combine;
 }
@@ -50,6 +56,11 @@ __device__ inline std::uint32_t shared_address(const void* p) {
 __device__ inline void cp_async_16(std::uint32_t dst, const void* src, bool valid) {
   const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+/// 4-byte asynchronous copy to shared memory; `valid == false` writes zeros and reads nothing.
+__device__ inline void cp_async_4(std::uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int Pending>
@@ -114,16 +125,26 @@ __device__ inline std::uint32_t pack_split(float x, float y, std::uint32_t& rest
   return high;
 }
 
+/// Which of a step's attended blocks one attention launch covers. A step that overlaps its transfers attends
+/// the blocks that were resident before the step while the gather runs, then the blocks it loaded.
+enum class attend_part : int {
+  all,       ///< every attended block
+  resident,  ///< the selection minus this step's misses (offload store)
+  loaded,    ///< this step's misses, once the gather has loaded them (offload store)
+};
+
 /// Grid (batch rows x KV heads, splits), `mma_warps` warps, `mma_attention_smem_bytes<D>()` bytes of
 /// dynamic shared memory. Same contract as `attention_kernel`: CTA (r, x) leaves the partial softmax (max,
-/// sum, weighted V sums) of the group's heads over its contiguous share of the attended blocks.
+/// sum, weighted V sums) of the group's heads over its contiguous share of the blocks of `part`, as split
+/// `split_base + x`.
 ///
 /// Fragment layout (lane = 4 g + c): the accumulator of a 16 x 8 tile holds rows g and g + 8 (query heads),
 /// columns 2c and 2c + 1; so each thread keeps the running max and sum of heads g and g + 8, and the four
 /// threads of a quad reduce them together.
 template <class P, class E, int D>
 __global__ void __launch_bounds__(mma_warps * 32)
-    attention_mma_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> q) {
+    attention_mma_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> q,
+                         attend_part part = attend_part::all, int split_base = 0) {
   static_assert(uses_mma_attention<E, D>);
   if (*s.status != 0) return;
   using attention = typename P::attention;
@@ -133,8 +154,15 @@ __global__ void __launch_bounds__(mma_warps * 32)
   constexpr int chunks = D / 8;          // 16-byte pieces of a row
   constexpr int k_steps = D / 16;        // k steps of Q.K^T
   constexpr int n_tiles = D / 8;         // 8-column tiles of the output
-  constexpr int stage_elements = 2 * R * D;  // K tile, then V tile
+  constexpr std::size_t stage_bytes = mma_stage_bytes<D>();  // K tile, V tile, scores
   extern __shared__ __align__(16) unsigned char smem[];
+  // Where each block of this CTA's share lives (slot or page) and which block it is, resolved once so that
+  // the copies of a tile need no dependent global load.
+  __shared__ std::int32_t share_block[cuda_max_top_k];
+  __shared__ std::int32_t share_place[cuda_max_top_k];
+  __shared__ std::int32_t part_list[cuda_max_top_k];  // the resident part of the selection
+  __shared__ std::int32_t part_missed[cuda_max_top_k];  // this step's misses, to filter it
+  __shared__ int part_count;
 
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int split = blockIdx.y, splits = gridDim.y;
@@ -146,25 +174,62 @@ __global__ void __launch_bounds__(mma_warps * 32)
   const float scale = softmax_scale(D);
   const selection_params& sel = s.sel;
 
-  // The group's queries as A fragments; rows past the group are zero.
-  std::uint32_t qa[k_steps][4];
-#pragma unroll
-  for (int kt = 0; kt < k_steps; ++kt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + (i & 1) * 8, col = kt * 16 + 2 * c + (i >> 1) * 8;
-      const E x = row < group ? q(b, h * group + row, col) : E{};
-      const E y = row < group ? q(b, h * group + row, col + 1) : E{};
-      qa[kt][i] = pack_elements(x, y);
+  // The list of blocks this launch attends: the selection (or every block), this step's misses, or the
+  // selection without them, compacted in rank order by warp 0.
+  const std::int32_t* chosen = s.selection_of(seq, h);
+  int n = 0;
+  if (part == attend_part::all) {
+    n = attended_blocks<P>(s, seq, h, length);
+  } else if (part == attend_part::loaded) {
+    n = s.step_misses[s.sh(seq, h)];
+    chosen = s.misses_of(seq, h);
+  } else {
+    const int nm = s.step_misses[s.sh(seq, h)];
+    for (int j = threadIdx.x; j < nm; j += blockDim.x) part_missed[j] = s.misses_of(seq, h)[j];
+    __syncthreads();
+    if (warp == 0) {
+      const int count = s.selection_count[s.sh(seq, h)];
+      const std::int32_t* missed = part_missed;
+      int kept = 0;
+      for (int i0 = 0; i0 < count; i0 += 32) {
+        const int i = i0 + lane;
+        const int m = i < count ? chosen[i] : -1;
+        bool keep = i < count;
+        for (int j = 0; j < nm && keep; ++j) keep = missed[j] != m;
+        const unsigned mask = __ballot_sync(0xffffffffu, keep);
+        if (keep) part_list[kept + __popc(mask & ((1u << lane) - 1u))] = m;
+        kept += __popc(mask);
+      }
+      if (lane == 0) part_count = kept;
     }
+    __syncthreads();
+    n = part_count;
+    chosen = part_list;
   }
+  const bool indexed = P::dense && part == attend_part::all;  // entry i is block i
 
-  // This CTA's share of the attended blocks, as tiles of R rows (a block's last tile may be partial).
-  const split_share share = attention_share<P>(s, seq, h, length, split, splits, R);
+  // This CTA's share of the list, as tiles of R rows (a block's last tile may be partial).
+  const split_share share = share_of(n, split, splits, sel.block_size, R);
   const int first_i = share.first, tiles_per_block = share.tiles_per_block, cta_tiles = share.tiles;
   const int my_tiles = cta_tiles > warp ? (cta_tiles - warp + mma_warps - 1) / mma_warps : 0;
-  const std::int32_t* chosen = s.selection_of(seq, h);
   const float* c_state = s.scores_of(seq, h);
+  const int share_blocks = share.last - share.first;
+  const bool cached = share_blocks <= cuda_max_top_k;  // always for sparse attention (k <= 256)
+  const auto place_of = [&](int m) {
+    if constexpr (offloads) {
+      return s.block_slot_of(seq, h)[m];
+    } else {
+      return s.table(seq)[m];
+    }
+  };
+  if (cached) {
+    for (int i = threadIdx.x; i < share_blocks; i += blockDim.x) {
+      const int m = indexed ? share.first + i : chosen[share.first + i];
+      share_block[i] = m;
+      share_place[i] = place_of(m);
+    }
+  }
+  __syncthreads();
 
   struct tile_source {
     const E* keys;
@@ -173,20 +238,19 @@ __global__ void __launch_bounds__(mma_warps * 32)
     int rows;   // valid rows, 0..R
   };
   const auto locate = [&](int tile) {
-    const int i = first_i + tile / tiles_per_block;
-    const int m = P::dense ? i : chosen[i];
+    const int i = tile / tiles_per_block;
+    const int m = cached ? share_block[i] : (indexed ? first_i + i : chosen[first_i + i]);
+    const int place = cached ? share_place[i] : place_of(m);
     const int r0 = (tile % tiles_per_block) * R;
     const int first = m * sel.block_size;
     const int in_block = sel.block_size < length - first ? sel.block_size : length - first;
     tile_source t;
     if constexpr (offloads) {
-      const int slot = s.block_slot_of(seq, h)[m];
-      t.keys = s.slot_k(seq, h, slot);
-      t.values = s.slot_v(seq, h, slot);
+      t.keys = s.slot_k(seq, h, place);
+      t.values = s.slot_v(seq, h, place);
     } else {
-      const int page = s.table(seq)[m];
-      t.keys = s.page_k(page, h);
-      t.values = s.page_v(page, h);
+      t.keys = s.page_k(place, h);
+      t.values = s.page_v(place, h);
     }
     t.keys += std::size_t(r0) * D;
     t.values += std::size_t(r0) * D;
@@ -196,18 +260,25 @@ __global__ void __launch_bounds__(mma_warps * 32)
     return t;
   };
 
-  // Shared memory: row `row`'s 16-byte piece `ch` lives at piece `ch ^ (row % 8)`.
-  E* stages = reinterpret_cast<E*>(smem) + std::size_t(warp) * mma_stages * stage_elements;
+  // Shared memory: row `row`'s 16-byte piece `ch` lives at piece `ch ^ (row % 8)`; a stage is the K tile,
+  // the V tile, then the R eviction scores of the tile's tokens (when the bias uses them).
+  unsigned char* stages = smem + std::size_t(warp) * mma_stages * stage_bytes;
+  const auto stage_keys = [&](int it) { return reinterpret_cast<E*>(stages + (it % mma_stages) * stage_bytes); };
+  const auto stage_scores = [&](int it) { return reinterpret_cast<float*>(stage_keys(it) + 2 * R * D); };
   const auto piece = [](const E* base, int row, int ch) { return base + row * D + ((ch ^ (row % 8)) * 8); };
   const auto issue = [&](int it) {
     const tile_source t = locate(warp + it * mma_warps);
-    E* dst = stages + (it % mma_stages) * stage_elements;
+    E* dst = stage_keys(it);
 #pragma unroll
     for (int i = lane; i < 2 * R * chunks; i += 32) {
       const int is_v = i / (R * chunks), row = (i / chunks) % R, ch = i % chunks;
       const bool valid = row < t.rows;
       const E* src = (is_v ? t.values : t.keys) + row * D + ch * 8;
       cp_async_16(shared_address(piece(dst + is_v * R * D, row, ch)), valid ? src : t.keys, valid);
+    }
+    if (biased && lane < R) {
+      const bool valid = lane < t.rows;
+      cp_async_4(shared_address(stage_scores(it) + lane), valid ? c_state + t.token + lane : c_state, valid);
     }
   };
 
@@ -222,14 +293,30 @@ __global__ void __launch_bounds__(mma_warps * 32)
     if (it < my_tiles) issue(it);
     cp_async_commit();
   }
+
+  // The group's queries as A fragments (rows past the group are zero), loaded while the first tiles arrive.
+  std::uint32_t qa[k_steps][4];
+#pragma unroll
+  for (int kt = 0; kt < k_steps; ++kt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i & 1) * 8, col = kt * 16 + 2 * c + (i >> 1) * 8;
+      const E x = row < group ? q(b, h * group + row, col) : E{};
+      const E y = row < group ? q(b, h * group + row, col + 1) : E{};
+      qa[kt][i] = pack_elements(x, y);
+    }
+  }
+
   for (int it = 0; it < my_tiles; ++it) {
     if (it + mma_stages - 1 < my_tiles) issue(it + mma_stages - 1);
     cp_async_commit();
     cp_async_wait<mma_stages - 1>();
     __syncwarp();
-    const tile_source t = locate(warp + it * mma_warps);
-    const E* ks = stages + (it % mma_stages) * stage_elements;
+    const int tile = warp + it * mma_warps;
+    const int tile_rows = locate(tile).rows;
+    const E* ks = stage_keys(it);
     const E* vs = ks + R * D;
+    const float* scores = stage_scores(it);
 
     // S = Q K^T for the tile's 16 key rows: two 16 x 8 tiles.
     float sc[2][4] = {};
@@ -250,7 +337,7 @@ __global__ void __launch_bounds__(mma_warps * 32)
       for (int e = 0; e < 4; ++e) {
         const int key = nt * 8 + 2 * c + (e & 1);
         float l = negative_infinity;
-        if (key < t.rows) l = attention::logit(sc[nt][e], biased ? c_state[t.token + key] : 0.0f, scale);
+        if (key < tile_rows) l = attention::logit(sc[nt][e], biased ? scores[key] : 0.0f, scale);
         sc[nt][e] = l;
         tile_max[e >> 1] = max_keep_left(tile_max[e >> 1], l);
       }
@@ -333,7 +420,7 @@ __global__ void __launch_bounds__(mma_warps * 32)
     w_sum[warp * 16 + g + 8] = run_sum[1];
   }
   __syncthreads();
-  float* out_acc = s.acc_of(seq, h, split);
+  float* out_acc = s.acc_of(seq, h, split_base + split);
   for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
     const int row = i / D;
     float m = negative_infinity;
@@ -354,8 +441,8 @@ __global__ void __launch_bounds__(mma_warps * 32)
       const float wm = w_max[w * 16 + row];
       if (wm != negative_infinity) sum += w_sum[w * 16 + row] * expf(wm - m);
     }
-    s.stats_of(seq, h, split)[2 * row] = m;
-    s.stats_of(seq, h, split)[2 * row + 1] = sum;
+    s.stats_of(seq, h, split_base + split)[2 * row] = m;
+    s.stats_of(seq, h, split_base + split)[2 * row + 1] = sum;
   }
 }
 

@@ -17,6 +17,7 @@ template <class E, int D>
 struct cuda_state {
   selection_params sel;
   int sequences, kv_heads, group, max_blocks, max_tokens, max_windows, top_k, slots, max_splits, score_chunks;
+  int cache_slots;  ///< slots beyond k + 1 that keep dropped blocks (offload store)
 
   std::int32_t* lengths;
   std::int32_t* live;
@@ -30,6 +31,7 @@ struct cuda_state {
   std::int32_t* step_misses;
   std::int32_t* slot_map;
   std::int32_t* block_slot;
+  std::int32_t* slot_stamp;
   E* slot_keys;
   E* slot_values;
   float* query_scores;
@@ -55,6 +57,8 @@ struct cuda_state {
   NOSA_HOST_DEVICE std::int32_t* table(int seq) const { return block_table + std::size_t(seq) * max_blocks; }
   NOSA_HOST_DEVICE float* scores_of(int seq, int h) const { return token_scores + sh(seq, h) * max_tokens; }
   NOSA_HOST_DEVICE float* kc_of(int seq, int h) const { return compressed_keys + sh(seq, h) * max_windows * D; }
+  static_assert(D % 4 == 0, "compressed keys are stored in groups of four dimensions");
+  NOSA_HOST_DEVICE std::int32_t* stamp_of(int seq, int h) const { return slot_stamp + sh(seq, h) * slots; }
   NOSA_HOST_DEVICE float* cc_of(int seq, int h) const { return compressed_scores + sh(seq, h) * max_windows; }
   NOSA_HOST_DEVICE E* ring_of(int seq, int h) const { return key_ring + sh(seq, h) * sel.window * D; }
   NOSA_HOST_DEVICE std::int32_t* selection_of(int seq, int h) const { return selection + sh(seq, h) * top_k; }
@@ -109,6 +113,7 @@ cuda_state<E, D> make_cuda_state(const layer_config& config, const state_layout&
   s.slots = l.slots;
   s.max_splits = l.max_splits;
   s.score_chunks = l.score_chunks;
+  s.cache_slots = l.cache_slots;
   s.lengths = reinterpret_cast<std::int32_t*>(at(l.seq_length));
   s.live = reinterpret_cast<std::int32_t*>(at(l.seq_live));
   s.block_table = reinterpret_cast<std::int32_t*>(at(l.block_table));
@@ -121,6 +126,7 @@ cuda_state<E, D> make_cuda_state(const layer_config& config, const state_layout&
   s.step_misses = reinterpret_cast<std::int32_t*>(at(l.step_misses));
   s.slot_map = reinterpret_cast<std::int32_t*>(at(l.slot_map));
   s.block_slot = reinterpret_cast<std::int32_t*>(at(l.block_slot));
+  s.slot_stamp = reinterpret_cast<std::int32_t*>(at(l.slot_stamp));
   s.slot_keys = reinterpret_cast<E*>(at(l.slot_keys));
   s.slot_values = reinterpret_cast<E*>(at(l.slot_values));
   s.query_scores = reinterpret_cast<float*>(at(l.query_scores));
