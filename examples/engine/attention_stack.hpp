@@ -10,11 +10,13 @@
 #include <nosa/core/status.hpp>
 #include <nosa/pipeline.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace nosa_engine {
@@ -64,32 +66,52 @@ constexpr bool offloads(method m) noexcept {
   return m == method::infllmv2_offload || m == method::nosa_offload;
 }
 
-/// The layer configuration of every layer: capacity for `sequences` sequences of up to `max_tokens` tokens.
-/// One pool page per block of every sequence: sequences that share a prompt still store it once each.
+/// Complete prompt blocks that a sequence shares with the first sequence of its prompt, or 0. Only the
+/// offloading methods share: their pages are host memory, which sharing relieves (the study's large batches
+/// of one prompt fit the host that way). The resident methods keep one copy of the prompt per sequence, as
+/// independent prompts would need in HBM, so that their batch limit stays that of a real workload.
+inline int shared_prompt_blocks(method m, bool share_prompts, int prompt_tokens, int block_size) {
+  return share_prompts && offloads(m) ? prompt_tokens / block_size : 0;
+}
+
+/// The layer configuration of every layer: capacity for `sequences` sequences of up to `max_tokens` tokens,
+/// `distinct_prompts` of whose prompts are stored once when `shared_blocks` > 0 (see
+/// `shared_prompt_blocks`), and `cache_slots` slots beyond `k + 1` per (sequence, KV head) (offload store).
 inline nosa::layer_config make_layer_config(const nosa::selection_params& selection, int q_heads,
-                                            int kv_heads, int sequences, int max_tokens) {
+                                            int kv_heads, int sequences, int max_tokens,
+                                            int distinct_prompts = 0, int shared_blocks = 0,
+                                            int cache_slots = 0) {
   nosa::layer_config c;
   c.selection = selection;
   c.num_q_heads = q_heads;
   c.num_kv_heads = kv_heads;
   c.limits.max_sequences = sequences;
   c.limits.max_blocks_per_sequence = (max_tokens + selection.block_size - 1) / selection.block_size;
-  c.limits.pool_pages = sequences * c.limits.max_blocks_per_sequence;
+  c.limits.pool_pages = sequences * c.limits.max_blocks_per_sequence -
+                        (sequences - std::min(sequences, distinct_prompts)) * shared_blocks;
+  c.limits.cache_slots = cache_slots;
   return c;
 }
 
+/// The step option of a backend that has none (the host): `attention_stack`'s `Overlap` by default.
+struct no_overlap {};
+
 /// Per-layer attention of a whole model. Calls take the layer index; plan calls and inspection may
-/// synchronise (CUDA), `step` only enqueues.
-template <class Out, class Stream>
+/// synchronise (CUDA), `step` only enqueues. `Overlap` is the backend's option for overlapping the gather
+/// with attention (`nosa::cuda_overlap` on the CUDA backend).
+template <class Out, class Stream, class Overlap = no_overlap>
 class attention_stack {
  public:
   virtual ~attention_stack() = default;
   virtual int layers() const noexcept = 0;
+  /// Admits `seq`; its first `share.blocks` blocks reference the pages of `share.source` (none by default).
   virtual nosa::status add_sequence(int layer, int seq, const nosa::prompt_args<nosa::bf16>& prompt,
-                                    Stream s) = 0;
+                                    const nosa::shared_prefix& share, Stream s) = 0;
   /// Reserves pages in every layer so each live sequence can run `tokens_ahead` more steps.
   virtual nosa::status reserve(int tokens_ahead, Stream s) = 0;
-  virtual nosa::status step(int layer, const nosa::step_args<nosa::bf16, Out>& args, Stream s) = 0;
+  /// One step of `layer`; with `overlap` (not null) the gather runs beside attention where the layer can.
+  virtual nosa::status step(int layer, const nosa::step_args<nosa::bf16, Out>& args, Stream s,
+                            const Overlap* overlap) = 0;
   virtual nosa::status step_status(int layer, Stream s) const = 0;
   /// The current selection of (seq, head) in `layer`, in rank order.
   virtual std::vector<std::int32_t> selection(int layer, int seq, int head, Stream s) const = 0;
@@ -99,8 +121,9 @@ class attention_stack {
 };
 
 /// `attention_stack` over `decode_layer`s of one pipeline and backend (`Layer`), each owning its arenas.
-template <class Layer, class Out>
-class attention_stack_of final : public attention_stack<Out, typename Layer::backend_type::stream_type> {
+template <class Layer, class Out, class Overlap = no_overlap>
+class attention_stack_of final
+    : public attention_stack<Out, typename Layer::backend_type::stream_type, Overlap> {
   using stream = typename Layer::backend_type::stream_type;
 
  public:
@@ -123,14 +146,18 @@ class attention_stack_of final : public attention_stack<Out, typename Layer::bac
 
   int layers() const noexcept override { return static_cast<int>(layers_.size()); }
   nosa::status add_sequence(int layer, int seq, const nosa::prompt_args<nosa::bf16>& prompt,
-                            stream s) override {
-    return at(layer).add_sequence(seq, prompt, s);
+                            const nosa::shared_prefix& share, stream s) override {
+    return at(layer).add_sequence(seq, prompt, share, s);
   }
   nosa::status reserve(int tokens_ahead, stream s) override {
     for (auto& l : layers_) NOSA_TRY(l->reserve(tokens_ahead, s));
     return nosa::status::success;
   }
-  nosa::status step(int layer, const nosa::step_args<nosa::bf16, Out>& args, stream s) override {
+  nosa::status step(int layer, const nosa::step_args<nosa::bf16, Out>& args, stream s,
+                    const Overlap* overlap) override {
+    if constexpr (!std::is_same_v<Overlap, no_overlap>) {
+      if (overlap != nullptr) return at(layer).step(args, s, *overlap);
+    }
     return at(layer).step(args, s);
   }
   nosa::status step_status(int layer, stream s) const override { return at(layer).step_status(s); }

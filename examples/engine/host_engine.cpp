@@ -87,8 +87,7 @@ std::unique_ptr<host_engine> host_engine::create(const model_config& model, host
   e->model_ = model;
   e->run_ = run;
   e->w_ = std::move(weights);
-  const nosa::layer_config config = make_layer_config(model.selection, model.q_heads, model.kv_heads,
-                                                      run.batch, run.prompt_tokens + run.steps);
+  const nosa::layer_config config = layer_config_for(model, run);
   if (const nosa::status s = make_host_stack(run.attention, model.head_dim, config, model.layers, e->stack_);
       !nosa::ok(s)) {
     error = "cannot create the " + std::string(method_name(run.attention)) + " layers (head dim " +
@@ -224,8 +223,11 @@ bool host_engine::prefill(std::string& error) {
           bias ? nosa::make_contiguous<2>(static_cast<const float*>(c.data()), {P, m.kv_heads})
                : nosa::tensor_view<const float, 2>{},
           nosa::make_contiguous<2>(std::as_const(qb).data() + std::size_t(P - 1) * qw, {m.q_heads, D})};
+      const int shared = shared_prompt_blocks(run_.attention, run_.share_prompts, P, m.selection.block_size);
       for (int b = p; b < run_.batch; b += run_.distinct_prompts) {
-        if (const nosa::status s = stack_->add_sequence(l, b, prompt, {}); !nosa::ok(s)) {
+        // The first sequence of the prompt stores it; the others reference its complete blocks.
+        const nosa::shared_prefix share = b == p ? nosa::shared_prefix{} : nosa::shared_prefix{p, shared};
+        if (const nosa::status s = stack_->add_sequence(l, b, prompt, share, {}); !nosa::ok(s)) {
           error = status_text("add_sequence", s);
           return false;
         }
@@ -295,7 +297,7 @@ bool host_engine::step(std::string& error) {
         bias ? nosa::make_contiguous<2>(static_cast<const float*>(c.data()), {B, m.kv_heads})
              : nosa::tensor_view<const float, 2>{},
         nosa::make_contiguous<3>(o.data(), {B, m.q_heads, D})};
-    if (const nosa::status s = stack_->step(l, args, {}); !nosa::ok(s)) {
+    if (const nosa::status s = stack_->step(l, args, {}, nullptr); !nosa::ok(s)) {
       error = "layer " + std::to_string(l) + ": " + status_text("step", s);
       return false;
     }

@@ -87,6 +87,8 @@ int main(int argc, char** argv) {
   r.steps = opt.run.steps;
   r.drift = opt.run.drift;
   r.batch_auto = opt.batch_auto;
+  r.cache_slots = offloads(opt.run.attention) ? opt.run.cache_slots : 0;
+  r.overlap = opt.backend == backend_kind::cuda && opt.run.overlap && offloads(opt.run.attention);
   std::string error;
   if (opt.backend == backend_kind::cuda) {
 #ifdef NOSA_ENGINE_CUDA
@@ -100,6 +102,8 @@ int main(int argc, char** argv) {
   } else {
     r.batch = opt.run.batch;
     r.distinct_prompts = opt.run.distinct_prompts;
+    r.shared_blocks = shared_prompt_blocks(opt.run.attention, opt.run.share_prompts, opt.run.prompt_tokens,
+                                           model.selection.block_size);
     if (!run_host(model, opt, r, error)) return report_error(error);
   }
   print_report(std::cout, r);

@@ -32,6 +32,13 @@ options:
                         prefill runs once per distinct prompt; 0 = batch    (1)
   --drift X             0: greedy decoding; X in (0, 1]: the input embedding of each
                         sequence follows a random walk with step X, so queries drift (0)
+  --share-prompts on|off  offloading methods: sequences of one prompt share its
+                        complete blocks' pages in the host pool (resident methods
+                        always keep a copy per sequence)                    (on)
+  --cache-slots N       offloading methods: slots per sequence and KV head beyond
+                        k + 1 that keep recently dropped blocks resident    (0)
+  --overlap on|off      CUDA, offloading methods: gather on a second stream while
+                        attention reads the blocks already resident         (on)
   --seed N              seed of the random weights                          (1)
   --prompt-seed N       seed of the prompts and of the drift                (2)
   --weights FILE        read the weights from a safetensors file (Llama names plus
@@ -138,6 +145,14 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
     } else if (name == "--drift") {
       if (!as_double(d) || d > 1.0) return bad("a number in [0, 1]");
       opt.run.drift = static_cast<float>(d);
+    } else if (name == "--share-prompts") {
+      if (text != "on" && text != "off") return bad("on or off");
+      opt.run.share_prompts = text == "on";
+    } else if (name == "--overlap") {
+      if (text != "on" && text != "off") return bad("on or off");
+      opt.run.overlap = text == "on";
+    } else if (name == "--cache-slots") {
+      if (!as_int(opt.run.cache_slots, 0)) return bad("a non-negative integer");
     } else if (name == "--seed") {
       if (!as_u64(opt.run.weight_seed)) return bad("an unsigned integer");
     } else if (name == "--prompt-seed") {

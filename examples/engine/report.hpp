@@ -23,6 +23,8 @@ inline void print_report(std::ostream& os, const run_report& r) {
      << r.backend << '\n';
   os << "workload         batch " << r.batch << ", context " << r.context << ", " << r.steps << " steps, "
      << r.distinct_prompts << " distinct prompt(s), drift " << r.drift << '\n';
+  os << "KV cache         " << r.shared_blocks << " prompt blocks shared per sequence, " << r.cache_slots
+     << " cache slots beyond k + 1, gather " << (r.overlap ? "beside attention" : "before attention") << '\n';
   os << "prefill          " << r.prefill_s << " s (dense prefill and ingest)\n";
   os << "throughput       " << r.tokens_per_s << " tokens/s\n";
   os << "step             " << r.ms_per_step << " ms per step, " << r.ms_per_layer << " ms per layer\n";
@@ -52,8 +54,9 @@ inline std::string report_json(const run_report& r) {
   os << "{\"preset\": \"" << r.preset << "\", \"method\": \"" << r.method << "\", \"backend\": \""
      << r.backend << "\", \"batch\": " << r.batch << ", \"batch_auto\": " << (r.batch_auto ? "true" : "false")
      << ", \"context\": " << r.context << ", \"steps\": " << r.steps << ", \"layers\": " << r.layers
-     << ", \"distinct_prompts\": " << r.distinct_prompts << ", \"drift\": " << r.drift
-     << ", \"prefill_s\": " << r.prefill_s << ", \"decode_s\": " << r.decode_s
+     << ", \"distinct_prompts\": " << r.distinct_prompts << ", \"shared_blocks\": " << r.shared_blocks
+     << ", \"cache_slots\": " << r.cache_slots << ", \"overlap\": " << (r.overlap ? "true" : "false")
+     << ", \"drift\": " << r.drift << ", \"prefill_s\": " << r.prefill_s << ", \"decode_s\": " << r.decode_s
      << ", \"tokens_per_s\": " << r.tokens_per_s << ", \"ms_per_step\": " << r.ms_per_step
      << ", \"ms_per_layer\": " << r.ms_per_layer << ", \"misses_per_step\": " << r.misses_per_step
      << ", \"misses_per_head\": " << r.misses_per_head

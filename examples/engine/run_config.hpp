@@ -29,15 +29,32 @@ struct run_config {
   /// embedding's unit variance per element), which makes successive queries drift smoothly; the argmax tokens
   /// are still computed and reported.
   float drift = 0.0f;
+  /// Offloading methods: the sequences of one prompt share its complete blocks' pages in the host pool
+  /// (`nosa::shared_prefix`), so the pool holds each distinct prompt once.
+  bool share_prompts = true;
+  /// Offload store: slots per (sequence, KV head) beyond the `k + 1` a step needs, keeping recently dropped
+  /// blocks resident (`nosa::capacity::cache_slots`).
+  int cache_slots = 0;
+  /// CUDA, offloading methods: each layer's gather runs on a second stream while attention reads the blocks
+  /// already resident (`nosa::cuda_overlap`).
+  bool overlap = true;
   /// Tokens reserved ahead by each plan call (`reserve`), so the plan call runs once per this many steps.
   int reserve_ahead = 64;
   bool trace = false;  ///< keep every layer's q, k, v, c and attention output of the last step (tests)
 };
 
+/// The layer configuration of a workload on `m`.
+inline nosa::layer_config layer_config_for(const model_config& m, const run_config& run) {
+  return make_layer_config(
+      m.selection, m.q_heads, m.kv_heads, run.batch, run.prompt_tokens + run.steps, run.distinct_prompts,
+      shared_prompt_blocks(run.attention, run.share_prompts, run.prompt_tokens, m.selection.block_size),
+      offloads(run.attention) ? run.cache_slots : 0);
+}
+
 /// Checks a workload on its own; on failure returns false and sets `error` to one line.
 inline bool validate_workload(const run_config& run, std::string& error) {
   if (run.batch < 1 || run.prompt_tokens < 1 || run.steps < 0 || run.distinct_prompts < 1 ||
-      run.distinct_prompts > run.batch || run.reserve_ahead < 1) {
+      run.distinct_prompts > run.batch || run.reserve_ahead < 1 || run.cache_slots < 0) {
     error = "the workload needs batch >= 1, context >= 1, steps >= 0, 1 <= distinct prompts <= batch";
     return false;
   }
@@ -81,6 +98,9 @@ struct run_report {
   std::string preset, method, backend;
   int batch = 0, context = 0, steps = 0, layers = 0, distinct_prompts = 0;
   bool batch_auto = false;  ///< the batch was chosen by --batch auto
+  int shared_blocks = 0;    ///< prompt blocks each sequence shares with its prompt's first sequence
+  int cache_slots = 0;      ///< slots beyond k + 1 per (sequence, KV head)
+  bool overlap = false;     ///< the gathers ran beside attention (CUDA, offloading methods)
   float drift = 0.0f;
   double prefill_s = 0.0;        ///< dense prefill and ingest of every sequence
   double decode_s = 0.0;         ///< the timed decode steps

@@ -18,8 +18,9 @@ namespace {
 
 model_config tiny() { return *find_preset("tiny"); }
 
-/// Prefills the tiny model for `attention` and checks `steps` decode steps against the reference.
-double check_against_reference(method attention, int steps) {
+/// Prefills the tiny model for `attention` and checks `steps` decode steps against the reference. Sequences
+/// 0 and 2 share a prompt (and, for the offloading methods, its pages).
+double check_against_reference(method attention, int steps, int cache_slots = 0) {
   const model_config model = tiny();
   run_config run;
   run.attention = attention;
@@ -28,6 +29,7 @@ double check_against_reference(method attention, int steps) {
   run.prompt_tokens = 300;  // 19 blocks of 16, the last partial; k = 12, so selection is sparse
   run.steps = steps;
   run.reserve_ahead = 5;  // plan calls between steps, as an engine would
+  run.cache_slots = cache_slots;
   run.trace = true;
   std::string error;
   const auto engine = host_engine::create(model, random_weights(model, 7), run, error);
@@ -60,23 +62,65 @@ TEST_CASE("engine attention equals dense attention over every token: full") {
                           12);  // the selection is every block: the reference is dense attention
 }
 
-TEST_CASE("the drift workload raises NOSA's locality") {
+TEST_CASE("engine attention equals dense attention over the selected tokens: nosa-offload, cache slots") {
+  CHECK(check_against_reference(method::nosa_offload, 12, 6) > 0.05);
+}
+
+TEST_CASE("sequences of one prompt share its pages and decode as if they did not") {
   const model_config model = tiny();
-  const auto locality = [&](float drift) {
+  const auto run_with = [&](bool share) {
     run_config run;
     run.attention = method::nosa_offload;
-    run.batch = 2;
+    run.batch = 4;
     run.distinct_prompts = 2;
-    run.prompt_tokens = 320;
-    run.steps = 24;
-    run.drift = drift;
+    run.prompt_tokens = 200;
+    run.steps = 6;
+    run.drift = 0.05f;  // the sequences of one prompt diverge
+    run.share_prompts = share;
     std::string error;
-    const auto engine = host_engine::create(model, random_weights(model, 3), run, error);
+    auto engine = host_engine::create(model, random_weights(model, 2), run, error);
     REQUIRE_MESSAGE(engine, error);
     REQUIRE_MESSAGE(engine->prefill(error), error);
-    const nosa::counters before = engine->total_counters();
     for (int s = 0; s < run.steps; ++s) REQUIRE_MESSAGE(engine->step(error), error);
-    const nosa::counters d = engine->total_counters() - before;
+    return engine;
+  };
+  const auto shared = run_with(true), separate = run_with(false);
+  CHECK(shared->tokens() == separate->tokens());
+  // 2 of the 4 sequences reference the 12 complete blocks of their prompt instead of storing them.
+  const nosa::layer_config a = layer_config_for(model, shared->run()),
+                           b = layer_config_for(model, separate->run());
+  CHECK(b.limits.pool_pages - a.limits.pool_pages == 2 * 12);
+  CHECK(shared->host_bytes() < separate->host_bytes());
+}
+
+/// Decode counters of 24 nosa-offload steps of two 320-token sequences with distinct prompts.
+nosa::counters drift_counters(float drift, int cache_slots) {
+  run_config run;
+  run.attention = method::nosa_offload;
+  run.batch = 2;
+  run.distinct_prompts = 2;
+  run.prompt_tokens = 320;
+  run.steps = 24;
+  run.drift = drift;
+  run.cache_slots = cache_slots;
+  std::string error;
+  const auto engine = host_engine::create(tiny(), random_weights(tiny(), 3), run, error);
+  REQUIRE_MESSAGE(engine, error);
+  REQUIRE_MESSAGE(engine->prefill(error), error);
+  const nosa::counters before = engine->total_counters();
+  for (int s = 0; s < run.steps; ++s) REQUIRE_MESSAGE(engine->step(error), error);
+  return engine->total_counters() - before;
+}
+
+TEST_CASE("cache slots beyond k lower the misses of the drift workload") {
+  const auto without = drift_counters(0.05f, 0).misses, with = drift_counters(0.05f, 8).misses;
+  MESSAGE("misses over 24 steps: " << without << " without cache slots, " << with << " with 8");
+  CHECK(with < without);
+}
+
+TEST_CASE("the drift workload raises NOSA's locality") {
+  const auto locality = [](float drift) {
+    const nosa::counters d = drift_counters(drift, 0);
     REQUIRE(d.hits + d.misses > 0);
     return double(d.hits) / double(d.hits + d.misses);
   };

@@ -22,7 +22,7 @@ using namespace nosa_engine;
 
 namespace {
 
-double check_against_reference(method attention, int steps) {
+double check_against_reference(method attention, int steps, int cache_slots = 0) {
   const model_config model = *find_preset("tiny");
   run_config run;
   run.attention = attention;
@@ -31,6 +31,7 @@ double check_against_reference(method attention, int steps) {
   run.prompt_tokens = 300;
   run.steps = steps;
   run.reserve_ahead = 5;
+  run.cache_slots = cache_slots;
   run.trace = true;
   std::string error;
   const auto engine = cuda_engine::create(model, nullptr, run, error);  // random weights made on the device
@@ -61,6 +62,12 @@ TEST_CASE("CUDA engine attention equals dense attention over the selected tokens
 TEST_CASE("CUDA engine attention equals dense attention over the selected tokens: infllmv2-offload") {
   NOSA_REQUIRE_GPU();
   CHECK(check_against_reference(method::infllmv2_offload, nosa_cuda_test::scaled(12, 4)) > 0.05);
+}
+
+TEST_CASE(
+    "CUDA engine attention equals dense attention over the selected tokens: nosa-offload, cache slots") {
+  NOSA_REQUIRE_GPU();
+  CHECK(check_against_reference(method::nosa_offload, nosa_cuda_test::scaled(12, 4), 6) > 0.05);
 }
 
 TEST_CASE("CUDA engine attention equals dense attention over every token: full") {

@@ -129,10 +129,6 @@ double weight_bytes(const model_config& m) {
   return bytes;
 }
 
-nosa::layer_config layer_config_for(const model_config& m, const run_config& run) {
-  return make_layer_config(m.selection, m.q_heads, m.kv_heads, run.batch, run.prompt_tokens + run.steps);
-}
-
 }  // namespace
 
 nosa::status make_cuda_stack(method m, int head_dim, const nosa::layer_config& config, int layers,
@@ -177,12 +173,32 @@ std::unique_ptr<cuda_engine> cuda_engine::create(const model_config& model, cons
   if (!nosa_ok(s, "creating the " + std::string(method_name(run.attention)) + " layers", error))
     return nullptr;
   if (!e->allocate_activations(error)) return nullptr;
+  if (run.overlap && offloads(run.attention)) {
+    if (!cuda_ok(cudaStreamCreateWithFlags(&e->transfer_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags",
+                 error)) {
+      return nullptr;
+    }
+    e->overlap_events_.assign(2 * static_cast<std::size_t>(model.layers), nullptr);
+    for (cudaEvent_t& ev : e->overlap_events_) {
+      if (!cuda_ok(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags",
+                   error)) {
+        return nullptr;
+      }
+    }
+  }
   return e;
 }
 
 cuda_engine::~cuda_engine() {
   if (graph_ != nullptr) cudaGraphExecDestroy(graph_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
+  if (transfer_ != nullptr) {
+    cudaStreamSynchronize(transfer_);
+    cudaStreamDestroy(transfer_);
+  }
+  for (cudaEvent_t ev : overlap_events_) {
+    if (ev != nullptr) cudaEventDestroy(ev);
+  }
   if (stream_ != nullptr) {
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
@@ -385,8 +401,12 @@ bool cuda_engine::prefill(std::string& error) {
           bias ? nosa::make_contiguous<2>(static_cast<const float*>(Cs), {P, m.kv_heads})
                : nosa::tensor_view<const float, 2>{},
           nosa::make_contiguous<2>(static_cast<const nosa::bf16*>(last_q), {m.q_heads, D})};
+      const int shared = shared_prompt_blocks(run_.attention, run_.share_prompts, P, m.selection.block_size);
       for (int b = p; b < run_.batch; b += run_.distinct_prompts) {
-        if (!nosa_ok(stack_->add_sequence(l, b, prompt_views, stream_), "add_sequence", error)) return false;
+        // The first sequence of the prompt stores it; the others reference its complete blocks.
+        const nosa::shared_prefix share = b == p ? nosa::shared_prefix{} : nosa::shared_prefix{p, shared};
+        if (!nosa_ok(stack_->add_sequence(l, b, prompt_views, share, stream_), "add_sequence", error))
+          return false;
       }
       if (run_.trace) {
         prompt_trace& tr = prompt_trace_[std::size_t(p * m.layers + l)];
@@ -470,6 +490,10 @@ bool cuda_engine::enqueue_step(std::string& error) {
                    "compute_eviction_scores", error))
         return false;
     }
+    const nosa::cuda_overlap overlap{
+        transfer_, transfer_ != nullptr ? overlap_events_[2 * std::size_t(l)] : nullptr,
+        transfer_ != nullptr ? overlap_events_[2 * std::size_t(l) + 1] : nullptr};
+    const nosa::cuda_overlap* overlap_ptr = transfer_ != nullptr ? &overlap : nullptr;
     const nosa::step_args<nosa::bf16, nosa::bf16> args{
         nosa::make_contiguous<1>(static_cast<const std::int32_t*>(sequences_), {B}),
         nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(q_), {B, m.q_heads, D}),
@@ -478,7 +502,7 @@ bool cuda_engine::enqueue_step(std::string& error) {
         bias ? nosa::make_contiguous<2>(static_cast<const float*>(c_), {B, m.kv_heads})
              : nosa::tensor_view<const float, 2>{},
         nosa::make_contiguous<3>(o_, {B, m.q_heads, D})};
-    if (!nosa_ok(stack_->step(l, args, stream_), "layer " + std::to_string(l) + ": step", error))
+    if (!nosa_ok(stack_->step(l, args, stream_, overlap_ptr), "layer " + std::to_string(l) + ": step", error))
       return false;
     if (run_.trace) {
       // q, k, v and o widened to fp32 and c copied, in one buffer per layer: [q | k | v | o | c].
@@ -615,6 +639,7 @@ int largest_batch(const model_config& m, const run_config& run, bool distinct_pe
   const auto fits = [&](int batch) {
     run_config r = run;
     r.batch = batch;
+    r.distinct_prompts = distinct_per_sequence ? batch : std::min(run.distinct_prompts, batch);
     nosa::arena_sizes arenas;
     const nosa::status s =
         cuda_stack_bytes(run.attention, m.head_dim, layer_config_for(m, r), m.layers, arenas);
@@ -625,7 +650,6 @@ int largest_batch(const model_config& m, const run_config& run, bool distinct_pe
     return fixed + double(arenas.device) + double(decode_activation_bytes(m, batch)) <= hbm_bytes &&
            double(arenas.host) <= host_bytes;
   };
-  (void)distinct_per_sequence;  // prompts take no decode memory: the prefill workspace is one prompt's
   if (!fits(1)) return 0;
   int lo = 1, hi = 2;
   while (hi <= (1 << 16) && fits(hi)) {
@@ -669,6 +693,8 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
   run.distinct_prompts = std::min(run.distinct_prompts, run.batch);
   r.batch = run.batch;
   r.distinct_prompts = run.distinct_prompts;
+  r.shared_blocks =
+      shared_prompt_blocks(run.attention, run.share_prompts, run.prompt_tokens, model.selection.block_size);
   r.hbm_budget_bytes = hbm;
   std::fprintf(stderr, "nosa-engine: %s, %s, batch %d, context %d\n", model.name.c_str(), r.method.c_str(),
                run.batch, run.prompt_tokens);

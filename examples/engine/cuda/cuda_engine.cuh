@@ -8,6 +8,7 @@
 #include "../model.hpp"
 #include "../run_config.hpp"
 
+#include <nosa/backend/cuda/decode_layer.cuh>
 #include <nosa/core/numeric.hpp>
 
 #include <cublas_v2.h>
@@ -21,7 +22,7 @@
 
 namespace nosa_engine {
 
-using cuda_stack = attention_stack<nosa::bf16, cudaStream_t>;
+using cuda_stack = attention_stack<nosa::bf16, cudaStream_t, nosa::cuda_overlap>;
 
 /// The attention of `layers` layers for method `m` at head dim 64 or 128 (`cuda/stack_*.cu`).
 nosa::status make_cuda_stack(method m, int head_dim, const nosa::layer_config& config, int layers,
@@ -102,6 +103,8 @@ class cuda_engine {
   model_config model_;
   run_config run_;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t transfer_ = nullptr;  // the gathers, beside attention (offloading methods, run.overlap)
+  std::vector<cudaEvent_t> overlap_events_;  // per layer: fork, join
   cublasHandle_t cublas_ = nullptr;
   cudaGraphExec_t graph_ = nullptr;
   std::unique_ptr<cuda_stack> stack_;

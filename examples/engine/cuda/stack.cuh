@@ -19,7 +19,8 @@ template <int D>
 nosa::status make_cuda_stack_for(method m, const nosa::layer_config& config, int layers,
                                  std::unique_ptr<cuda_stack>* out, nosa::arena_sizes* bytes) {
   const auto make = [&]<class Pipeline>() -> nosa::status {
-    using stack = attention_stack_of<nosa::decode_layer<Pipeline, nosa::cuda_backend>, nosa::bf16>;
+    using stack =
+        attention_stack_of<nosa::decode_layer<Pipeline, nosa::cuda_backend>, nosa::bf16, nosa::cuda_overlap>;
     if (out == nullptr) return stack::required_bytes(config, layers, *bytes);
     auto s = std::make_unique<stack>();
     NOSA_TRY(s->create(config, layers));
