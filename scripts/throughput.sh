@@ -7,7 +7,9 @@
 #   2. calibrates the drift: short nosa-offload runs at the first context for each value of DRIFTS, keeping
 #      the one whose measured locality is nearest the paper's 0.944 (skipped when DRIFT is set);
 #   3. for each HBM budget, context and method: one run with --batch auto, then one per batch of BATCHES that
-#      is smaller than the auto batch; every run with that drift, prompts shared across the batch;
+#      is smaller than the auto batch; for the offloading methods, one more --batch auto run per value of
+#      CACHE_SLOTS (slots beyond k that keep dropped blocks resident); every run with that drift, one prompt
+#      for the whole batch (the offloading methods share its pages in the host pool, see docs/engine.md);
 #   4. writes one JSON object per run to $OUT/throughput.jsonl (a failed run is a line with its error) and
 #      runs scripts/throughput_report.py, which writes $OUT/throughput.md and its PNG plots.
 #
@@ -19,7 +21,7 @@
 # Environment (defaults in brackets):
 #   OUT [out]  PRESET [nosa-8b]  BACKEND [cuda]  METHODS [full infllmv2-offload nosa-offload
 #   nosa-resident]  CONTEXTS [16384 32768 65536 98304]  BATCHES [1 4 16 64]  HBM_GIB ["80 whole"] ("whole":
-#   the whole card)  STEPS [64] timed decode steps  WARMUP [4]  DRIFT [calibrated]  DRIFTS [0.02 0.05 0.1 0.2 0.4]
+#   the whole card)  CACHE_SLOTS [64] ("" for none)  STEPS [64] timed decode steps  WARMUP [4]  DRIFT [calibrated]  DRIFTS [0.02 0.05 0.1 0.2 0.4]
 #   RUN_TIMEOUT [540] seconds per run  NOSA_THROUGHPUT_BUILD_DIR [build-throughput]  NOSA_CUDA_ARCHITECTURES
 #   [90]  JOBS [all cores]  PYTHON [python3]  DRY_RUN [0] (1: print the runs instead of running them)
 #   LINK_GBPS [51] the gather's reachable host-to-device bandwidth (spec §6: random 16 KiB blocks on the H200;
@@ -44,6 +46,7 @@ read -r -a contexts <<<"${CONTEXTS:-16384 32768 65536 98304}"
 read -r -a batches <<<"${BATCHES:-1 4 16 64}"
 read -r -a budgets <<<"${HBM_GIB:-80 whole}"
 read -r -a drifts <<<"${DRIFTS:-0.02 0.05 0.1 0.2 0.4}"
+read -r -a cache_slots <<<"${CACHE_SLOTS:-64}"
 steps=${STEPS:-64}
 warmup=${WARMUP:-4}
 run_timeout=${RUN_TIMEOUT:-540}
@@ -153,6 +156,12 @@ for budget in "${budgets[@]}"; do
       if [[ $backend == cuda ]]; then
         run_engine "$method, context $context, HBM $budget, batch auto" "${common[@]}" --batch auto
         [[ $dry_run == 1 ]] || auto=$(last_field batch)
+        if [[ $method == *-offload ]]; then
+          for slots in "${cache_slots[@]}"; do
+            run_engine "$method, context $context, HBM $budget, batch auto, $slots cache slots" "${common[@]}" \
+              --batch auto --cache-slots "$slots"
+          done
+        fi
       fi
       for batch in "${batches[@]}"; do
         if [[ $backend == cuda && $dry_run != 1 ]] && ((${auto:-0} > 0 && batch >= auto)); then

@@ -69,7 +69,7 @@ def auto_runs(runs: list[dict]) -> dict:
     """{budget: {context: {method: run}}} of the --batch auto sweep runs (the last one wins)."""
     table: dict = defaultdict(lambda: defaultdict(dict))
     for r in runs:
-        if r.get("phase", "sweep") == "sweep" and r.get("batch_auto"):
+        if r.get("phase", "sweep") == "sweep" and r.get("batch_auto") and not r.get("cache_slots"):
             table[budget_label(r)][r["context"]][r["method"]] = r
     return table
 
@@ -160,9 +160,35 @@ def batch_section(runs: list[dict]) -> list[str]:
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         batch = f"{r['batch']} (auto)" if r.get("batch_auto") else str(r["batch"])
+        if r.get("cache_slots"):
+            batch += f", {r['cache_slots']} cache slots"
         out.append(f"| {budget_label(r)} | {r['context']} | {r['method']} | {batch} | {fmt(r['tokens_per_s'])} "
                    f"| {fmt(r['ms_per_step'], 2)} | {fmt(r['ms_per_layer'], 3)} | {fmt(r['misses_per_step'])} "
                    f"| {locality(r)} | {fmt(r['h2d_gb_per_s'], 2)} | {fmt(r['prefill_s'])} |")
+    return out + [""]
+
+
+def cache_section(runs: list[dict]) -> list[str]:
+    """Auto-batch runs of the offloading methods with and without slots beyond k."""
+    rows = defaultdict(dict)
+    for r in runs:
+        if r.get("phase", "sweep") == "sweep" and r.get("batch_auto") and "offload" in r["method"]:
+            rows[(budget_label(r), r["context"], r["method"])][r.get("cache_slots", 0)] = r
+    pairs = [(k, v) for k, v in sorted(rows.items()) if 0 in v and len(v) > 1]
+    if not pairs:
+        return []
+    out = ["## Slot cache beyond k", "",
+           "Slots per (sequence, KV head) beyond the k + 1 a step needs keep recently dropped blocks resident, so a "
+           "block selected again soon is a hit. Each method at its largest batch, without and with the extra slots "
+           "(which cost HBM, so the batch may shrink).", "",
+           "| HBM budget | context | method | cache slots | batch | tokens/s | x without | misses/step | locality |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for (budget, context, method), by_slots in pairs:
+        base = by_slots[0]
+        for slots in sorted(by_slots):
+            r = by_slots[slots]
+            out.append(f"| {budget} | {context} | {method} | {slots} | {r['batch']} | {fmt(r['tokens_per_s'])} "
+                       f"| {fmt(ratio(r, base), 2)} | {fmt(r['misses_per_step'])} | {locality(r)} |")
     return out + [""]
 
 
@@ -276,6 +302,7 @@ def render(runs: list[dict], failures: list[dict], out_dir: str, prefix: str, li
     lines += targets_section(autos, runs, link_gbps)
     lines += headline_section(autos)
     lines += plots(runs, autos, out_dir, prefix)
+    lines += cache_section(runs)
     lines += batch_section(runs)
     lines += calibration_section(runs)
     lines += failure_section(failures)
