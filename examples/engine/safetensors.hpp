@@ -360,14 +360,14 @@ class json_parser {
         out += '\t';
         break;
       case 'u': {
-        std::uint32_t cp;
+        std::uint32_t cp = 0;
         if (!parse_hex4(cp, error)) return false;
         if (cp >= 0xDC00 && cp <= 0xDFFF) return fail("unpaired low surrogate in \\u escape", error);
         if (cp >= 0xD800 && cp <= 0xDBFF) {
           if (s_.size() - pos_ < 2 || s_[pos_] != '\\' || s_[pos_ + 1] != 'u')
             return fail("unpaired high surrogate in \\u escape", error);
           pos_ += 2;
-          std::uint32_t lo;
+          std::uint32_t lo = 0;
           if (!parse_hex4(lo, error)) return false;
           if (lo < 0xDC00 || lo > 0xDFFF) return fail("unpaired high surrogate in \\u escape", error);
           cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);

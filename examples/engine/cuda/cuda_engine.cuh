@@ -1,0 +1,160 @@
+#pragma once
+/// \file
+/// The engine on the CUDA backend: bf16 weights, cuBLAS GEMMs with fp32 accumulation, the small kernels of
+/// `kernels.cuh`, nosa's CUDA decode layers, and the whole decode step of all layers captured once in a CUDA
+/// graph and replayed for every token. Plan calls (`reserve`) run between replays.
+
+#include "../attention_stack.hpp"
+#include "../model.hpp"
+#include "../run_config.hpp"
+
+#include <nosa/backend/cuda/decode_layer.cuh>
+#include <nosa/core/numeric.hpp>
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace nosa_engine {
+
+using cuda_stack = attention_stack<nosa::bf16, cudaStream_t, nosa::cuda_overlap>;
+
+/// The attention of `layers` layers for method `m` at head dim 64 or 128 (`cuda/stack_*.cu`).
+nosa::status make_cuda_stack(method m, int head_dim, const nosa::layer_config& config, int layers,
+                             std::unique_ptr<cuda_stack>& out);
+/// The arena bytes `make_cuda_stack` would allocate, without allocating.
+nosa::status cuda_stack_bytes(method m, int head_dim, const nosa::layer_config& config, int layers,
+                              nosa::arena_sizes& out);
+
+/// Device memory owned by the engine (one allocation, freed on destruction).
+class device_memory {
+ public:
+  device_memory() = default;
+  device_memory(const device_memory&) = delete;
+  device_memory& operator=(const device_memory&) = delete;
+  ~device_memory() {
+    if (p_ != nullptr) cudaFree(p_);
+  }
+  cudaError_t allocate(std::size_t bytes) {
+    bytes_ = bytes;
+    return bytes == 0 ? cudaSuccess : cudaMalloc(&p_, bytes);
+  }
+  template <class T>
+  T* at(std::size_t offset) const {
+    return reinterpret_cast<T*>(static_cast<std::byte*>(p_) + offset);
+  }
+  std::size_t size() const { return bytes_; }
+
+ private:
+  void* p_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+/// Device memory the engine needs besides weights and arenas, for a batch of `batch` rows.
+std::size_t decode_activation_bytes(const model_config& m, int batch);
+/// Device memory of the prefill of one prompt of `tokens` tokens (freed before decoding).
+std::size_t prefill_workspace_bytes(const model_config& m, int tokens);
+
+/// A model, its weights and the state of one batch of sequences on the current CUDA device.
+class cuda_engine {
+ public:
+  /// Uploads `weights` (or, when null, generates the seeded random weights on the device), creates the
+  /// layers, the cuBLAS handle and the stream. On failure returns nothing and sets `error`.
+  static std::unique_ptr<cuda_engine> create(const model_config& model, const host_weights* weights,
+                                             const run_config& run, std::string& error);
+  ~cuda_engine();
+  cuda_engine(const cuda_engine&) = delete;
+  cuda_engine& operator=(const cuda_engine&) = delete;
+
+  /// Dense prefill of each distinct prompt (chunked, cuBLAS attention tiles), ingest into its sequences.
+  bool prefill(std::string& error);
+  /// One decode step of every sequence: a plan call when due, then one launch of the captured graph (the
+  /// first step runs eagerly, the second captures the graph). Returns once enqueued; with `run.trace` it
+  /// waits and copies the traces.
+  bool step(std::string& error);
+  /// Waits for the work enqueued so far and checks every layer's step status.
+  bool finish(std::string& error);
+
+  const model_config& model() const { return model_; }
+  const run_config& run() const { return run_; }
+  cudaStream_t stream() const { return stream_; }
+  cuda_stack& attention() { return *stack_; }
+  const std::vector<layer_trace>& last_step() const { return step_trace_; }
+  const prompt_trace& prompt(int p, int l) const {
+    return prompt_trace_[static_cast<std::size_t>(p * model_.layers + l)];
+  }
+  /// Argmax tokens of the last step (waits).
+  std::vector<std::int32_t> tokens();
+  /// Counters of all layers summed (waits).
+  nosa::counters total_counters();
+  /// HBM the engine holds: weights, arenas, activations, cuBLAS workspace.
+  double device_bytes() const;
+  /// Pinned host memory of the arenas.
+  double host_bytes() const;
+
+ private:
+  cuda_engine() = default;
+
+  model_config model_;
+  run_config run_;
+  cudaStream_t stream_ = nullptr;
+  cudaStream_t transfer_ = nullptr;  // the gathers, beside attention (offloading methods, run.overlap)
+  std::vector<cudaEvent_t> overlap_events_;  // per layer: fork, join
+  cublasHandle_t cublas_ = nullptr;
+  cudaGraphExec_t graph_ = nullptr;
+  std::unique_ptr<cuda_stack> stack_;
+  device_memory weights_;            // every bf16 tensor, in tensor_specs order
+  device_memory weights_f32_;        // the f32 tensors
+  std::vector<std::size_t> offset_;  // byte offset of each tensor in its buffer
+  device_memory act_;                // decode activations, fixed addresses for the graph
+  device_memory cublas_workspace_;
+  int steps_done_ = 0;
+  std::vector<layer_trace> step_trace_;
+  std::vector<prompt_trace> prompt_trace_;
+
+  // Decode activations (pointers into act_).
+  float* x_ = nullptr;                 // [B][hidden] residual stream
+  nosa::bf16* h_ = nullptr;            // [B][hidden] normed
+  float* qkv_ = nullptr;               // [B][qw + 2 kvw]
+  nosa::bf16* q_ = nullptr;            // [B][H_q][D]
+  nosa::bf16* k_ = nullptr;            // [B][H_kv][D]
+  nosa::bf16* v_ = nullptr;            // [B][H_kv][D]
+  float* c_ = nullptr;                 // [B][H_kv]
+  nosa::bf16* o_ = nullptr;            // [B][H_q][D]
+  float* gu_ = nullptr;                // [B][2 mlp]
+  nosa::bf16* a_ = nullptr;            // [B][mlp]
+  float* logits_ = nullptr;            // [B][vocab]
+  std::int32_t* tokens_ = nullptr;     // [B]
+  std::int32_t* positions_ = nullptr;  // [B]
+  std::int32_t* sequences_ = nullptr;  // [B] = 0 .. B-1
+  float* drift_state_ = nullptr;       // [B][hidden] (drift > 0)
+  int* drift_step_ = nullptr;          // [1]
+  std::vector<float*> trace_;          // per layer: q, k, v (as f32), c, o (as f32), contiguous (trace only)
+
+  const nosa::bf16* w(std::size_t spec) const { return weights_.at<const nosa::bf16>(offset_[spec]); }
+  const float* wf(std::size_t spec) const { return weights_f32_.at<const float>(offset_[spec]); }
+  const nosa::bf16* w(int layer, layer_tensor t) const { return w(spec_index(layer, t)); }
+  const float* wf(int layer, layer_tensor t) const { return wf(spec_index(layer, t)); }
+
+  bool upload_weights(const host_weights* weights, std::string& error);
+  bool allocate_activations(std::string& error);
+  /// y[rows][out] (+)= x[rows][in] . W[out][in]^T, bf16 inputs, fp32 accumulate; `Out` is float or bf16.
+  bool linear(const nosa::bf16* w, int out, int in, const nosa::bf16* x, int rows, void* y, bool f32_out,
+              bool accumulate, std::string& error);
+  /// Enqueues the whole decode step (what the graph holds).
+  bool enqueue_step(std::string& error);
+  bool capture(std::string& error);
+  bool copy_traces(std::string& error);
+};
+
+/// Largest batch whose weights, arenas, activations and prefill workspace fit `hbm_bytes` and whose host
+/// arenas fit `host_bytes` (0 when not even one sequence fits).
+int largest_batch(const model_config& m, const run_config& run, bool distinct_per_sequence, double hbm_bytes,
+                  double host_bytes, std::string& error);
+
+}  // namespace nosa_engine

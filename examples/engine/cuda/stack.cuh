@@ -1,0 +1,48 @@
+#pragma once
+/// \file
+/// `make_cuda_stack_for<D>`: the CUDA engine's four attention methods at one head dim, instantiated by
+/// `stack_64.cu` and `stack_128.cu`; `make_cuda_stack` and `cuda_stack_bytes` dispatch to them.
+
+#include "../attention_stack.hpp"
+#include "cuda_engine.cuh"
+
+#include <nosa/backend/cuda/arena.cuh>
+#include <nosa/backend/cuda/decode_layer.cuh>
+#include <nosa/pipeline.hpp>
+
+#include <memory>
+
+namespace nosa_engine {
+
+/// Creates the stack of method `m` into `*out`, or, when `out` is null, only sizes it into `*bytes`.
+template <int D>
+nosa::status make_cuda_stack_for(method m, const nosa::layer_config& config, int layers,
+                                 std::unique_ptr<cuda_stack>* out, nosa::arena_sizes* bytes) {
+  const auto make = [&]<class Pipeline>() -> nosa::status {
+    using stack =
+        attention_stack_of<nosa::decode_layer<Pipeline, nosa::cuda_backend>, nosa::bf16, nosa::cuda_overlap>;
+    if (out == nullptr) return stack::required_bytes(config, layers, *bytes);
+    auto s = std::make_unique<stack>();
+    NOSA_TRY(s->create(config, layers));
+    *out = std::move(s);
+    return nosa::status::success;
+  };
+  switch (m) {
+  case method::full:
+    return make.template operator()<nosa::full_attention_pipeline<nosa::bf16, D>>();
+  case method::infllmv2_offload:
+    return make.template operator()<nosa::infllmv2_pipeline<nosa::bf16, D, nosa::offload_store>>();
+  case method::nosa_offload:
+    return make.template operator()<nosa::nosa_pipeline<nosa::bf16, D, nosa::offload_store>>();
+  case method::nosa_resident:
+    return make.template operator()<nosa::nosa_pipeline<nosa::bf16, D, nosa::resident_store>>();
+  }
+  return nosa::status::invalid_argument;
+}
+
+extern template nosa::status make_cuda_stack_for<64>(method, const nosa::layer_config&, int,
+                                                     std::unique_ptr<cuda_stack>*, nosa::arena_sizes*);
+extern template nosa::status make_cuda_stack_for<128>(method, const nosa::layer_config&, int,
+                                                      std::unique_ptr<cuda_stack>*, nosa::arena_sizes*);
+
+}  // namespace nosa_engine

@@ -1,0 +1,101 @@
+#pragma once
+/// \file
+/// The report of a run as text (one figure per line) and as JSON (one object, for the study scripts), and
+/// the progress line of long runs.
+
+#include "run_config.hpp"
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <ostream>
+#include <sstream>
+#include <string>
+
+namespace nosa_engine {
+
+/// Writes the report as aligned text lines.
+inline void print_report(std::ostream& os, const run_report& r) {
+  const auto gib = [](double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); };
+  os << std::fixed << std::setprecision(3);
+  os << "model            " << r.preset << " (" << r.layers << " layers), method " << r.method << ", backend "
+     << r.backend << '\n';
+  os << "workload         batch " << r.batch << ", context " << r.context << ", " << r.steps << " steps, "
+     << r.distinct_prompts << " distinct prompt(s), drift " << r.drift << '\n';
+  os << "KV cache         " << r.shared_blocks << " prompt blocks shared per sequence, " << r.cache_slots
+     << " cache slots beyond k + 1, gather " << (r.overlap ? "beside attention" : "before attention") << '\n';
+  os << "prefill          " << r.prefill_s << " s (dense prefill and ingest)\n";
+  os << "throughput       " << r.tokens_per_s << " tokens/s\n";
+  os << "step             " << r.ms_per_step << " ms per step, " << r.ms_per_layer << " ms per layer\n";
+  os << "misses           " << r.misses_per_step << " blocks per step (" << r.misses_per_head
+     << " per layer, sequence and KV head)\n";
+  if (r.locality >= 0.0) {
+    os << "locality         " << r.locality << " (selected blocks already resident)\n";
+  } else {
+    os << "locality         n/a (the KV cache is not offloaded)\n";
+  }
+  os << "PCIe             " << r.h2d_gb_per_s << " GB/s host to device, " << r.d2h_gb_per_s
+     << " GB/s device to host\n";
+  os << "memory           " << gib(r.device_bytes) << " GiB " << (r.backend == "cuda" ? "HBM" : "device tier")
+     << (r.hbm_budget_bytes > 0 ? " (budget " + std::to_string(gib(r.hbm_budget_bytes)) + " GiB)"
+                                : std::string())
+     << ", " << gib(r.host_bytes) << " GiB host KV cache\n";
+  os << "last tokens     ";
+  for (std::size_t b = 0; b < r.last_tokens.size() && b < 8; ++b) os << ' ' << r.last_tokens[b];
+  if (r.last_tokens.size() > 8) os << " ...";
+  os << '\n';
+}
+
+/// The report as one JSON object.
+inline std::string report_json(const run_report& r) {
+  std::ostringstream os;
+  os << std::setprecision(9);
+  os << "{\"preset\": \"" << r.preset << "\", \"method\": \"" << r.method << "\", \"backend\": \""
+     << r.backend << "\", \"batch\": " << r.batch << ", \"batch_auto\": " << (r.batch_auto ? "true" : "false")
+     << ", \"context\": " << r.context << ", \"steps\": " << r.steps << ", \"layers\": " << r.layers
+     << ", \"distinct_prompts\": " << r.distinct_prompts << ", \"shared_blocks\": " << r.shared_blocks
+     << ", \"cache_slots\": " << r.cache_slots << ", \"overlap\": " << (r.overlap ? "true" : "false")
+     << ", \"drift\": " << r.drift << ", \"prefill_s\": " << r.prefill_s << ", \"decode_s\": " << r.decode_s
+     << ", \"tokens_per_s\": " << r.tokens_per_s << ", \"ms_per_step\": " << r.ms_per_step
+     << ", \"ms_per_layer\": " << r.ms_per_layer << ", \"misses_per_step\": " << r.misses_per_step
+     << ", \"misses_per_head\": " << r.misses_per_head
+     << ", \"locality\": " << (r.locality >= 0 ? std::to_string(r.locality) : std::string("null"))
+     << ", \"h2d_gb_per_s\": " << r.h2d_gb_per_s << ", \"d2h_gb_per_s\": " << r.d2h_gb_per_s
+     << ", \"device_bytes\": " << r.device_bytes << ", \"host_bytes\": " << r.host_bytes
+     << ", \"hbm_budget_bytes\": " << r.hbm_budget_bytes << "}";
+  return os.str();
+}
+
+/// The progress line of long runs: "step i/n, tokens/s, misses per step" on stderr, at most every `period`
+/// seconds and at the last step.
+class progress_line {
+ public:
+  explicit progress_line(int total, double period = 5.0) : total_(total), period_(period) {}
+  /// True when step `done` should print (the caller then gathers the misses, which may synchronise).
+  bool due(int done) const {
+    return done == total_ ||
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - last_).count() >= period_;
+  }
+  void print(int done, int batch, double misses) {
+    last_ = std::chrono::steady_clock::now();
+    const double elapsed = std::chrono::duration<double>(last_ - start_).count();
+    std::fprintf(stderr, "  step %d/%d  %.1f tokens/s  %.1f misses/step\n", done, total_,
+                 elapsed > 0 ? static_cast<double>(done) * batch / elapsed : 0.0,
+                 done > 0 ? misses / done : 0.0);
+  }
+
+ private:
+  int total_;
+  double period_;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now(), last_ = start_;
+};
+
+/// Writes `json` to `path`; false on failure.
+inline bool write_text(const std::string& path, const std::string& text) {
+  std::ofstream f(path);
+  f << text << '\n';
+  return static_cast<bool>(f);
+}
+
+}  // namespace nosa_engine

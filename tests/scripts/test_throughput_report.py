@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Tests of scripts/throughput_report.py on hand-made runs: the ratios, the target lines, the failures, the
+calibration table and the plots."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "scripts", "throughput_report.py")
+GIB = 1024.0 ** 3
+
+
+def run(method, context, batch, tps, auto, hbm="80", phase="sweep", locality=None, misses=0.0, drift=0.05,
+        cache_slots=0):
+    return {"preset": "nosa-8b", "method": method, "backend": "cuda", "batch": batch, "batch_auto": auto,
+            "context": context, "steps": 64, "layers": 32, "distinct_prompts": 1, "drift": drift,
+            "prefill_s": 10.0, "decode_s": 1.0, "tokens_per_s": tps, "ms_per_step": 1e3 * batch / tps,
+            "ms_per_layer": 1e3 * batch / tps / 32, "misses_per_step": misses, "misses_per_head": 0.1,
+            "locality": locality, "h2d_gb_per_s": 20.0 if "offload" in method else 0.0, "d2h_gb_per_s": 0.1,
+            "device_bytes": 70 * GIB, "host_bytes": 100 * GIB, "hbm_budget_bytes": 80 * GIB,
+            "phase": phase, "hbm": hbm, "cache_slots": cache_slots, "shared_blocks": 256}
+
+
+RUNS = [
+    run("nosa-offload", 16384, 4, 500.0, False, phase="calibration", locality=0.90, drift=0.02),
+    run("nosa-offload", 16384, 4, 520.0, False, phase="calibration", locality=0.95, drift=0.1),
+    run("full", 16384, 16, 1000.0, True),
+    run("infllmv2-offload", 16384, 128, 2000.0, True, locality=0.88, misses=900.0),
+    run("nosa-offload", 16384, 160, 3000.0, True, locality=0.94, misses=400.0),
+    run("nosa-resident", 16384, 20, 1100.0, True),
+    run("full", 32768, 8, 500.0, True),
+    run("infllmv2-offload", 32768, 96, 1300.0, True, locality=0.89),
+    run("nosa-offload", 32768, 120, 2600.0, True, locality=0.945),
+    run("full", 32768, 1, 50.0, False),
+    run("nosa-resident", 32768, 1, 49.0, False),
+    run("full", 32768, 4, 180.0, False),
+    run("nosa-resident", 32768, 4, 170.0, False),
+    run("nosa-offload", 32768, 110, 2860.0, True, locality=0.97, misses=150.0, cache_slots=64),
+]
+FAILURE = {"error": "nosa-engine: batch 64 does not fit the HBM budget", "args": "--method full --batch 64",
+           "phase": "sweep", "hbm": "80"}
+
+
+class ThroughputReport(unittest.TestCase):
+    def render(self, lines, *extra):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        path = os.path.join(tmp.name, "runs.jsonl")
+        with open(path, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in lines) + "\n")
+        out = os.path.join(tmp.name, "out")
+        subprocess.run([sys.executable, SCRIPT, path, "--out", out, *extra], check=True)
+        with open(os.path.join(out, "throughput.md")) as f:
+            return f.read(), out
+
+    def test_ratios_targets_failures_and_plots(self):
+        text, out = self.render(RUNS + [FAILURE])
+        # 32768 is the longest context where full and nosa-offload both ran: 2600 / 500 = 5.20, 2600 / 1300 = 2.00.
+        self.assertIn("longest context where both ran (32768 tokens): nosa-offload / full = 5.20 (target >= 5.0: met)", text)
+        self.assertIn("nosa-offload / infllmv2-offload = 2.00 (target >= 1.9: met)", text)
+        # Batch 4: 170 / 180 = 0.944 is the worst small-batch ratio.
+        self.assertIn("lowest nosa-resident / full ratio at batch 1-4 is 0.944", text)
+        self.assertIn("target >= 0.97: missed", text)
+        # The headline row of nosa-offload at 16K: ratio 3.00 to full and 1.50 to InfLLMv2, locality shown.
+        self.assertIn("| 16384 | nosa-offload | 160 | 3,000.0 | 3.00 | 1.50 |", text)
+        self.assertIn("| 0.940 |", text)
+        self.assertIn("batch 64 does not fit the HBM budget", text)
+        self.assertIn("| 16384 | 0.1 | 0.950 |", text)  # calibration table, sorted by drift
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return
+        for image in ("throughput_vs_context.png", "throughput_vs_batch.png", "ratios.png"):
+            self.assertTrue(os.path.getsize(os.path.join(out, image)) > 0, image)
+            self.assertIn(f"]({image})", text)
+
+    def test_cache_slots_have_their_own_table(self):
+        text, _ = self.render(RUNS)
+        # 2860 / 2600 = 1.10, and the headline row of nosa-offload at 32K is still the run without slots.
+        self.assertIn("| 80 GiB | 32768 | nosa-offload | 64 | 110 | 2,860.0 | 1.10 | 150.0 | 0.970 |", text)
+        self.assertIn("| 32768 | nosa-offload | 120 | 2,600.0 | 5.20 | 2.00 |", text)
+
+    def test_a_missed_target_is_said(self):
+        slow = [r for r in RUNS if not (r["context"] == 32768 and r["method"] == "nosa-offload")]
+        slow.append(run("nosa-offload", 32768, 120, 1000.0, True, locality=0.945))
+        text, _ = self.render(slow)
+        self.assertIn("nosa-offload / full = 2.00 (target >= 5.0: missed)", text)
+
+    def test_pcie_share_of_the_link(self):
+        text, _ = self.render(RUNS, "--link-gbps", "25")
+        # The runs gather 20 GB/s at most: 80% of a 25 GB/s link.
+        self.assertIn("gathers 20.0 GB/s, 80% of the 25 GB/s link (target >= 85% when misses make PCIe the bottleneck: missed", text)
+
+    def test_malformed_input_is_an_error(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        path = os.path.join(tmp.name, "bad.jsonl")
+        with open(path, "w") as f:
+            f.write("{not json\n")
+        r = subprocess.run([sys.executable, SCRIPT, path, "--out", tmp.name], capture_output=True, text=True)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("bad.jsonl:1: not JSON", r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
