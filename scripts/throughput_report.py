@@ -316,6 +316,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--image-prefix", default="", help="prefix of the image links in the markdown")
     parser.add_argument("--link-gbps", type=float, default=None,
                         help="host-to-device bandwidth the gather can reach (GB/s), for the PCIe target")
+    parser.add_argument("--analysis", default=None,
+                        help="a hand-written markdown file appended to the page (default: throughput-analysis.md "
+                             "beside this script's docs/, when it exists)")
     args = parser.parse_args(argv)
     runs, failures = load_runs(args.runs)
     if not runs and not failures:
@@ -323,6 +326,11 @@ def main(argv: list[str]) -> int:
         return 1
     os.makedirs(args.out, exist_ok=True)
     text = render(runs, failures, args.out, args.image_prefix, args.link_gbps)
+    analysis = args.analysis or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs",
+                                             "throughput-analysis.md")
+    if os.path.exists(analysis):
+        with open(analysis, encoding="utf-8") as f:
+            text += "\n" + f.read()
     with open(os.path.join(args.out, "throughput.md"), "w", encoding="utf-8") as f:
         f.write(text)
     return 0
