@@ -51,3 +51,22 @@ nosa_cmake_args() {
 }
 
 nosa_jobs() { nproc 2>/dev/null || echo 2; }
+
+# True when CMake's find_package(<package> CONFIG) succeeds as things are: asks a throw-away project that
+# enables `languages` (NONE, or what the package's config needs, e.g. CXX for one that looks for Threads).
+nosa_cmake_finds_package() {
+  local package=$1 languages=$2 probe rc
+  probe=$(mktemp -d)
+  cat >"$probe/CMakeLists.txt" <<EOF
+cmake_minimum_required(VERSION 3.21)
+project(nosa_${package}_probe LANGUAGES ${languages})
+find_package(${package} CONFIG QUIET)
+if(NOT ${package}_FOUND)
+  message(FATAL_ERROR "${package} not found")
+endif()
+EOF
+  cmake -S "$probe" -B "$probe/build" >/dev/null 2>&1
+  rc=$?
+  rm -rf "$probe"
+  return $rc
+}

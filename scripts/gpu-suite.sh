@@ -125,24 +125,13 @@ if [[ -n ${NOSA_DOCTEST_DIR:-} ]]; then
   fi
   doctest_from="NOSA_DOCTEST_DIR ($dir)"
 else
-  # Would the project's find_package(doctest REQUIRED) succeed as things are? Ask CMake in a throw-away
-  # project that needs no compiler.
-  probe=$(mktemp -d)
-  cat >"$probe/CMakeLists.txt" <<'EOF'
-cmake_minimum_required(VERSION 3.21)
-project(nosa_doctest_probe LANGUAGES NONE)
-find_package(doctest CONFIG QUIET)
-if(NOT doctest_FOUND)
-  message(FATAL_ERROR "doctest not found")
-endif()
-EOF
-  if cmake -S "$probe" -B "$probe/build" >/dev/null 2>&1; then
+  # Would the project's find_package(doctest REQUIRED) succeed as things are?
+  if nosa_cmake_finds_package doctest NONE; then
     doctest_from="installed package"
   elif [[ -f $root/.deps/doctest/lib/cmake/doctest/doctestConfig.cmake ]]; then
     doctest_args=("-Ddoctest_DIR=$root/.deps/doctest/lib/cmake/doctest")
     doctest_from=".deps/doctest (staged by scripts/stage-gpu-deps.sh)"
   else
-    rm -rf "$probe"
     {
       echo "error: doctest is not installed on this machine, so the tests cannot be built."
       echo "       On a machine with Debian's doctest-dev, run scripts/stage-gpu-deps.sh: it copies doctest into"
@@ -153,7 +142,6 @@ EOF
     failures=$((failures + 1))
     finish
   fi
-  rm -rf "$probe"
 fi
 echo "doctest: $doctest_from" | tee -a "$summary"
 

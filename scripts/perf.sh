@@ -88,18 +88,8 @@ run() {
     fi
     from="NOSA_BENCHMARK_DIR ($dir)"
   else
-    # Would find_package(benchmark) succeed as things are? Ask CMake in a throw-away project (with C++
-    # enabled: the package looks for Threads).
-    mkdir -p "$tmp/probe"
-    cat >"$tmp/probe/CMakeLists.txt" <<'EOF'
-cmake_minimum_required(VERSION 3.21)
-project(nosa_benchmark_probe LANGUAGES CXX)
-find_package(benchmark CONFIG QUIET)
-if(NOT benchmark_FOUND)
-  message(FATAL_ERROR "Google Benchmark not found")
-endif()
-EOF
-    if cmake -S "$tmp/probe" -B "$tmp/probe/build" >/dev/null 2>&1; then
+    # Would find_package(benchmark) succeed as things are? (C++ enabled: the package looks for Threads.)
+    if nosa_cmake_finds_package benchmark CXX; then
       from="installed package"
     elif [[ -f $root/.deps/benchmark/lib/cmake/benchmark/benchmarkConfig.cmake ]]; then
       bench_args=("-Dbenchmark_DIR=$root/.deps/benchmark/lib/cmake/benchmark")
