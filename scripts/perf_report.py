@@ -599,6 +599,17 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
                 return f"{v / scale:g}{unit}"
         return f"{v:g}"
 
+    def finish(fig, ax, name, xlabel, ylabel, title, legend_size=8, y_from_zero=False):
+        """Labels, grid and legend of a line plot, then `save`."""
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if y_from_zero:
+            ax.set_ylim(bottom=0)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=legend_size)
+        save(fig, name)
+
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, name), dpi=110)
@@ -625,13 +636,8 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
             ax.axhline(GATHER_CEILING_RATIO * h2d, color="r", ls=":", lw=1, label="92% of the ceiling")
         ax.set_xscale("log", base=2)
         plain_ticks(ax, [float(4 ** i) * 65536 for i in range(8)], fmt=short_size)
-        ax.set_xlabel("bytes per transfer (per step for the gather)")
-        ax.set_ylabel("GB/s")
-        ax.set_ylim(bottom=0)
-        ax.set_title("Host-to-device bandwidth")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "h2d_bandwidth.png")
+        finish(fig, ax, "h2d_bandwidth.png", "bytes per transfer (per step for the gather)", "GB/s",
+               "Host-to-device bandwidth", y_from_zero=True)
 
     # 2. Attention bandwidth against B x H_kv.
     att = attention_rows(results)
@@ -650,13 +656,8 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
         ax.axvline(ATTENTION_MIN_ROWS, color="gray", ls=":", lw=1)
         ax.set_xscale("log", base=2)
         plain_ticks(ax, [r.get("rows") for r in att], fmt=lambda v: f"{v:g}")
-        ax.set_xlabel("B x H_kv")
-        ax.set_ylabel("GB/s of selected K/V")
-        ax.set_ylim(bottom=0)
-        ax.set_title("Sparse attention (attention + merge)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "attention_bandwidth.png")
+        finish(fig, ax, "attention_bandwidth.png", "B x H_kv", "GB/s of attended K/V",
+               "Attention + merge (sparse: selected blocks; full: whole cache)", y_from_zero=True)
 
     steps = step_rows(results)
     if steps:
@@ -674,12 +675,8 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         plain_ticks(ax, [r.p("batch") for r in steps], fmt=lambda v: f"{v:g}")
-        ax.set_xlabel("batch (sequences)")
-        ax.set_ylabel("step time, us (one layer)")
-        ax.set_title("Whole step, graph-replayed, against batch")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, "step_vs_batch.png")
+        finish(fig, ax, "step_vs_batch.png", "batch (sequences)", "step time, us (one layer)",
+               "Whole step, graph-replayed, against batch", legend_size=7)
 
         # 4. Step time against context.
         fig, ax = plt.subplots(figsize=(8, 5))
@@ -697,12 +694,8 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         plain_ticks(ax, [r.p("context") for r in steps], fmt=lambda v: f"{v / 1024:g}K")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("step time, us (one layer)")
-        ax.set_title("Whole step, graph-replayed, against context (H_kv 2)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, "step_vs_context.png")
+        finish(fig, ax, "step_vs_context.png", "context (tokens)", "step time, us (one layer)",
+               "Whole step, graph-replayed, against context (H_kv 2)", legend_size=7)
 
         # 5. Time per stage, as shares of the kernel time, the total in the label.
         stages = [("begin_us", "begin"), ("append_score_us", "append + compress + score"),
