@@ -215,26 +215,33 @@ __global__ void __launch_bounds__(cuda_threads)
   if (w >= 0) compress_window(s, seq, h, w, [&](int token) { return ring + std::size_t(token % sel.window) * D; });
 }
 
-/// Windows one CTA of `window_logits_kernel` scores: one per thread.
+/// Windows of one softmax chunk: `window_logits_kernel` leaves (max, sum of exp) per chunk and query head.
 inline constexpr int score_chunk = score_chunk_windows;
-static_assert(score_chunk == cuda_threads, "one window per thread");
+static_assert(score_chunk == cuda_threads, "one window of a chunk per thread");
+/// Windows a thread scores in the wide form of `window_logits_kernel` (large batches): each query piece read
+/// from shared memory then serves that many windows, which keeps the kernel at the compressed keys' bytes
+/// rather than at the shared-memory loads of the queries.
+inline constexpr int wide_windows_per_thread = 4;
 
-/// Step stage 1b, grid (batch rows x KV heads, window chunks): the logit of every query head of the group
-/// against every compressed key of its chunk (one window per thread, the group's queries broadcast from
-/// shared memory), and the chunk's softmax partials (max, sum of exp) per query head. `q` row `b` holds the
-/// queries of batch row `b` (plan calls pass one row with a zero batch stride).
-template <class P, class E, int D>
-__global__ void __launch_bounds__(cuda_threads)
+/// Step stage 1b, grid (batch rows x KV heads, window groups of `WPT` chunks): the logit of every query head
+/// of the group against every compressed key (thread `t` scores window `t` of each of its CTA's `WPT`
+/// chunks, the group's queries broadcast from shared memory), and each chunk's softmax partials (max, sum
+/// of exp) per query head. A window's logit is summed over ascending d whatever `WPT` is, and each chunk's
+/// partials are reduced in the same order, so both forms give the same bits. `q` row `b` holds the queries
+/// of batch row `b` (plan calls pass one row with a zero batch stride).
+template <class P, int WPT, class E, int D>
+__global__ void __launch_bounds__(cuda_threads, WPT > 1 ? 2 : 1)
     window_logits_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, tensor_view<const E, 3> q) {
   if (length_offset > 0 && *s.status != 0) return;
   using scorer = typename P::query_aware;
   __shared__ __align__(16) float qs[cuda_max_group * D];
   __shared__ float red[cuda_threads / 32][cuda_max_group];
+  __shared__ float chunk_max[cuda_max_group];
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int seq = seqs(b);
   const int length = s.lengths[seq] + length_offset;
   const int n_windows = window_count(length, s.sel);
-  const int first = blockIdx.y * score_chunk;
+  const int first = static_cast<int>(blockIdx.y) * score_chunk * WPT;
   if (first >= n_windows) return;
   const int group = s.group;
   // The group's queries, every load in flight at once (at most 16 D elements over 256 threads).
@@ -244,29 +251,42 @@ __global__ void __launch_bounds__(cuda_threads)
     if (i < group * D) qs[i] = to_float(q(b, h * group + i / D, i % D));
   }
   __syncthreads();
-  const int w = first + threadIdx.x;
-  const bool active = w < n_windows;
-  float acc[cuda_max_group];
+  int w[WPT];
+  bool active[WPT];
+  float acc[WPT][cuda_max_group];
 #pragma unroll
-  for (int g = 0; g < cuda_max_group; ++g) acc[g] = 0.0f;
-  if (active) {
+  for (int i = 0; i < WPT; ++i) {
+    w[i] = first + i * score_chunk + static_cast<int>(threadIdx.x);
+    active[i] = w[i] < n_windows;
+#pragma unroll
+    for (int g = 0; g < cuda_max_group; ++g) acc[i][g] = 0.0f;
+  }
+  {
     // Eight 16-byte loads in flight per thread, then their products, in ascending d.
-    constexpr int batch = 8;
-    static_assert((D / 4) % batch == 0);
+    constexpr int batch = 8 / WPT;
+    static_assert(8 % WPT == 0 && (D / 4) % batch == 0);
     // Window w's dimensions 4j..4j+3 are float4 number j * MW + w (compressed_key_index): a warp reads 512
     // consecutive bytes per load.
-    const float4* pieces = reinterpret_cast<const float4*>(s.kc_of(seq, h)) + w;
+    const float4* pieces = reinterpret_cast<const float4*>(s.kc_of(seq, h));
     for (int d0 = 0; d0 < D / 4; d0 += batch) {
-      float4 kv[batch];
+      float4 kv[WPT][batch];
 #pragma unroll
-      for (int j = 0; j < batch; ++j) kv[j] = pieces[std::size_t(d0 + j) * s.max_windows];
+      for (int i = 0; i < WPT; ++i) {
+#pragma unroll
+        for (int j = 0; j < batch; ++j) {
+          kv[i][j] = active[i] ? pieces[std::size_t(d0 + j) * s.max_windows + w[i]] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+      }
 #pragma unroll
       for (int j = 0; j < batch; ++j) {
 #pragma unroll
         for (int g = 0; g < cuda_max_group; ++g) {
           if (g < group) {
             const float4 qv = reinterpret_cast<const float4*>(qs + g * D)[d0 + j];
-            acc[g] += qv.x * kv[j].x + qv.y * kv[j].y + qv.z * kv[j].z + qv.w * kv[j].w;
+#pragma unroll
+            for (int i = 0; i < WPT; ++i) {
+              acc[i][g] += qv.x * kv[i][j].x + qv.y * kv[i][j].y + qv.z * kv[i][j].z + qv.w * kv[i][j].w;
+            }
           }
         }
       }
@@ -276,46 +296,55 @@ __global__ void __launch_bounds__(cuda_threads)
   float* logits = s.logits_of(seq, h);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int g = 0; g < cuda_max_group; ++g) {
-    if (g < group) {
-      acc[g] = active ? scorer::window_logit(acc[g], scale) : negative_infinity;
-      if (active) logits[std::size_t(g) * s.max_windows + w] = acc[g];
-      const float m = warp_max(acc[g]);
-      if (lane == 0) red[warp][g] = m;
-    }
-  }
-  __syncthreads();
-  __shared__ float chunk_max[cuda_max_group];
-  if (threadIdx.x < group) {
-    float m = negative_infinity;
-    for (int x = 0; x < cuda_threads / 32; ++x) m = max_keep_left(m, red[x][threadIdx.x]);
-    chunk_max[threadIdx.x] = m;
-  }
-  __syncthreads();
+  for (int i = 0; i < WPT; ++i) {
+    if (first + i * score_chunk >= n_windows) break;  // the same for the whole CTA
+    if (i > 0) __syncthreads();                       // the last chunk's partials have been read
 #pragma unroll
-  for (int g = 0; g < cuda_max_group; ++g) {
-    if (g < group) {
-      const float e = active ? expf(acc[g] - chunk_max[g]) : 0.0f;
-      const float sum = warp_sum(e);
-      if (lane == 0) red[warp][g] = sum;
+    for (int g = 0; g < cuda_max_group; ++g) {
+      if (g < group) {
+        acc[i][g] = active[i] ? scorer::window_logit(acc[i][g], scale) : negative_infinity;
+        if (active[i]) logits[std::size_t(g) * s.max_windows + w[i]] = acc[i][g];
+        const float m = warp_max(acc[i][g]);
+        if (lane == 0) red[warp][g] = m;
+      }
     }
-  }
-  __syncthreads();
-  if (threadIdx.x < group) {
-    float sum = 0.0f;
-    for (int x = 0; x < cuda_threads / 32; ++x) sum += red[x][threadIdx.x];
-    float* part = s.score_partials_of(seq, h) + (std::size_t(blockIdx.y) * group + threadIdx.x) * 2;
-    part[0] = chunk_max[threadIdx.x];
-    part[1] = sum;
+    __syncthreads();
+    if (threadIdx.x < group) {
+      float m = negative_infinity;
+      for (int x = 0; x < cuda_threads / 32; ++x) m = max_keep_left(m, red[x][threadIdx.x]);
+      chunk_max[threadIdx.x] = m;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < cuda_max_group; ++g) {
+      if (g < group) {
+        const float e = active[i] ? expf(acc[i][g] - chunk_max[g]) : 0.0f;
+        const float sum = warp_sum(e);
+        if (lane == 0) red[warp][g] = sum;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < group) {
+      float sum = 0.0f;
+      for (int x = 0; x < cuda_threads / 32; ++x) sum += red[x][threadIdx.x];
+      const std::size_t chunk = std::size_t(blockIdx.y) * WPT + i;
+      float* part = s.score_partials_of(seq, h) + (chunk * group + threadIdx.x) * 2;
+      part[0] = chunk_max[threadIdx.x];
+      part[1] = sum;
+    }
   }
 }
 
-/// Step stage 1c, one CTA per (batch row, KV head): combines the chunks' softmax partials, sums each
-/// window's probability over the group (`P[w]`), and pools windows into block scores: `Sq` (max of P over
-/// the windows overlapping a block; the pooling identity without a query) and `Se` (max of the compressed
-/// eviction scores).
+/// Threads of `pool_scores_kernel`, one block each.
+inline constexpr int pool_threads = 128;
+
+/// Step stage 1c, grid (batch rows x KV heads, block groups of `pool_threads`), one thread per block:
+/// combines the chunks' softmax partials, and pools windows into block scores: `Sq` (max over the windows
+/// overlapping the block of P[w], each window's probability summed over the group; the pooling identity
+/// without a query) and `Se` (max of the compressed eviction scores). A window that overlaps two blocks has
+/// its probability computed by both, with the same bits.
 template <class P, class E, int D>
-__global__ void __launch_bounds__(cuda_threads)
+__global__ void __launch_bounds__(pool_threads)
     pool_scores_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, bool have_query) {
   if (length_offset > 0 && *s.status != 0) return;
   using scorer = typename P::query_aware;
@@ -328,9 +357,11 @@ __global__ void __launch_bounds__(cuda_threads)
   const selection_params& sel = s.sel;
   const int n_windows = window_count(length, sel);
   const int n_blocks = block_count(length, sel);
+  const int first_block = static_cast<int>(blockIdx.y) * pool_threads;
+  if (first_block >= n_blocks) return;
   const int group = s.group;
-  float* prob = s.prob_of(seq, h);
-  if (have_query && n_windows > 0) {
+  const bool query = have_query && n_windows > 0;
+  if (query) {
     const int chunks = (n_windows + score_chunk - 1) / score_chunk;
     const float* parts = s.score_partials_of(seq, h);
     // One warp per head: the lanes read the chunks' partials side by side, then reduce them.
@@ -351,8 +382,16 @@ __global__ void __launch_bounds__(cuda_threads)
       }
     }
     __syncthreads();
-    const float* logits = s.logits_of(seq, h);
-    for (int w = threadIdx.x; w < n_windows; w += blockDim.x) {
+  }
+  const int m = first_block + static_cast<int>(threadIdx.x);
+  if (m >= n_blocks) return;
+  const window_range r = windows_overlapping_block(m, n_windows, sel);
+  const float* cc = s.cc_of(seq, h);
+  const float* logits = s.logits_of(seq, h);
+  float bq = scorer::pool_identity;
+  float be = agnostic::pool_identity;
+  for (int w = r.first; w < r.last; ++w) {
+    if (query) {
       // Every head's logit loaded before the first is used; summed in head order.
       float l[cuda_max_group];
 #pragma unroll
@@ -362,24 +401,32 @@ __global__ void __launch_bounds__(cuda_threads)
       for (int g = 0; g < cuda_max_group; ++g) {
         if (g < group) p += expf(l[g] - group_max[g]) * group_inv[g];
       }
-      prob[w] = p;
+      bq = scorer::pool(bq, p);
     }
-    __syncthreads();
+    be = agnostic::pool(be, cc[w]);
   }
-  const float* cc = s.cc_of(seq, h);
-  float* sq = s.sq_of(seq, h);
-  float* se = s.se_of(seq, h);
-  for (int m = threadIdx.x; m < n_blocks; m += blockDim.x) {
-    const window_range r = windows_overlapping_block(m, n_windows, sel);
-    float bq = scorer::pool_identity;
-    float be = agnostic::pool_identity;
-    for (int w = r.first; w < r.last; ++w) {
-      if (have_query) bq = scorer::pool(bq, prob[w]);
-      be = agnostic::pool(be, cc[w]);
+  s.sq_of(seq, h)[m] = bq;
+  s.se_of(seq, h)[m] = be;
+}
+
+/// Enqueues the scoring of `rows` (batch row, KV head) pairs: the window logits and chunk partials (when
+/// there is a query), in the wide form once the batch fills the `sms` SMs with it, then the pooling.
+template <class P, class E, int D>
+void launch_scoring(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset,
+                    tensor_view<const E, 3> q, bool have_query, int sms, cudaStream_t stream) {
+  if (have_query) {
+    constexpr int wide = wide_windows_per_thread;
+    const int wide_groups = (s.max_windows + score_chunk * wide - 1) / (score_chunk * wide);
+    if (rows * wide_groups >= sms) {
+      window_logits_kernel<P, wide>
+          <<<dim3(rows, wide_groups > 1 ? wide_groups : 1), cuda_threads, 0, stream>>>(s, seqs, length_offset, q);
+    } else {
+      window_logits_kernel<P, 1><<<dim3(rows, s.score_chunks > 1 ? s.score_chunks : 1), cuda_threads, 0, stream>>>(
+          s, seqs, length_offset, q);
     }
-    sq[m] = bq;
-    se[m] = be;
   }
+  const int block_groups = (s.max_blocks + pool_threads - 1) / pool_threads;
+  pool_scores_kernel<P><<<dim3(rows, block_groups), pool_threads, 0, stream>>>(s, seqs, length_offset, have_query);
 }
 
 // ---------------------------------------------------------------------------------------------------------
