@@ -93,13 +93,14 @@ inline nosa::layer_config make_layer_config(const nosa::selection_params& select
   return c;
 }
 
-/// The step option of a backend that has none (the host): `attention_stack`'s `Overlap` by default.
-struct no_overlap {};
+/// The step option of a backend that has none (the host): `attention_stack`'s `Hooks` by default.
+struct no_hooks {};
 
 /// Per-layer attention of a whole model. Calls take the layer index; plan calls and inspection may
-/// synchronise (CUDA), `step` only enqueues. `Overlap` is the backend's option for overlapping the gather
-/// with attention (`nosa::cuda_overlap` on the CUDA backend).
-template <class Out, class Stream, class Overlap = no_overlap>
+/// synchronise (CUDA), `step` only enqueues. `Hooks` is the backend's way of shaping a step (on the CUDA
+/// backend: overlap of the gather with attention, and a callback after each stage); a hooks type provides
+/// `enqueue(layer, args, stream)`.
+template <class Out, class Stream, class Hooks = no_hooks>
 class attention_stack {
  public:
   virtual ~attention_stack() = default;
@@ -109,9 +110,9 @@ class attention_stack {
                                     const nosa::shared_prefix& share, Stream s) = 0;
   /// Reserves pages in every layer so each live sequence can run `tokens_ahead` more steps.
   virtual nosa::status reserve(int tokens_ahead, Stream s) = 0;
-  /// One step of `layer`; with `overlap` (not null) the gather runs beside attention where the layer can.
+  /// One step of `layer`, shaped by `hooks` when not null.
   virtual nosa::status step(int layer, const nosa::step_args<nosa::bf16, Out>& args, Stream s,
-                            const Overlap* overlap) = 0;
+                            const Hooks* hooks) = 0;
   virtual nosa::status step_status(int layer, Stream s) const = 0;
   /// The current selection of (seq, head) in `layer`, in rank order.
   virtual std::vector<std::int32_t> selection(int layer, int seq, int head, Stream s) const = 0;
@@ -121,9 +122,9 @@ class attention_stack {
 };
 
 /// `attention_stack` over `decode_layer`s of one pipeline and backend (`Layer`), each owning its arenas.
-template <class Layer, class Out, class Overlap = no_overlap>
+template <class Layer, class Out, class Hooks = no_hooks>
 class attention_stack_of final
-    : public attention_stack<Out, typename Layer::backend_type::stream_type, Overlap> {
+    : public attention_stack<Out, typename Layer::backend_type::stream_type, Hooks> {
   using stream = typename Layer::backend_type::stream_type;
 
  public:
@@ -154,9 +155,9 @@ class attention_stack_of final
     return nosa::status::success;
   }
   nosa::status step(int layer, const nosa::step_args<nosa::bf16, Out>& args, stream s,
-                    const Overlap* overlap) override {
-    if constexpr (!std::is_same_v<Overlap, no_overlap>) {
-      if (overlap != nullptr) return at(layer).step(args, s, *overlap);
+                    const Hooks* hooks) override {
+    if constexpr (!std::is_same_v<Hooks, no_hooks>) {
+      if (hooks != nullptr) return hooks->enqueue(at(layer), args, s);
     }
     return at(layer).step(args, s);
   }

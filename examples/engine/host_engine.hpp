@@ -6,6 +6,7 @@
 
 #include "attention_stack.hpp"
 #include "model.hpp"
+#include "prefill_cache.hpp"
 #include "run_config.hpp"
 
 #include <nosa/core/backend.hpp>
@@ -51,10 +52,14 @@ class host_engine {
   const prompt_trace& prompt(int p, int l) const {
     return prompt_trace_[static_cast<std::size_t>(p * model_.layers + l)];
   }
-  host_stack& attention() { return *stack_; }
-  const host_stack& attention() const { return *stack_; }
+  /// The lanes the batch is split into (one stack of layers each; the host runs them one after the other).
+  const lane_layout& lanes() const { return lanes_; }
+  /// The current selection of row `b`'s KV head `h` in layer `l`, in rank order.
+  std::vector<std::int32_t> selection(int l, int b, int h) const;
   /// Counters of all layers summed.
   nosa::counters total_counters() const;
+  /// True when the last `prefill` read the prompts from the prefill cache.
+  bool prefill_cached() const { return prefill_cached_; }
   /// Bytes of weights and arenas.
   double device_bytes() const;
   double host_bytes() const;
@@ -65,13 +70,15 @@ class host_engine {
   model_config model_;
   run_config run_;
   host_weights w_;
-  std::unique_ptr<host_stack> stack_;
+  lane_layout lanes_{1, 1};
+  std::vector<std::unique_ptr<host_stack>> stacks_;  // one per lane
   std::vector<std::int32_t> tokens_;     // [B] last argmax
   std::vector<std::int32_t> positions_;  // [B] position of the next token
   std::vector<float> drift_state_;       // [B][hidden] input embedding of the drift workload
   std::vector<layer_trace> step_trace_;
   std::vector<prompt_trace> prompt_trace_;
   int steps_done_ = 0;
+  bool prefill_cached_ = false;
 
   const nosa::bf16* w(int layer, layer_tensor t) const { return w_.bf16_tensor(spec_index(layer, t)); }
   const float* wf(int layer, layer_tensor t) const { return w_.f32_tensor(spec_index(layer, t)); }
@@ -87,6 +94,12 @@ class host_engine {
   void finish_layer(int l, const std::vector<float>& o, int rows, std::vector<float>& x) const;
   /// Final norm, LM head and argmax of `rows` hidden states.
   std::vector<std::int32_t> next_tokens(const std::vector<float>& x, int rows) const;
+  /// Dense causal prefill of distinct prompt `p`, layer by layer: `layer(l, data)` receives each layer's
+  /// K, V, c and last query. Returns the first decode token.
+  template <class Layer>
+  bool compute_prompt(int p, Layer layer, std::int32_t& first_token, std::string& error) const;
+  /// Hands a layer of prompt `p` to every sequence that uses it (ingest), and keeps its trace.
+  bool ingest(int p, int l, const prefill_layer& data, std::string& error);
 };
 
 // ---- Building blocks of the forward pass (fp32 activations, bf16 weights), used by both engines' tests ----

@@ -49,6 +49,8 @@ bool run_host(const nosa_engine::model_config& model, const nosa_engine::options
   auto t0 = std::chrono::steady_clock::now();
   if (!engine->prefill(error)) return false;
   r.prefill_s = seconds_since(t0);
+  r.prefill_cached = engine->prefill_cached();
+  r.lanes = engine->lanes().lanes;
   const nosa::counters before = engine->total_counters();
   progress_line progress(opt.run.steps);
   t0 = std::chrono::steady_clock::now();

@@ -39,6 +39,15 @@ options:
                         k + 1 that keep recently dropped blocks resident    (0)
   --overlap on|off      CUDA, offloading methods: gather on a second stream while
                         attention reads the blocks already resident         (on)
+  --lanes N|auto        split the batch into N lanes of contiguous rows; on CUDA
+                        they run side by side, so one lane's gathers cross PCIe
+                        while another computes; auto: 2 for the offloading
+                        methods on CUDA from batch 32, else 1                (auto)
+  --prefill-cache DIR   keep each prompt's prefill (every layer's K, V, c) in DIR
+                        and read it back in later runs instead of recomputing it
+  --profile             CUDA: after the timed steps, one more step run stage by
+                        stage with events between them (lanes one after the
+                        other, gathers not overlapped): where a step's time goes
   --seed N              seed of the random weights                          (1)
   --prompt-seed N       seed of the prompts and of the drift                (2)
   --weights FILE        read the weights from a safetensors file (Llama names plus
@@ -66,6 +75,7 @@ struct options {
   double hbm_gib = 0.0;                ///< 0: the whole card
   double host_gib = 0.0;               ///< 0: 80% of physical memory
   int warmup = 2;
+  bool profile = false;
   std::string weights, save_weights, json;
 };
 
@@ -83,6 +93,10 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (arg == "--help" || arg == "-h") return {parse_result::action::help, {}};
+    if (arg == "--profile") {
+      opt.profile = true;
+      continue;
+    }
     if (arg.substr(0, 2) != "--") return fail("unexpected argument '" + std::string(arg) + "' (see --help)");
     std::string_view name = arg;
     std::optional<std::string_view> value;
@@ -151,6 +165,15 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
     } else if (name == "--overlap") {
       if (text != "on" && text != "off") return bad("on or off");
       opt.run.overlap = text == "on";
+    } else if (name == "--lanes") {
+      if (text == "auto") {
+        opt.run.lanes = 0;
+      } else if (!as_int(opt.run.lanes, 1)) {
+        return bad("a positive integer or auto");
+      }
+    } else if (name == "--prefill-cache") {
+      if (text.empty()) return bad("a directory");
+      opt.run.prefill_cache = text;
     } else if (name == "--cache-slots") {
       if (!as_int(opt.run.cache_slots, 0)) return bad("a non-negative integer");
     } else if (name == "--seed") {
@@ -174,6 +197,9 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
     }
   }
   if (opt.batch_auto && opt.backend != backend_kind::cuda) return fail("--batch auto needs --backend cuda");
+  if (opt.profile && opt.backend != backend_kind::cuda) return fail("--profile needs --backend cuda");
+  if (!opt.run.prefill_cache.empty() && !opt.weights.empty())
+    return fail("--prefill-cache keys its files by the seeds of the random weights: not with --weights");
   return {};
 }
 

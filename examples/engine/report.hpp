@@ -25,7 +25,9 @@ inline void print_report(std::ostream& os, const run_report& r) {
      << r.distinct_prompts << " distinct prompt(s), drift " << r.drift << '\n';
   os << "KV cache         " << r.shared_blocks << " prompt blocks shared per sequence, " << r.cache_slots
      << " cache slots beyond k + 1, gather " << (r.overlap ? "beside attention" : "before attention") << '\n';
-  os << "prefill          " << r.prefill_s << " s (dense prefill and ingest)\n";
+  os << "lanes            " << r.lanes << '\n';
+  os << "prefill          " << r.prefill_s << " s ("
+     << (r.prefill_cached ? "read from the prefill cache" : "dense prefill") << " and ingest)\n";
   os << "throughput       " << r.tokens_per_s << " tokens/s\n";
   os << "step             " << r.ms_per_step << " ms per step, " << r.ms_per_layer << " ms per layer\n";
   os << "misses           " << r.misses_per_step << " blocks per step (" << r.misses_per_head
@@ -36,7 +38,17 @@ inline void print_report(std::ostream& os, const run_report& r) {
     os << "locality         n/a (the KV cache is not offloaded)\n";
   }
   os << "PCIe             " << r.h2d_gb_per_s << " GB/s host to device, " << r.d2h_gb_per_s
-     << " GB/s device to host\n";
+     << " GB/s device to host";
+  if (r.link_h2d_gb_per_s > 0) {
+    os << " (link: " << r.link_h2d_gb_per_s << " GB/s host to device copy, "
+       << 100.0 * r.h2d_gb_per_s / r.link_h2d_gb_per_s << "% of it)";
+  }
+  os << '\n';
+  if (!r.profile_ms.empty()) {
+    os << "profile          ms per step, stages one after the other:";
+    for (const auto& [what, ms] : r.profile_ms) os << ' ' << what << ' ' << ms;
+    os << '\n';
+  }
   os << "memory           " << gib(r.device_bytes) << " GiB " << (r.backend == "cuda" ? "HBM" : "device tier")
      << (r.hbm_budget_bytes > 0 ? " (budget " + std::to_string(gib(r.hbm_budget_bytes)) + " GiB)"
                                 : std::string())
@@ -56,14 +68,22 @@ inline std::string report_json(const run_report& r) {
      << ", \"context\": " << r.context << ", \"steps\": " << r.steps << ", \"layers\": " << r.layers
      << ", \"distinct_prompts\": " << r.distinct_prompts << ", \"shared_blocks\": " << r.shared_blocks
      << ", \"cache_slots\": " << r.cache_slots << ", \"overlap\": " << (r.overlap ? "true" : "false")
-     << ", \"drift\": " << r.drift << ", \"prefill_s\": " << r.prefill_s << ", \"decode_s\": " << r.decode_s
+     << ", \"lanes\": " << r.lanes << ", \"drift\": " << r.drift << ", \"prefill_s\": " << r.prefill_s
+     << ", \"prefill_cached\": " << (r.prefill_cached ? "true" : "false") << ", \"decode_s\": " << r.decode_s
      << ", \"tokens_per_s\": " << r.tokens_per_s << ", \"ms_per_step\": " << r.ms_per_step
      << ", \"ms_per_layer\": " << r.ms_per_layer << ", \"misses_per_step\": " << r.misses_per_step
      << ", \"misses_per_head\": " << r.misses_per_head
      << ", \"locality\": " << (r.locality >= 0 ? std::to_string(r.locality) : std::string("null"))
      << ", \"h2d_gb_per_s\": " << r.h2d_gb_per_s << ", \"d2h_gb_per_s\": " << r.d2h_gb_per_s
      << ", \"device_bytes\": " << r.device_bytes << ", \"host_bytes\": " << r.host_bytes
-     << ", \"hbm_budget_bytes\": " << r.hbm_budget_bytes << "}";
+     << ", \"hbm_budget_bytes\": " << r.hbm_budget_bytes << ", \"link_h2d_gb_per_s\": " << r.link_h2d_gb_per_s;
+  if (!r.profile_ms.empty()) {
+    os << ", \"profile_ms\": {";
+    for (std::size_t i = 0; i < r.profile_ms.size(); ++i)
+      os << (i > 0 ? ", " : "") << '"' << r.profile_ms[i].first << "\": " << r.profile_ms[i].second;
+    os << '}';
+  }
+  os << "}";
   return os.str();
 }
 

@@ -5,9 +5,11 @@
 #include "attention_stack.hpp"
 #include "model.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace nosa_engine {
@@ -40,7 +42,53 @@ struct run_config {
   bool overlap = true;
   /// Tokens reserved ahead by each plan call (`reserve`), so the plan call runs once per this many steps.
   int reserve_ahead = 64;
+  /// The batch split into this many lanes (micro-batches of contiguous rows), each with its own attention
+  /// layers. On the CUDA backend the lanes run the model side by side on their own streams, offset by half a
+  /// layer, so that one lane's gathers cross PCIe while the other lane computes. 0: `default_lanes`.
+  int lanes = 0;
+  /// Directory of the prefill cache (empty: none). The K, V, c and last query a dense prefill computes for
+  /// a prompt are stored there once and read back by later runs of the same model, prompt and method family,
+  /// which then skip the prefill (its time is reported apart from decoding either way).
+  std::string prefill_cache;
   bool trace = false;  ///< keep every layer's q, k, v, c and attention output of the last step (tests)
+};
+
+/// The lanes a run uses when `run_config::lanes` is 0: two for the offloading methods on the CUDA backend
+/// once the batch is large enough for the transfers to matter (32), otherwise one. At small batches a
+/// second lane would read the weights a second time per step for little transfer to hide.
+inline int default_lanes(method m, int batch, bool cuda) { return cuda && offloads(m) && batch >= 32 ? 2 : 1; }
+
+/// How a batch of `batch` rows splits into `lanes` lanes of contiguous rows whose sizes differ by one at
+/// most. Row `b` of the batch is sequence `local(b)` of lane `lane_of(b)`'s layers.
+struct lane_layout {
+  int batch = 1;
+  int lanes = 1;
+  lane_layout(int batch_rows, int lane_count)
+      : batch(batch_rows), lanes(std::max(1, std::min(lane_count, batch_rows))) {}
+  int first(int lane) const { return static_cast<int>(static_cast<long long>(batch) * lane / lanes); }
+  int rows(int lane) const { return first(lane + 1) - first(lane); }
+  int lane_of(int b) const {
+    int lane = static_cast<int>(static_cast<long long>(b) * lanes / batch);
+    while (lane > 0 && first(lane) > b) --lane;
+    while (lane + 1 < lanes && first(lane + 1) <= b) ++lane;
+    return lane;
+  }
+  int local(int b) const { return b - first(lane_of(b)); }
+  /// The lane-local sequence whose prompt pages row `b` shares when the sequences of one prompt share
+  /// pages within a lane: the lane's first row with `b`'s prompt (`b % distinct_prompts`), or -1 when `b`
+  /// is that row.
+  int share_source(int b, int distinct_prompts) const {
+    const int lane = lane_of(b), f = first(lane);
+    const int source = f + ((b - f) % distinct_prompts);
+    return source == b ? -1 : source - f;
+  }
+  /// The workload of lane `lane`'s layers: its rows, with as many distinct prompts as it holds.
+  run_config lane_run(const run_config& run, int lane) const {
+    run_config r = run;
+    r.batch = rows(lane);
+    r.distinct_prompts = std::min(run.distinct_prompts, r.batch);
+    return r;
+  }
 };
 
 /// The layer configuration of a workload on `m`.
@@ -54,7 +102,7 @@ inline nosa::layer_config layer_config_for(const model_config& m, const run_conf
 /// Checks a workload on its own; on failure returns false and sets `error` to one line.
 inline bool validate_workload(const run_config& run, std::string& error) {
   if (run.batch < 1 || run.prompt_tokens < 1 || run.steps < 0 || run.distinct_prompts < 1 ||
-      run.distinct_prompts > run.batch || run.reserve_ahead < 1 || run.cache_slots < 0) {
+      run.distinct_prompts > run.batch || run.reserve_ahead < 1 || run.cache_slots < 0 || run.lanes < 0) {
     error = "the workload needs batch >= 1, context >= 1, steps >= 0, 1 <= distinct prompts <= batch";
     return false;
   }
@@ -101,8 +149,10 @@ struct run_report {
   int shared_blocks = 0;    ///< prompt blocks each sequence shares with its prompt's first sequence
   int cache_slots = 0;      ///< slots beyond k + 1 per (sequence, KV head)
   bool overlap = false;     ///< the gathers ran beside attention (CUDA, offloading methods)
+  int lanes = 1;            ///< lanes the batch was split into
   float drift = 0.0f;
   double prefill_s = 0.0;        ///< dense prefill and ingest of every sequence
+  bool prefill_cached = false;   ///< the prefill was read from the prefill cache
   double decode_s = 0.0;         ///< the timed decode steps
   double tokens_per_s = 0.0;     ///< batch * steps / decode_s
   double ms_per_step = 0.0;      ///< one token of every sequence, all layers
@@ -115,6 +165,11 @@ struct run_report {
   double device_bytes = 0.0;  ///< weights + arenas + activations (HBM on the CUDA backend)
   double host_bytes = 0.0;    ///< host arenas (pinned on the CUDA backend)
   double hbm_budget_bytes = 0.0;          ///< 0 on the host backend
+  /// The PCIe ceiling measured by the same run: a 64 MiB host-to-device copy from pinned memory, best of
+  /// five (CUDA; 0 when not measured).
+  double link_h2d_gb_per_s = 0.0;
+  /// With --profile: ms of one step by component, summed over layers and lanes, each stage run on its own.
+  std::vector<std::pair<std::string, double>> profile_ms;
   std::vector<std::int32_t> last_tokens;  ///< argmax tokens of the last step, per sequence
 };
 

@@ -3,13 +3,17 @@
 // here from the traced q, K, V and c; and the drift workload raises NOSA's locality.
 
 #include "engine/host_engine.hpp"
+#include "engine/prefill_cache.hpp"
 #include "engine/model.hpp"
 #include "engine/run_config.hpp"
 #include "examples/engine_reference.hpp"
+#include "examples/temp_dir.hpp"
 
 #include <doctest/doctest.h>
 
+#include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 using namespace nosa_engine;
@@ -20,7 +24,7 @@ model_config tiny() { return *find_preset("tiny"); }
 
 /// Prefills the tiny model for `attention` and checks `steps` decode steps against the reference. Sequences
 /// 0 and 2 share a prompt (and, for the offloading methods, its pages).
-double check_against_reference(method attention, int steps, int cache_slots = 0) {
+double check_against_reference(method attention, int steps, int cache_slots = 0, int lanes = 1) {
   const model_config model = tiny();
   run_config run;
   run.attention = attention;
@@ -30,6 +34,7 @@ double check_against_reference(method attention, int steps, int cache_slots = 0)
   run.steps = steps;
   run.reserve_ahead = 5;  // plan calls between steps, as an engine would
   run.cache_slots = cache_slots;
+  run.lanes = lanes;
   run.trace = true;
   std::string error;
   const auto engine = host_engine::create(model, random_weights(model, 7), run, error);
@@ -37,8 +42,7 @@ double check_against_reference(method attention, int steps, int cache_slots = 0)
   REQUIRE_MESSAGE(engine->prefill(error), error);
   // fp32 arithmetic over bf16 inputs (fp32 output) against a double reference: only summation order differs.
   return nosa_engine_test::check_steps_against_reference(
-      *engine, steps, [&](int l, int b, int h) { return engine->attention().selection(l, b, h, {}); }, 0.0,
-      2e-5);
+      *engine, steps, [&](int l, int b, int h) { return engine->selection(l, b, h); }, 0.0, 2e-5);
 }
 
 }  // namespace
@@ -64,6 +68,63 @@ TEST_CASE("engine attention equals dense attention over every token: full") {
 
 TEST_CASE("engine attention equals dense attention over the selected tokens: nosa-offload, cache slots") {
   CHECK(check_against_reference(method::nosa_offload, 12, 6) > 0.05);
+}
+
+TEST_CASE("engine attention equals dense attention over the selected tokens: nosa-offload, two lanes") {
+  CHECK(check_against_reference(method::nosa_offload, 12, 0, 2) > 0.05);
+}
+
+TEST_CASE("lanes split the batch without changing what any sequence computes") {
+  const model_config model = tiny();
+  for (const method m : {method::nosa_offload, method::infllmv2_offload, method::nosa_resident, method::full}) {
+    INFO(method_name(m));
+    const auto run_with = [&](int lanes) {
+      run_config run;
+      run.attention = m;
+      run.batch = 5;
+      run.distinct_prompts = 2;  // lanes of rows {0, 1} and {2, 3, 4} each hold both prompts
+      run.prompt_tokens = 200;
+      run.steps = 8;
+      run.reserve_ahead = 3;
+      run.drift = 0.05f;
+      run.lanes = lanes;
+      std::string error;
+      auto engine = host_engine::create(model, random_weights(model, 4), run, error);
+      REQUIRE_MESSAGE(engine, error);
+      REQUIRE_MESSAGE(engine->prefill(error), error);
+      const nosa::counters before = engine->total_counters();
+      for (int s = 0; s < run.steps; ++s) REQUIRE_MESSAGE(engine->step(error), error);
+      return std::pair(engine->tokens(), engine->total_counters() - before);
+    };
+    const auto [one_tokens, one] = run_with(1);
+    for (const int lanes : {2, 3}) {
+      INFO(lanes << " lanes");
+      const auto [tokens, counts] = run_with(lanes);
+      CHECK(tokens == one_tokens);
+      CHECK(counts.hits == one.hits);
+      CHECK(counts.misses == one.misses);
+      CHECK(counts.bytes_h2d == one.bytes_h2d);
+      CHECK(counts.bytes_d2h == one.bytes_d2h);
+    }
+  }
+}
+
+TEST_CASE("lane layout: contiguous rows, and the first row of a prompt in each lane holds its pages") {
+  const lane_layout two(5, 2);
+  CHECK(two.first(0) == 0);
+  CHECK(two.first(1) == 2);
+  CHECK(two.rows(1) == 3);
+  CHECK(two.lane_of(1) == 0);
+  CHECK(two.lane_of(2) == 1);
+  CHECK(two.local(4) == 2);
+  CHECK(two.share_source(0, 2) == -1);
+  CHECK(two.share_source(1, 2) == -1);
+  CHECK(two.share_source(2, 2) == -1);  // the first row of lane 1 (prompt 0) stores its prompt again
+  CHECK(two.share_source(3, 2) == -1);  // prompt 1, first in lane 1
+  CHECK(two.share_source(4, 2) == 0);   // prompt 0 again: shares lane 1's sequence 0
+  CHECK(lane_layout(3, 8).lanes == 3);  // never an empty lane
+  const lane_layout uneven(1000, 3);
+  for (int b = 0; b < 1000; ++b) REQUIRE(uneven.first(uneven.lane_of(b)) + uneven.local(b) == b);
 }
 
 TEST_CASE("sequences of one prompt share its pages and decode as if they did not") {
@@ -137,4 +198,75 @@ TEST_CASE("the engine rejects a workload it cannot run, with a message") {
   std::string error;
   CHECK_FALSE(host_engine::create(model, random_weights(model, 1), run, error));
   CHECK(error.find("distinct prompts") != std::string::npos);
+}
+
+namespace {
+
+/// A prefilled tiny engine for `m` whose prefill cache is `dir`, after `steps` decode steps.
+std::unique_ptr<host_engine> cached_run(method m, const std::filesystem::path& dir, int steps = 4) {
+  const model_config model = tiny();
+  run_config run;
+  run.attention = m;
+  run.batch = 3;
+  run.distinct_prompts = 2;
+  run.prompt_tokens = 150;
+  run.steps = steps;
+  run.prefill_cache = dir.string();
+  run.trace = true;
+  std::string error;
+  auto engine = host_engine::create(model, random_weights(model, run.weight_seed), run, error);
+  REQUIRE_MESSAGE(engine, error);
+  REQUIRE_MESSAGE(engine->prefill(error), error);
+  for (int s = 0; s < steps; ++s) REQUIRE_MESSAGE(engine->step(error), error);
+  return engine;
+}
+
+}  // namespace
+
+TEST_CASE("the prefill cache gives the decode a computed prefill gives") {
+  const nosa_test::temp_dir dir("nosa_prefill_cache_");
+  const auto first = cached_run(method::nosa_offload, dir.path);
+  CHECK_FALSE(first->prefill_cached());
+  // One file per distinct prompt, complete (no temporary left behind).
+  int files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir.path)) {
+    CHECK(entry.path().extension() == ".bin");
+    ++files;
+  }
+  CHECK(files == 2);
+  const auto second = cached_run(method::nosa_offload, dir.path);
+  CHECK(second->prefill_cached());
+  CHECK(second->tokens() == first->tokens());
+  for (int p = 0; p < 2; ++p) {
+    for (int l = 0; l < tiny().layers; ++l) {
+      CHECK(second->prompt(p, l).k == first->prompt(p, l).k);
+      CHECK(second->prompt(p, l).c == first->prompt(p, l).c);
+    }
+  }
+  for (int l = 0; l < tiny().layers; ++l)
+    CHECK(second->last_step()[std::size_t(l)].o == first->last_step()[std::size_t(l)].o);
+  // NOSA's resident store uses the same prefill (same bias); full attention has none and gets its own files.
+  CHECK(cached_run(method::nosa_resident, dir.path)->prefill_cached());
+  CHECK_FALSE(cached_run(method::full, dir.path)->prefill_cached());
+  CHECK(cached_run(method::infllmv2_offload, dir.path)->prefill_cached());
+}
+
+TEST_CASE("a truncated or foreign prefill cache file is recomputed, not read") {
+  const nosa_test::temp_dir dir("nosa_prefill_cache_");
+  const auto reference = cached_run(method::nosa_offload, dir.path);
+  const prefill_key key{"host", 1, 2, 0, 150, true};
+  const std::filesystem::path file = prefill_cache_path(dir.path.string(), tiny(), key);
+  REQUIRE(std::filesystem::exists(file));
+  const std::string whole = nosa_test::read_bytes(file);
+  nosa_test::write_bytes(file, whole.substr(0, whole.size() - 5));
+  const auto after_cut = cached_run(method::nosa_offload, dir.path);
+  CHECK_FALSE(after_cut->prefill_cached());
+  CHECK(after_cut->tokens() == reference->tokens());
+  CHECK(nosa_test::read_bytes(file) == whole);  // written again, complete
+  // The same bytes under another key's name (another prompt seed) are not taken for that key.
+  const prefill_key other{"host", 1, 9, 0, 150, true};
+  nosa_test::write_bytes(prefill_cache_path(dir.path.string(), tiny(), other), whole);
+  prefill_cache_reader reader;
+  CHECK_FALSE(reader.open(dir.path.string(), tiny(), other));
+  CHECK(reader.open(dir.path.string(), tiny(), key));
 }

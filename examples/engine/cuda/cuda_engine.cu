@@ -1,6 +1,7 @@
 // The CUDA engine (see cuda_engine.cuh) and the `nosa-engine --backend cuda` run.
 
 #include "../cuda_engine.hpp"
+#include "../prefill_cache.hpp"
 #include "../report.hpp"
 #include "cuda_engine.cuh"
 #include "kernels.cuh"
@@ -150,14 +151,104 @@ std::size_t prefill_workspace_bytes(const model_config& m, int tokens) {
   return prefill_layout(m, tokens).size;
 }
 
+namespace {
+
+/// The lanes of a run of `batch` rows.
+int lanes_for(const run_config& run, int batch) {
+  return run.lanes > 0 ? run.lanes : default_lanes(run.attention, batch, true);
+}
+
+/// What the profile attributes time to.
+enum class component : int { gemm, scoring, selection, gather, attention, other, count };
+constexpr const char* component_names[] = {"gemm", "scoring", "selection", "gather", "attention", "other"};
+
+component component_of(step_stage_id stage) {
+  switch (stage) {
+  case step_stage_id::append_score:
+    return component::scoring;
+  case step_stage_id::select:
+  case step_stage_id::diff:
+    return component::selection;
+  case step_stage_id::gather:
+    return component::gather;
+  case step_stage_id::attention:
+  case step_stage_id::merge:
+    return component::attention;
+  case step_stage_id::begin:
+    break;
+  }
+  return component::other;
+}
+
+}  // namespace
+
+/// Events recorded on one stream between the components of a step; `mark(c)` closes the interval since the
+/// previous mark and attributes it to `c`.
+struct cuda_engine::step_profile {
+  cudaStream_t stream = nullptr;
+  std::vector<std::pair<component, cudaEvent_t>> marks;
+  bool failed = false;
+
+  void mark(component c) {
+    cudaEvent_t e = nullptr;
+    if (cudaEventCreate(&e) != cudaSuccess || cudaEventRecord(e, stream) != cudaSuccess) {
+      failed = true;
+      return;
+    }
+    marks.emplace_back(c, e);
+  }
+  ~step_profile() {
+    for (auto& m : marks) cudaEventDestroy(m.second);
+  }
+};
+
+namespace {
+
+/// The context of a lane's step hooks: which lane and layer, and the profile when one is taken.
+struct hook_context {
+  cudaEvent_t selected = nullptr;  // recorded once the selection is made (null: none)
+  cudaStream_t stream = nullptr;
+  void* profile = nullptr;  // cuda_engine::step_profile
+  void (*mark)(void* profile, component c) = nullptr;
+};
+
+void after_stage(void* context, step_stage_id stage) {
+  const auto* ctx = static_cast<const hook_context*>(context);
+  if (ctx->profile != nullptr) ctx->mark(ctx->profile, component_of(stage));
+  if (stage == step_stage_id::diff && ctx->selected != nullptr) cudaEventRecord(ctx->selected, ctx->stream);
+}
+
+}  // namespace
+
+cuda_engine::lane::~lane() {
+  if (cublas != nullptr) cublasDestroy(cublas);
+  if (transfer != nullptr) {
+    cudaStreamSynchronize(transfer);
+    cudaStreamDestroy(transfer);
+  }
+  if (stream != nullptr) {
+    cudaStreamSynchronize(stream);
+    cudaStreamDestroy(stream);
+  }
+  for (cudaEvent_t ev : overlap_events) {
+    if (ev != nullptr) cudaEventDestroy(ev);
+  }
+  for (cudaEvent_t ev : selected) {
+    if (ev != nullptr) cudaEventDestroy(ev);
+  }
+  if (done != nullptr) cudaEventDestroy(done);
+}
+
 std::unique_ptr<cuda_engine> cuda_engine::create(const model_config& model, const host_weights* weights,
                                                  const run_config& run, std::string& error) {
   if (!validate_workload(run, error)) return nullptr;
   std::unique_ptr<cuda_engine> e(new cuda_engine());
   e->model_ = model;
   e->run_ = run;
+  e->layout_ = lane_layout(run.batch, lanes_for(run, run.batch));
   if (!cuda_ok(cudaStreamCreateWithFlags(&e->stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags",
-               error))
+               error) ||
+      !cuda_ok(cudaEventCreateWithFlags(&e->fork_, cudaEventDisableTiming), "cudaEventCreateWithFlags", error))
     return nullptr;
   if (!cublas_ok(cublasCreate(&e->cublas_), "cublasCreate", error)) return nullptr;
   if (!cublas_ok(cublasSetStream(e->cublas_, e->stream_), "cublasSetStream", error)) return nullptr;
@@ -168,37 +259,57 @@ std::unique_ptr<cuda_engine> cuda_engine::create(const model_config& model, cons
     return nullptr;
   }
   if (!e->upload_weights(weights, error)) return nullptr;
-  const nosa::status s =
-      make_cuda_stack(run.attention, model.head_dim, layer_config_for(model, run), model.layers, e->stack_);
-  if (!nosa_ok(s, "creating the " + std::string(method_name(run.attention)) + " layers", error))
-    return nullptr;
+  if (!e->create_lanes(error)) return nullptr;
   if (!e->allocate_activations(error)) return nullptr;
-  if (run.overlap && offloads(run.attention)) {
-    if (!cuda_ok(cudaStreamCreateWithFlags(&e->transfer_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags",
-                 error)) {
-      return nullptr;
+  return e;
+}
+
+bool cuda_engine::create_lanes(std::string& error) {
+  const bool overlap = run_.overlap && offloads(run_.attention);
+  for (int i = 0; i < layout_.lanes; ++i) {
+    auto ln = std::make_unique<lane>();
+    ln->first = layout_.first(i);
+    ln->rows = layout_.rows(i);
+    if (!cuda_ok(cudaStreamCreateWithFlags(&ln->stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags",
+                 error) ||
+        !cuda_ok(cudaEventCreateWithFlags(&ln->done, cudaEventDisableTiming), "cudaEventCreateWithFlags", error) ||
+        !cublas_ok(cublasCreate(&ln->cublas), "cublasCreate", error) ||
+        !cublas_ok(cublasSetStream(ln->cublas, ln->stream), "cublasSetStream", error) ||
+        !cuda_ok(ln->workspace.allocate(cublas_workspace_bytes), "cudaMalloc", error) ||
+        !cublas_ok(cublasSetWorkspace(ln->cublas, ln->workspace.at<void>(0), cublas_workspace_bytes),
+                   "cublasSetWorkspace", error)) {
+      return false;
     }
-    e->overlap_events_.assign(2 * static_cast<std::size_t>(model.layers), nullptr);
-    for (cudaEvent_t& ev : e->overlap_events_) {
-      if (!cuda_ok(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags",
-                   error)) {
-        return nullptr;
+    const nosa::status s = make_cuda_stack(run_.attention, model_.head_dim,
+                                           layer_config_for(model_, layout_.lane_run(run_, i)), model_.layers,
+                                           ln->stack);
+    if (!nosa_ok(s, "creating the " + std::string(method_name(run_.attention)) + " layers", error)) return false;
+    const auto events = [&](std::vector<cudaEvent_t>& v, std::size_t n) {
+      v.assign(n, nullptr);
+      for (cudaEvent_t& ev : v) {
+        if (!cuda_ok(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags", error))
+          return false;
+      }
+      return true;
+    };
+    if (overlap) {
+      if (!cuda_ok(cudaStreamCreateWithFlags(&ln->transfer, cudaStreamNonBlocking), "cudaStreamCreateWithFlags",
+                   error) ||
+          !events(ln->overlap_events, 2 * std::size_t(model_.layers))) {
+        return false;
       }
     }
+    if (layout_.lanes > 1 && !events(ln->selected, std::size_t(model_.layers))) return false;
+    lanes_.push_back(std::move(ln));
   }
-  return e;
+  return true;
 }
 
 cuda_engine::~cuda_engine() {
   if (graph_ != nullptr) cudaGraphExecDestroy(graph_);
+  lanes_.clear();
   if (cublas_ != nullptr) cublasDestroy(cublas_);
-  if (transfer_ != nullptr) {
-    cudaStreamSynchronize(transfer_);
-    cudaStreamDestroy(transfer_);
-  }
-  for (cudaEvent_t ev : overlap_events_) {
-    if (ev != nullptr) cudaEventDestroy(ev);
-  }
+  if (fork_ != nullptr) cudaEventDestroy(fork_);
   if (stream_ != nullptr) {
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
@@ -265,8 +376,9 @@ bool cuda_engine::allocate_activations(std::string& error) {
   drift_state_ = act_.at<float>(d.drift);
   drift_step_ = act_.at<int>(d.drift_step);
   if (!cuda_ok(cudaMemsetAsync(act_.at<void>(0), 0, d.size, stream_), "cudaMemsetAsync", error)) return false;
+  // Row b is sequence local(b) of its lane's layers.
   std::vector<std::int32_t> rows(static_cast<std::size_t>(run_.batch));
-  for (int b = 0; b < run_.batch; ++b) rows[std::size_t(b)] = b;
+  for (int b = 0; b < run_.batch; ++b) rows[std::size_t(b)] = layout_.local(b);
   if (!cuda_ok(cudaMemcpyAsync(sequences_, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_),
                "cudaMemcpyAsync", error)) {
     return false;
@@ -285,15 +397,30 @@ bool cuda_engine::allocate_activations(std::string& error) {
   return cuda_ok(cudaStreamSynchronize(stream_), "allocating activations", error);
 }
 
-bool cuda_engine::linear(const nosa::bf16* w, int out, int in, const nosa::bf16* x, int rows, void* y,
-                         bool f32_out, bool accumulate, std::string& error) {
+bool cuda_engine::linear(cublasHandle_t handle, const nosa::bf16* w, int out, int in, const nosa::bf16* x,
+                         int rows, void* y, bool f32_out, bool accumulate, std::string& error) {
   // Row-major Y[rows][out] = X[rows][in] W[out][in]^T is, column-major, Y^T = W^T(as stored) ... i.e.
   // C (out x rows) = op_T(A: in x out) * B (in x rows).
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  return cublas_ok(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w, CUDA_R_16BF, in,
-                                x, CUDA_R_16BF, in, &beta, y, f32_out ? CUDA_R_32F : CUDA_R_16BF, out,
+  return cublas_ok(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w, CUDA_R_16BF, in, x,
+                                CUDA_R_16BF, in, &beta, y, f32_out ? CUDA_R_32F : CUDA_R_16BF, out,
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                    "cublasGemmEx", error);
+}
+
+bool cuda_engine::ingest(int p, int l, const nosa::prompt_args<nosa::bf16>& prompt, std::string& error) {
+  const int shared = shared_prompt_blocks(run_.attention, run_.share_prompts, run_.prompt_tokens,
+                                          model_.selection.block_size);
+  for (int b = p; b < run_.batch; b += run_.distinct_prompts) {
+    // The first sequence of the prompt in each lane stores it; the others reference its complete blocks.
+    const int source = layout_.share_source(b, run_.distinct_prompts);
+    const nosa::shared_prefix share = source < 0 ? nosa::shared_prefix{} : nosa::shared_prefix{source, shared};
+    if (!nosa_ok(lanes_[std::size_t(layout_.lane_of(b))]->stack->add_sequence(l, layout_.local(b), prompt, share,
+                                                                              stream_),
+                 "add_sequence", error))
+      return false;
+  }
+  return true;
 }
 
 bool cuda_engine::prefill(std::string& error) {
@@ -312,137 +439,186 @@ bool cuda_engine::prefill(std::string& error) {
   float *Cs = ws.at<float>(L.c), *QKV = ws.at<float>(L.qkv), *GU = ws.at<float>(L.gu),
         *S = ws.at<float>(L.scores);
   std::int32_t* tokens = ws.at<std::int32_t>(L.tokens);
-  std::vector<std::int32_t> positions(std::size_t(run_.batch), P);
-  for (int p = 0; p < run_.distinct_prompts; ++p) {
-    std::vector<std::int32_t> prompt(static_cast<std::size_t>(P));
-    for (int t = 0; t < P; ++t) prompt[std::size_t(t)] = prompt_token(run_.prompt_seed, p, t, m.vocab);
-    if (!cuda_ok(cudaMemcpyAsync(tokens, prompt.data(), prompt.size() * 4, cudaMemcpyHostToDevice, stream_),
-                 "cudaMemcpyAsync", error)) {
-      return false;
+  std::int32_t* next = ws.at<std::int32_t>(L.next_token);
+  const nosa::prompt_args<nosa::bf16> prompt_views{
+      nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(K), {P, m.kv_heads, D}),
+      nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(V), {P, m.kv_heads, D}),
+      bias ? nosa::make_contiguous<2>(static_cast<const float*>(Cs), {P, m.kv_heads})
+           : nosa::tensor_view<const float, 2>{},
+      nosa::make_contiguous<2>(static_cast<const nosa::bf16*>(last_q), {m.q_heads, D})};
+  const std::size_t kv_elems = std::size_t(P) * kvw, c_elems = std::size_t(P) * m.kv_heads;
+  // Copies between the prefill workspace and a host-side layer (prefill cache), on stream_, then waits.
+  const auto to_host = [&](prefill_layer& data) {
+    data.k.resize(kv_elems);
+    data.v.resize(kv_elems);
+    data.c.assign(c_elems, 0.0f);
+    data.last_q.resize(std::size_t(qw));
+    return cuda_ok(cudaMemcpyAsync(data.k.data(), K, kv_elems * 2, cudaMemcpyDeviceToHost, stream_), "cudaMemcpy",
+                   error) &&
+           cuda_ok(cudaMemcpyAsync(data.v.data(), V, kv_elems * 2, cudaMemcpyDeviceToHost, stream_), "cudaMemcpy",
+                   error) &&
+           (!bias ||
+            cuda_ok(cudaMemcpyAsync(data.c.data(), Cs, c_elems * 4, cudaMemcpyDeviceToHost, stream_), "cudaMemcpy",
+                    error)) &&
+           cuda_ok(cudaMemcpyAsync(data.last_q.data(), last_q, std::size_t(qw) * 2, cudaMemcpyDeviceToHost, stream_),
+                   "cudaMemcpy", error) &&
+           cuda_ok(cudaStreamSynchronize(stream_), "copying the prefill", error);
+  };
+  const auto to_device = [&](const prefill_layer& data) {
+    return cuda_ok(cudaMemcpyAsync(K, data.k.data(), kv_elems * 2, cudaMemcpyHostToDevice, stream_), "cudaMemcpy",
+                   error) &&
+           cuda_ok(cudaMemcpyAsync(V, data.v.data(), kv_elems * 2, cudaMemcpyHostToDevice, stream_), "cudaMemcpy",
+                   error) &&
+           cuda_ok(cudaMemcpyAsync(Cs, data.c.data(), c_elems * 4, cudaMemcpyHostToDevice, stream_), "cudaMemcpy",
+                   error) &&
+           cuda_ok(cudaMemcpyAsync(last_q, data.last_q.data(), std::size_t(qw) * 2, cudaMemcpyHostToDevice, stream_),
+                   "cudaMemcpy", error) &&
+           cuda_ok(cudaStreamSynchronize(stream_), "loading the prefill", error);
+  };
+  const auto keep_trace = [&](int p, int l) {
+    if (!run_.trace) return true;
+    prompt_trace& tr = prompt_trace_[std::size_t(p * m.layers + l)];
+    prefill_layer data;
+    if (!to_host(data)) return false;
+    tr.k.resize(kv_elems);
+    tr.v.resize(kv_elems);
+    for (std::size_t i = 0; i < kv_elems; ++i) {
+      tr.k[i] = nosa::to_float(data.k[i]);
+      tr.v[i] = nosa::to_float(data.v[i]);
     }
-    kernels::embed<<<P, kernels::threads, 0, stream_>>>(w(spec_index(model_tensor::embed)), tokens, hd, X);
-    if (!launched("embed", error)) return false;
-    for (int l = 0; l < m.layers; ++l) {
-      for (int t0 = 0; t0 < P; t0 += L.chunk) {
-        const int rows = std::min(L.chunk, P - t0);
-        float* Xc = X + std::size_t(t0) * hd;
-        kernels::rmsnorm<<<rows, kernels::threads, 0, stream_>>>(Xc, w(l, layer_tensor::attn_norm), hd,
-                                                                 m.norm_eps, H);
-        if (!launched("rmsnorm", error) ||
-            !linear(w(l, layer_tensor::wq), qkvw, hd, H, rows, QKV, true, false, error))
+    tr.c = data.c;
+    return true;
+  };
+
+  std::vector<std::int32_t> first_tokens(std::size_t(run_.batch), 0);
+  std::vector<std::int32_t> positions(std::size_t(run_.batch), P);
+  prefill_cached_ = !run_.prefill_cache.empty();
+  for (int p = 0; p < run_.distinct_prompts; ++p) {
+    const prefill_key key{"cuda", run_.weight_seed, run_.prompt_seed, p, P, bias};
+    std::int32_t first_token = 0;
+    prefill_cache_reader reader;
+    if (!run_.prefill_cache.empty() && reader.open(run_.prefill_cache, m, key)) {
+      prefill_layer data;
+      for (int l = 0; l < m.layers; ++l) {
+        if (!reader.read_layer(data, error) || !to_device(data) || !ingest(p, l, prompt_views, error) ||
+            !keep_trace(p, l))
           return false;
-        kernels::rope_split<<<rows, kernels::threads, 0, stream_>>>(
-            QKV, nullptr, t0, m.q_heads, m.kv_heads, D, m.rope_theta, Q, K + std::size_t(t0) * kvw,
-            V + std::size_t(t0) * kvw);
-        if (!launched("rope_split", error)) return false;
-        if (bias) {
-          const nosa::eviction_head_args<nosa::bf16> args{
-              nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(V + std::size_t(t0) * kvw),
-                                       {rows, m.kv_heads, D}),
-              nosa::make_contiguous<2>(w(l, layer_tensor::evict_w), {m.kv_heads, kvw}),
-              nosa::make_contiguous<1>(wf(l, layer_tensor::evict_beta), {m.kv_heads}),
-              nosa::make_contiguous<1>(wf(l, layer_tensor::evict_scale), {m.kv_heads}),
-              nosa::make_contiguous<2>(Cs + std::size_t(t0) * m.kv_heads, {rows, m.kv_heads})};
-          if (!nosa_ok(nosa::compute_eviction_scores(nosa::cuda_backend{}, args, stream_),
-                       "compute_eviction_scores", error)) {
+      }
+      if (!reader.read_token(first_token, error)) return false;
+    } else {
+      prefill_cached_ = false;
+      prefill_cache_writer writer;
+      const bool caching = !run_.prefill_cache.empty();
+      if (caching && !writer.open(run_.prefill_cache, m, key, error)) return false;
+      std::vector<std::int32_t> prompt(static_cast<std::size_t>(P));
+      for (int t = 0; t < P; ++t) prompt[std::size_t(t)] = prompt_token(run_.prompt_seed, p, t, m.vocab);
+      if (!cuda_ok(cudaMemcpyAsync(tokens, prompt.data(), prompt.size() * 4, cudaMemcpyHostToDevice, stream_),
+                   "cudaMemcpyAsync", error)) {
+        return false;
+      }
+      kernels::embed<<<P, kernels::threads, 0, stream_>>>(w(spec_index(model_tensor::embed)), tokens, hd, X);
+      if (!launched("embed", error)) return false;
+      for (int l = 0; l < m.layers; ++l) {
+        for (int t0 = 0; t0 < P; t0 += L.chunk) {
+          const int rows = std::min(L.chunk, P - t0);
+          float* Xc = X + std::size_t(t0) * hd;
+          kernels::rmsnorm<<<rows, kernels::threads, 0, stream_>>>(Xc, w(l, layer_tensor::attn_norm), hd,
+                                                                   m.norm_eps, H);
+          if (!launched("rmsnorm", error) ||
+              !linear(cublas_, w(l, layer_tensor::wq), qkvw, hd, H, rows, QKV, true, false, error))
+            return false;
+          kernels::rope_split<<<rows, kernels::threads, 0, stream_>>>(
+              QKV, nullptr, t0, m.q_heads, m.kv_heads, D, m.rope_theta, Q, K + std::size_t(t0) * kvw,
+              V + std::size_t(t0) * kvw);
+          if (!launched("rope_split", error)) return false;
+          if (bias) {
+            const nosa::eviction_head_args<nosa::bf16> args{
+                nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(V + std::size_t(t0) * kvw),
+                                         {rows, m.kv_heads, D}),
+                nosa::make_contiguous<2>(w(l, layer_tensor::evict_w), {m.kv_heads, kvw}),
+                nosa::make_contiguous<1>(wf(l, layer_tensor::evict_beta), {m.kv_heads}),
+                nosa::make_contiguous<1>(wf(l, layer_tensor::evict_scale), {m.kv_heads}),
+                nosa::make_contiguous<2>(Cs + std::size_t(t0) * m.kv_heads, {rows, m.kv_heads})};
+            if (!nosa_ok(nosa::compute_eviction_scores(nosa::cuda_backend{}, args, stream_),
+                         "compute_eviction_scores", error)) {
+              return false;
+            }
+          }
+          // Causal attention, one tile of query rows at a time: scores = K q (cuBLAS, batched over the GQA
+          // group), softmax with the bias, then O = P V.
+          for (int s0 = t0; s0 < t0 + rows; s0 += prefill_tile_rows) {
+            const int tile = std::min(prefill_tile_rows, t0 + rows - s0), keys = s0 + tile;
+            for (int h = 0; h < m.kv_heads; ++h) {
+              const float one = 1.0f, zero = 0.0f;
+              const nosa::bf16* q_tile = Q + (std::size_t(s0 - t0) * m.q_heads + std::size_t(h) * G) * D;
+              if (!cublas_ok(cublasGemmStridedBatchedEx(
+                                 cublas_, CUBLAS_OP_T, CUBLAS_OP_N, keys, tile, D, &one, K + std::size_t(h) * D,
+                                 CUDA_R_16BF, kvw, 0, q_tile, CUDA_R_16BF, qw, D, &zero, S, CUDA_R_32F, P,
+                                 std::int64_t(tile) * P, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                             "cublasGemmStridedBatchedEx (scores)", error)) {
+                return false;
+              }
+              kernels::prefill_softmax<<<dim3(tile, G), kernels::threads, 0, stream_>>>(
+                  S, P, tile, s0, keys, scale, bias ? Cs : nullptr, m.kv_heads, h, probs);
+              if (!launched("prefill_softmax", error)) return false;
+              nosa::bf16* o_tile = O + (std::size_t(s0 - t0) * m.q_heads + std::size_t(h) * G) * D;
+              if (!cublas_ok(cublasGemmStridedBatchedEx(
+                                 cublas_, CUBLAS_OP_N, CUBLAS_OP_N, D, tile, keys, &one, V + std::size_t(h) * D,
+                                 CUDA_R_16BF, kvw, 0, probs, CUDA_R_16BF, P, std::int64_t(tile) * P, &zero,
+                                 o_tile, CUDA_R_16BF, qw, D, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                             "cublasGemmStridedBatchedEx (values)", error)) {
+                return false;
+              }
+            }
+          }
+          if (t0 + rows == P &&
+              !cuda_ok(cudaMemcpyAsync(last_q, Q + std::size_t(rows - 1) * qw, std::size_t(qw) * 2,
+                                       cudaMemcpyDeviceToDevice, stream_),
+                       "cudaMemcpyAsync", error)) {
+            return false;
+          }
+          if (!linear(cublas_, w(l, layer_tensor::wo), hd, qw, O, rows, Xc, true, true, error)) return false;
+          kernels::rmsnorm<<<rows, kernels::threads, 0, stream_>>>(Xc, w(l, layer_tensor::mlp_norm), hd,
+                                                                   m.norm_eps, H);
+          if (!launched("rmsnorm", error) ||
+              !linear(cublas_, w(l, layer_tensor::w_gate), 2 * m.mlp, hd, H, rows, GU, true, false, error)) {
+            return false;
+          }
+          kernels::silu_mul<<<rows, kernels::threads, 0, stream_>>>(GU, m.mlp, A);
+          if (!launched("silu_mul", error) ||
+              !linear(cublas_, w(l, layer_tensor::w_down), hd, m.mlp, A, rows, Xc, true, true, error)) {
             return false;
           }
         }
-        // Causal attention, one tile of query rows at a time: scores = K q (cuBLAS, batched over the GQA
-        // group), softmax with the bias, then O = P V.
-        for (int s0 = t0; s0 < t0 + rows; s0 += prefill_tile_rows) {
-          const int tile = std::min(prefill_tile_rows, t0 + rows - s0), keys = s0 + tile;
-          for (int h = 0; h < m.kv_heads; ++h) {
-            const float one = 1.0f, zero = 0.0f;
-            const nosa::bf16* q_tile = Q + (std::size_t(s0 - t0) * m.q_heads + std::size_t(h) * G) * D;
-            if (!cublas_ok(cublasGemmStridedBatchedEx(
-                               cublas_, CUBLAS_OP_T, CUBLAS_OP_N, keys, tile, D, &one, K + std::size_t(h) * D,
-                               CUDA_R_16BF, kvw, 0, q_tile, CUDA_R_16BF, qw, D, &zero, S, CUDA_R_32F, P,
-                               std::int64_t(tile) * P, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                           "cublasGemmStridedBatchedEx (scores)", error)) {
-              return false;
-            }
-            kernels::prefill_softmax<<<dim3(tile, G), kernels::threads, 0, stream_>>>(
-                S, P, tile, s0, keys, scale, bias ? Cs : nullptr, m.kv_heads, h, probs);
-            if (!launched("prefill_softmax", error)) return false;
-            nosa::bf16* o_tile = O + (std::size_t(s0 - t0) * m.q_heads + std::size_t(h) * G) * D;
-            if (!cublas_ok(cublasGemmStridedBatchedEx(
-                               cublas_, CUBLAS_OP_N, CUBLAS_OP_N, D, tile, keys, &one, V + std::size_t(h) * D,
-                               CUDA_R_16BF, kvw, 0, probs, CUDA_R_16BF, P, std::int64_t(tile) * P, &zero,
-                               o_tile, CUDA_R_16BF, qw, D, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                           "cublasGemmStridedBatchedEx (values)", error)) {
-              return false;
-            }
-          }
-        }
-        if (t0 + rows == P &&
-            !cuda_ok(cudaMemcpyAsync(last_q, Q + std::size_t(rows - 1) * qw, std::size_t(qw) * 2,
-                                     cudaMemcpyDeviceToDevice, stream_),
-                     "cudaMemcpyAsync", error)) {
-          return false;
-        }
-        if (!linear(w(l, layer_tensor::wo), hd, qw, O, rows, Xc, true, true, error)) return false;
-        kernels::rmsnorm<<<rows, kernels::threads, 0, stream_>>>(Xc, w(l, layer_tensor::mlp_norm), hd,
-                                                                 m.norm_eps, H);
-        if (!launched("rmsnorm", error) ||
-            !linear(w(l, layer_tensor::w_gate), 2 * m.mlp, hd, H, rows, GU, true, false, error)) {
-          return false;
-        }
-        kernels::silu_mul<<<rows, kernels::threads, 0, stream_>>>(GU, m.mlp, A);
-        if (!launched("silu_mul", error) ||
-            !linear(w(l, layer_tensor::w_down), hd, m.mlp, A, rows, Xc, true, true, error)) {
-          return false;
+        // Ingest (NOSA with full prefill): the layer's K, V and c, all in device memory.
+        if (!ingest(p, l, prompt_views, error) || !keep_trace(p, l)) return false;
+        if (caching) {
+          prefill_layer data;
+          if (!to_host(data) || !writer.write_layer(data, error)) return false;
         }
       }
-      // Ingest (NOSA with full prefill): the layer's K, V and c, all in device memory.
-      const nosa::prompt_args<nosa::bf16> prompt_views{
-          nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(K), {P, m.kv_heads, D}),
-          nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(V), {P, m.kv_heads, D}),
-          bias ? nosa::make_contiguous<2>(static_cast<const float*>(Cs), {P, m.kv_heads})
-               : nosa::tensor_view<const float, 2>{},
-          nosa::make_contiguous<2>(static_cast<const nosa::bf16*>(last_q), {m.q_heads, D})};
-      const int shared = shared_prompt_blocks(run_.attention, run_.share_prompts, P, m.selection.block_size);
-      for (int b = p; b < run_.batch; b += run_.distinct_prompts) {
-        // The first sequence of the prompt stores it; the others reference its complete blocks.
-        const nosa::shared_prefix share = b == p ? nosa::shared_prefix{} : nosa::shared_prefix{p, shared};
-        if (!nosa_ok(stack_->add_sequence(l, b, prompt_views, share, stream_), "add_sequence", error))
-          return false;
-      }
-      if (run_.trace) {
-        prompt_trace& tr = prompt_trace_[std::size_t(p * m.layers + l)];
-        std::vector<nosa::bf16> kb(std::size_t(P) * kvw), vb(kb.size());
-        tr.c.assign(std::size_t(P) * m.kv_heads, 0.0f);
-        if (!cuda_ok(cudaMemcpy(kb.data(), K, kb.size() * 2, cudaMemcpyDeviceToHost), "cudaMemcpy", error) ||
-            !cuda_ok(cudaMemcpy(vb.data(), V, vb.size() * 2, cudaMemcpyDeviceToHost), "cudaMemcpy", error) ||
-            (bias && !cuda_ok(cudaMemcpy(tr.c.data(), Cs, tr.c.size() * 4, cudaMemcpyDeviceToHost),
-                              "cudaMemcpy", error))) {
-          return false;
-        }
-        tr.k.resize(kb.size());
-        tr.v.resize(vb.size());
-        for (std::size_t i = 0; i < kb.size(); ++i) {
-          tr.k[i] = nosa::to_float(kb[i]);
-          tr.v[i] = nosa::to_float(vb[i]);
-        }
-      }
-    }
-    // The first decode input: argmax after the last prompt token, for every sequence of this prompt.
-    std::int32_t* next = ws.at<std::int32_t>(L.next_token);
-    kernels::rmsnorm<<<1, kernels::threads, 0, stream_>>>(
-        X + std::size_t(P - 1) * hd, w(spec_index(model_tensor::final_norm)), hd, m.norm_eps, H);
-    if (!launched("rmsnorm", error) || !linear(w(spec_index(model_tensor::lm_head)), m.vocab, hd, H, 1,
-                                               ws.at<float>(L.logits), true, false, error)) {
-      return false;
-    }
-    kernels::argmax<<<1, 1024, 0, stream_>>>(ws.at<float>(L.logits), m.vocab, next);
-    if (!launched("argmax", error)) return false;
-    for (int b = p; b < run_.batch; b += run_.distinct_prompts) {
-      if (!cuda_ok(cudaMemcpyAsync(tokens_ + b, next, 4, cudaMemcpyDeviceToDevice, stream_),
-                   "cudaMemcpyAsync", error))
+      // The first decode input: argmax after the last prompt token.
+      kernels::rmsnorm<<<1, kernels::threads, 0, stream_>>>(
+          X + std::size_t(P - 1) * hd, w(spec_index(model_tensor::final_norm)), hd, m.norm_eps, H);
+      if (!launched("rmsnorm", error) || !linear(cublas_, w(spec_index(model_tensor::lm_head)), m.vocab, hd, H, 1,
+                                                 ws.at<float>(L.logits), true, false, error)) {
         return false;
+      }
+      kernels::argmax<<<1, 1024, 0, stream_>>>(ws.at<float>(L.logits), m.vocab, next);
+      if (!launched("argmax", error) ||
+          !cuda_ok(cudaMemcpyAsync(&first_token, next, 4, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync",
+                   error) ||
+          !cuda_ok(cudaStreamSynchronize(stream_), "prefill", error)) {
+        return false;
+      }
+      if (caching && !writer.finish(first_token, error)) return false;
     }
+    for (int b = p; b < run_.batch; b += run_.distinct_prompts) first_tokens[std::size_t(b)] = first_token;
   }
-  if (!cuda_ok(cudaMemcpyAsync(positions_, positions.data(), positions.size() * 4, cudaMemcpyHostToDevice,
+  if (!cuda_ok(cudaMemcpyAsync(tokens_, first_tokens.data(), first_tokens.size() * 4, cudaMemcpyHostToDevice,
+                               stream_),
+               "cudaMemcpyAsync", error) ||
+      !cuda_ok(cudaMemcpyAsync(positions_, positions.data(), positions.size() * 4, cudaMemcpyHostToDevice,
                                stream_),
                "cudaMemcpyAsync", error)) {
     return false;
@@ -452,14 +628,106 @@ bool cuda_engine::prefill(std::string& error) {
                                                                  hd, drift_state_);
     if (!launched("embed", error)) return false;
   }
-  // The workspace is freed when `ws` goes out of scope: wait for the work that uses it.
+  // The workspace is freed when `ws` goes out of scope, and the host vectors with the function: wait.
   return cuda_ok(cudaStreamSynchronize(stream_), "prefill", error);
 }
 
-bool cuda_engine::enqueue_step(std::string& error) {
+bool cuda_engine::enqueue_layer(int i, int l, cudaStream_t s, step_profile* profile, std::string& error) {
   const model_config& m = model_;
-  const int B = run_.batch, hd = m.hidden, qw = m.q_width(), kvw = m.kv_width(), D = m.head_dim;
+  const lane& ln = *lanes_[std::size_t(i)];
+  const int f = ln.first, n = ln.rows, hd = m.hidden, qw = m.q_width(), kvw = m.kv_width(), D = m.head_dim;
   const bool bias = uses_bias(run_.attention);
+  cublasHandle_t handle = profile != nullptr ? cublas_ : ln.cublas;
+  const auto mark = [&](component c) {
+    if (profile != nullptr) profile->mark(c);
+  };
+  // This lane's rows of every activation.
+  float* x = x_ + std::size_t(f) * hd;
+  nosa::bf16* h = h_ + std::size_t(f) * hd;
+  float* qkv = qkv_ + std::size_t(f) * (qw + 2 * kvw);
+  nosa::bf16 *q = q_ + std::size_t(f) * qw, *k = k_ + std::size_t(f) * kvw, *v = v_ + std::size_t(f) * kvw;
+  nosa::bf16* o = o_ + std::size_t(f) * qw;
+  float* c = c_ + std::size_t(f) * m.kv_heads;
+  float* gu = gu_ + std::size_t(f) * 2 * m.mlp;
+  nosa::bf16* a = a_ + std::size_t(f) * m.mlp;
+
+  kernels::rmsnorm<<<n, kernels::threads, 0, s>>>(x, w(l, layer_tensor::attn_norm), hd, m.norm_eps, h);
+  if (!launched("rmsnorm", error)) return false;
+  mark(component::other);
+  if (!linear(handle, w(l, layer_tensor::wq), qw + 2 * kvw, hd, h, n, qkv, true, false, error)) return false;
+  mark(component::gemm);
+  kernels::rope_split<<<n, kernels::threads, 0, s>>>(qkv, positions_ + f, 0, m.q_heads, m.kv_heads, D,
+                                                     m.rope_theta, q, k, v);
+  if (!launched("rope_split", error)) return false;
+  if (bias) {
+    const nosa::eviction_head_args<nosa::bf16> args{
+        nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(v), {n, m.kv_heads, D}),
+        nosa::make_contiguous<2>(w(l, layer_tensor::evict_w), {m.kv_heads, kvw}),
+        nosa::make_contiguous<1>(wf(l, layer_tensor::evict_beta), {m.kv_heads}),
+        nosa::make_contiguous<1>(wf(l, layer_tensor::evict_scale), {m.kv_heads}),
+        nosa::make_contiguous<2>(c, {n, m.kv_heads})};
+    if (!nosa_ok(nosa::compute_eviction_scores(nosa::cuda_backend{}, args, s), "compute_eviction_scores", error))
+      return false;
+  }
+  mark(component::other);
+  // The gather overlaps attention on the lane's transfer stream, except in the profile (one stream).
+  const bool overlap = profile == nullptr && ln.transfer != nullptr;
+  const nosa::cuda_overlap overlap_streams{ln.transfer,
+                                           overlap ? ln.overlap_events[2 * std::size_t(l)] : nullptr,
+                                           overlap ? ln.overlap_events[2 * std::size_t(l) + 1] : nullptr};
+  hook_context context;
+  context.selected = profile == nullptr && !ln.selected.empty() ? ln.selected[std::size_t(l)] : nullptr;
+  context.stream = s;
+  context.profile = profile;
+  context.mark = [](void* p, component comp) { static_cast<step_profile*>(p)->mark(comp); };
+  const cuda_step_hooks hooks{overlap ? &overlap_streams : nullptr, &after_stage, &context};
+  const nosa::step_args<nosa::bf16, nosa::bf16> args{
+      nosa::make_contiguous<1>(static_cast<const std::int32_t*>(sequences_ + f), {n}),
+      nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(q), {n, m.q_heads, D}),
+      nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(k), {n, m.kv_heads, D}),
+      nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(v), {n, m.kv_heads, D}),
+      bias ? nosa::make_contiguous<2>(static_cast<const float*>(c), {n, m.kv_heads})
+           : nosa::tensor_view<const float, 2>{},
+      nosa::make_contiguous<3>(o, {n, m.q_heads, D})};
+  if (!nosa_ok(ln.stack->step(l, args, s, &hooks), "layer " + std::to_string(l) + ": step", error)) return false;
+  if (run_.trace) {
+    // q, k, v and o widened to fp32 and c copied into the layer's trace, [q | k | v | o | c] over all rows.
+    float* t = trace_[std::size_t(l)];
+    const std::int64_t B = run_.batch, nq = B * qw, nkv = B * kvw, rq = std::int64_t(n) * qw,
+                       rkv = std::int64_t(n) * kvw;
+    kernels::widen<<<grid_for(rq), kernels::threads, 0, s>>>(q, rq, t + std::int64_t(f) * qw);
+    kernels::widen<<<grid_for(rkv), kernels::threads, 0, s>>>(k, rkv, t + nq + std::int64_t(f) * kvw);
+    kernels::widen<<<grid_for(rkv), kernels::threads, 0, s>>>(v, rkv, t + nq + nkv + std::int64_t(f) * kvw);
+    kernels::widen<<<grid_for(rq), kernels::threads, 0, s>>>(o, rq, t + nq + 2 * nkv + std::int64_t(f) * qw);
+    if (!launched("widen", error) ||
+        !cuda_ok(cudaMemcpyAsync(t + 2 * nq + 2 * nkv + std::int64_t(f) * m.kv_heads, c,
+                                 std::size_t(n) * m.kv_heads * 4, cudaMemcpyDeviceToDevice, s),
+                 "cudaMemcpyAsync", error)) {
+      return false;
+    }
+  }
+  if (!linear(handle, w(l, layer_tensor::wo), hd, qw, o, n, x, true, true, error)) return false;
+  mark(component::gemm);
+  kernels::rmsnorm<<<n, kernels::threads, 0, s>>>(x, w(l, layer_tensor::mlp_norm), hd, m.norm_eps, h);
+  if (!launched("rmsnorm", error)) return false;
+  mark(component::other);
+  if (!linear(handle, w(l, layer_tensor::w_gate), 2 * m.mlp, hd, h, n, gu, true, false, error)) return false;
+  mark(component::gemm);
+  kernels::silu_mul<<<n, kernels::threads, 0, s>>>(gu, m.mlp, a);
+  if (!launched("silu_mul", error)) return false;
+  mark(component::other);
+  if (!linear(handle, w(l, layer_tensor::w_down), hd, m.mlp, a, n, x, true, true, error)) return false;
+  mark(component::gemm);
+  return true;
+}
+
+bool cuda_engine::enqueue_step(step_profile* profile, std::string& error) {
+  const model_config& m = model_;
+  const int B = run_.batch, hd = m.hidden, L = layout_.lanes;
+  const auto mark = [&](component c) {
+    if (profile != nullptr) profile->mark(c);
+  };
+  mark(component::other);  // the start
   if (run_.drift > 0.0f) {
     if (!cuda_ok(
             cudaMemcpyAsync(x_, drift_state_, std::size_t(B) * hd * 4, cudaMemcpyDeviceToDevice, stream_),
@@ -470,85 +738,63 @@ bool cuda_engine::enqueue_step(std::string& error) {
     kernels::embed<<<B, kernels::threads, 0, stream_>>>(w(spec_index(model_tensor::embed)), tokens_, hd, x_);
     if (!launched("embed", error)) return false;
   }
-  for (int l = 0; l < m.layers; ++l) {
-    kernels::rmsnorm<<<B, kernels::threads, 0, stream_>>>(x_, w(l, layer_tensor::attn_norm), hd, m.norm_eps,
-                                                          h_);
-    if (!launched("rmsnorm", error) ||
-        !linear(w(l, layer_tensor::wq), qw + 2 * kvw, hd, h_, B, qkv_, true, false, error))
-      return false;
-    kernels::rope_split<<<B, kernels::threads, 0, stream_>>>(qkv_, positions_, 0, m.q_heads, m.kv_heads, D,
-                                                             m.rope_theta, q_, k_, v_);
-    if (!launched("rope_split", error)) return false;
-    if (bias) {
-      const nosa::eviction_head_args<nosa::bf16> args{
-          nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(v_), {B, m.kv_heads, D}),
-          nosa::make_contiguous<2>(w(l, layer_tensor::evict_w), {m.kv_heads, kvw}),
-          nosa::make_contiguous<1>(wf(l, layer_tensor::evict_beta), {m.kv_heads}),
-          nosa::make_contiguous<1>(wf(l, layer_tensor::evict_scale), {m.kv_heads}),
-          nosa::make_contiguous<2>(c_, {B, m.kv_heads})};
-      if (!nosa_ok(nosa::compute_eviction_scores(nosa::cuda_backend{}, args, stream_),
-                   "compute_eviction_scores", error))
-        return false;
+  mark(component::other);
+  // The lanes fork from the engine's stream (in the profile everything stays on it).
+  if (profile == nullptr) {
+    if (!cuda_ok(cudaEventRecord(fork_, stream_), "cudaEventRecord", error)) return false;
+    for (const auto& ln : lanes_) {
+      if (!cuda_ok(cudaStreamWaitEvent(ln->stream, fork_, 0), "cudaStreamWaitEvent", error)) return false;
     }
-    const nosa::cuda_overlap overlap{
-        transfer_, transfer_ != nullptr ? overlap_events_[2 * std::size_t(l)] : nullptr,
-        transfer_ != nullptr ? overlap_events_[2 * std::size_t(l) + 1] : nullptr};
-    const nosa::cuda_overlap* overlap_ptr = transfer_ != nullptr ? &overlap : nullptr;
-    const nosa::step_args<nosa::bf16, nosa::bf16> args{
-        nosa::make_contiguous<1>(static_cast<const std::int32_t*>(sequences_), {B}),
-        nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(q_), {B, m.q_heads, D}),
-        nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(k_), {B, m.kv_heads, D}),
-        nosa::make_contiguous<3>(static_cast<const nosa::bf16*>(v_), {B, m.kv_heads, D}),
-        bias ? nosa::make_contiguous<2>(static_cast<const float*>(c_), {B, m.kv_heads})
-             : nosa::tensor_view<const float, 2>{},
-        nosa::make_contiguous<3>(o_, {B, m.q_heads, D})};
-    if (!nosa_ok(stack_->step(l, args, stream_, overlap_ptr), "layer " + std::to_string(l) + ": step", error))
-      return false;
-    if (run_.trace) {
-      // q, k, v and o widened to fp32 and c copied, in one buffer per layer: [q | k | v | o | c].
-      float* t = trace_[std::size_t(l)];
-      const std::int64_t nq = std::int64_t(B) * qw, nkv = std::int64_t(B) * kvw;
-      kernels::widen<<<grid_for(nq), kernels::threads, 0, stream_>>>(q_, nq, t);
-      kernels::widen<<<grid_for(nkv), kernels::threads, 0, stream_>>>(k_, nkv, t + nq);
-      kernels::widen<<<grid_for(nkv), kernels::threads, 0, stream_>>>(v_, nkv, t + nq + nkv);
-      kernels::widen<<<grid_for(nq), kernels::threads, 0, stream_>>>(o_, nq, t + nq + 2 * nkv);
-      if (!launched("widen", error) ||
-          !cuda_ok(cudaMemcpyAsync(t + 2 * nq + 2 * nkv, c_, std::size_t(B) * m.kv_heads * 4,
-                                   cudaMemcpyDeviceToDevice, stream_),
-                   "cudaMemcpyAsync", error)) {
+  }
+  for (int l = 0; l < m.layers; ++l) {
+    for (int i = 0; i < L; ++i) {
+      const lane& ln = *lanes_[std::size_t(i)];
+      const cudaStream_t s = profile != nullptr ? stream_ : ln.stream;
+      if (profile == nullptr && L > 1) {
+        // Half a layer apart: after the previous lane's selection of this layer (lane 0: the last lane's
+        // selection of the layer before).
+        const cudaEvent_t after = i > 0 ? lanes_[std::size_t(i - 1)]->selected[std::size_t(l)]
+                                        : (l > 0 ? lanes_[std::size_t(L - 1)]->selected[std::size_t(l - 1)] : nullptr);
+        if (after != nullptr && !cuda_ok(cudaStreamWaitEvent(s, after, 0), "cudaStreamWaitEvent", error))
+          return false;
+      }
+      if (!enqueue_layer(i, l, s, profile, error)) return false;
+    }
+  }
+  if (profile == nullptr) {
+    for (const auto& ln : lanes_) {
+      if (!cuda_ok(cudaEventRecord(ln->done, ln->stream), "cudaEventRecord", error) ||
+          !cuda_ok(cudaStreamWaitEvent(stream_, ln->done, 0), "cudaStreamWaitEvent", error)) {
         return false;
       }
     }
-    if (!linear(w(l, layer_tensor::wo), hd, qw, o_, B, x_, true, true, error)) return false;
-    kernels::rmsnorm<<<B, kernels::threads, 0, stream_>>>(x_, w(l, layer_tensor::mlp_norm), hd, m.norm_eps,
-                                                          h_);
-    if (!launched("rmsnorm", error) ||
-        !linear(w(l, layer_tensor::w_gate), 2 * m.mlp, hd, h_, B, gu_, true, false, error))
-      return false;
-    kernels::silu_mul<<<B, kernels::threads, 0, stream_>>>(gu_, m.mlp, a_);
-    if (!launched("silu_mul", error) ||
-        !linear(w(l, layer_tensor::w_down), hd, m.mlp, a_, B, x_, true, true, error))
-      return false;
   }
   kernels::rmsnorm<<<B, kernels::threads, 0, stream_>>>(x_, w(spec_index(model_tensor::final_norm)), hd,
                                                         m.norm_eps, h_);
-  if (!launched("rmsnorm", error) ||
-      !linear(w(spec_index(model_tensor::lm_head)), m.vocab, hd, h_, B, logits_, true, false, error)) {
+  if (!launched("rmsnorm", error)) return false;
+  mark(component::other);
+  if (!linear(cublas_, w(spec_index(model_tensor::lm_head)), m.vocab, hd, h_, B, logits_, true, false, error))
     return false;
-  }
+  mark(component::gemm);
   kernels::argmax<<<B, 1024, 0, stream_>>>(logits_, m.vocab, tokens_);
   kernels::advance<<<B, kernels::threads, 0, stream_>>>(positions_,
                                                         run_.drift > 0.0f ? drift_state_ : nullptr,
                                                         drift_step_, run_.drift, run_.prompt_seed, hd, B);
   if (run_.drift > 0.0f) kernels::count_step<<<1, 1, 0, stream_>>>(drift_step_);
-  return launched("argmax/advance", error);
+  if (!launched("argmax/advance", error)) return false;
+  mark(component::other);
+  if (profile != nullptr && profile->failed) {
+    error = "profile: cannot record events";
+    return false;
+  }
+  return true;
 }
 
 bool cuda_engine::capture(std::string& error) {
   if (!cuda_ok(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture",
                error))
     return false;
-  const bool enqueued = enqueue_step(error);
+  const bool enqueued = enqueue_step(nullptr, error);
   cudaGraph_t graph = nullptr;
   const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
   if (!enqueued) {
@@ -561,25 +807,56 @@ bool cuda_engine::capture(std::string& error) {
   return cuda_ok(made, "cudaGraphInstantiate", error);
 }
 
-bool cuda_engine::step(std::string& error) {
+bool cuda_engine::plan(std::string& error) {
   if (steps_done_ >= run_.steps) {
     error = "the run was sized for " + std::to_string(run_.steps) + " steps";
     return false;
   }
   if (steps_done_ % run_.reserve_ahead == 0) {
     const int ahead = std::min(run_.reserve_ahead, run_.steps - steps_done_);
-    if (!nosa_ok(stack_->reserve(ahead, stream_), "reserve", error)) return false;
+    for (const auto& ln : lanes_) {
+      if (!nosa_ok(ln->stack->reserve(ahead, stream_), "reserve", error)) return false;
+    }
   }
+  return true;
+}
+
+bool cuda_engine::step(std::string& error) {
+  if (!plan(error)) return false;
   if (steps_done_ == 0) {
     // The first step runs eagerly: every kernel it uses (cuBLAS's choices for this batch, nosa's, ours) is
     // loaded before the capture of the second.
-    if (!enqueue_step(error)) return false;
+    if (!enqueue_step(nullptr, error)) return false;
   } else {
     if (graph_ == nullptr && !capture(error)) return false;
     if (!cuda_ok(cudaGraphLaunch(graph_, stream_), "cudaGraphLaunch", error)) return false;
   }
   ++steps_done_;
   return !run_.trace || copy_traces(error);
+}
+
+bool cuda_engine::profile_step(std::vector<std::pair<std::string, double>>& ms, std::string& error) {
+  if (!plan(error) || !cuda_ok(cudaStreamSynchronize(stream_), "profile", error)) return false;
+  step_profile profile;
+  profile.stream = stream_;
+  if (!enqueue_step(&profile, error) || !cuda_ok(cudaStreamSynchronize(stream_), "profile", error)) return false;
+  ++steps_done_;
+  double sum[static_cast<int>(component::count)] = {};
+  for (std::size_t i = 1; i < profile.marks.size(); ++i) {
+    float t = 0.0f;
+    if (!cuda_ok(cudaEventElapsedTime(&t, profile.marks[i - 1].second, profile.marks[i].second),
+                 "cudaEventElapsedTime", error))
+      return false;
+    sum[static_cast<int>(profile.marks[i].first)] += t;
+  }
+  ms.clear();
+  double total = 0.0;
+  for (int c = 0; c < static_cast<int>(component::count); ++c) {
+    ms.emplace_back(component_names[c], sum[c]);
+    total += sum[c];
+  }
+  ms.emplace_back("total", total);
+  return true;
 }
 
 bool cuda_engine::copy_traces(std::string& error) {
@@ -605,11 +882,18 @@ bool cuda_engine::copy_traces(std::string& error) {
 
 bool cuda_engine::finish(std::string& error) {
   if (!cuda_ok(cudaStreamSynchronize(stream_), "decode", error)) return false;
-  for (int l = 0; l < model_.layers; ++l) {
-    if (!nosa_ok(stack_->step_status(l, stream_), "layer " + std::to_string(l) + ": step_status", error))
-      return false;
+  for (std::size_t i = 0; i < lanes_.size(); ++i) {
+    for (int l = 0; l < model_.layers; ++l) {
+      if (!nosa_ok(lanes_[i]->stack->step_status(l, stream_),
+                   "lane " + std::to_string(i) + " layer " + std::to_string(l) + ": step_status", error))
+        return false;
+    }
   }
   return true;
+}
+
+std::vector<std::int32_t> cuda_engine::selection(int l, int b, int h) {
+  return lanes_[std::size_t(layout_.lane_of(b))]->stack->selection(l, layout_.local(b), h, stream_);
 }
 
 std::vector<std::int32_t> cuda_engine::tokens() {
@@ -621,16 +905,52 @@ std::vector<std::int32_t> cuda_engine::tokens() {
 
 nosa::counters cuda_engine::total_counters() {
   nosa::counters sum;
-  for (int l = 0; l < model_.layers; ++l) sum += stack_->total_counters(l, stream_);
+  for (const auto& ln : lanes_) {
+    for (int l = 0; l < model_.layers; ++l) sum += ln->stack->total_counters(l, stream_);
+  }
   return sum;
 }
 
 double cuda_engine::device_bytes() const {
-  return double(weights_.size() + weights_f32_.size() + act_.size() + cublas_workspace_.size()) +
-         double(stack_->arena_bytes().device);
+  double bytes = double(weights_.size() + weights_f32_.size() + act_.size() + cublas_workspace_.size());
+  for (const auto& ln : lanes_) bytes += double(ln->workspace.size()) + double(ln->stack->arena_bytes().device);
+  return bytes;
 }
 
-double cuda_engine::host_bytes() const { return double(stack_->arena_bytes().host); }
+double cuda_engine::host_bytes() const {
+  double bytes = 0.0;
+  for (const auto& ln : lanes_) bytes += double(ln->stack->arena_bytes().host);
+  return bytes;
+}
+
+bool measure_h2d_copy(double& gb_per_s, std::string& error) {
+  constexpr std::size_t bytes = std::size_t(64) << 20;
+  void* host = nullptr;
+  void* dev = nullptr;
+  cudaStream_t s = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  bool ok = cuda_ok(cudaHostAlloc(&host, bytes, cudaHostAllocDefault), "cudaHostAlloc", error) &&
+            cuda_ok(cudaMalloc(&dev, bytes), "cudaMalloc", error) &&
+            cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate", error) &&
+            cuda_ok(cudaEventCreate(&start), "cudaEventCreate", error) &&
+            cuda_ok(cudaEventCreate(&stop), "cudaEventCreate", error);
+  float best = 0.0f;
+  for (int i = 0; ok && i < 7; ++i) {
+    ok = cuda_ok(cudaEventRecord(start, s), "cudaEventRecord", error) &&
+         cuda_ok(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync", error) &&
+         cuda_ok(cudaEventRecord(stop, s), "cudaEventRecord", error) &&
+         cuda_ok(cudaEventSynchronize(stop), "cudaEventSynchronize", error);
+    float t = 0.0f;
+    if (ok && i >= 2 && cudaEventElapsedTime(&t, start, stop) == cudaSuccess && (best == 0.0f || t < best)) best = t;
+  }
+  if (stop != nullptr) cudaEventDestroy(stop);
+  if (start != nullptr) cudaEventDestroy(start);
+  if (s != nullptr) cudaStreamDestroy(s);
+  if (dev != nullptr) cudaFree(dev);
+  if (host != nullptr) cudaFreeHost(host);
+  gb_per_s = ok && best > 0.0f ? double(bytes) / (double(best) * 1e-3) / 1e9 : 0.0;
+  return ok;
+}
 
 int largest_batch(const model_config& m, const run_config& run, bool distinct_per_sequence, double hbm_bytes,
                   double host_bytes, std::string& error) {
@@ -640,15 +960,20 @@ int largest_batch(const model_config& m, const run_config& run, bool distinct_pe
     run_config r = run;
     r.batch = batch;
     r.distinct_prompts = distinct_per_sequence ? batch : std::min(run.distinct_prompts, batch);
-    nosa::arena_sizes arenas;
-    const nosa::status s =
-        cuda_stack_bytes(run.attention, m.head_dim, layer_config_for(m, r), m.layers, arenas);
-    if (!nosa::ok(s)) {
-      error = "sizing the layers: " + std::string(nosa::to_string(s));
-      return false;
+    const lane_layout lanes(batch, lanes_for(r, batch));
+    double device = fixed + double(decode_activation_bytes(m, batch)), host = 0.0;
+    for (int i = 0; i < lanes.lanes; ++i) {
+      nosa::arena_sizes arenas;
+      const nosa::status s =
+          cuda_stack_bytes(run.attention, m.head_dim, layer_config_for(m, lanes.lane_run(r, i)), m.layers, arenas);
+      if (!nosa::ok(s)) {
+        error = "sizing the layers: " + std::string(nosa::to_string(s));
+        return false;
+      }
+      device += double(arenas.device) + double(cublas_workspace_bytes);
+      host += double(arenas.host);
     }
-    return fixed + double(arenas.device) + double(decode_activation_bytes(m, batch)) <= hbm_bytes &&
-           double(arenas.host) <= host_bytes;
+    return device <= hbm_bytes && host <= host_bytes;
   };
   if (!fits(1)) return 0;
   int lo = 1, hi = 2;
@@ -664,6 +989,8 @@ int largest_batch(const model_config& m, const run_config& run, bool distinct_pe
 }
 
 bool run_cuda_engine(const model_config& model, const options& opt, run_report& r, std::string& error) {
+  // The PCIe ceiling first, while the card is still empty.
+  if (!measure_h2d_copy(r.link_h2d_gb_per_s, error)) return false;
   std::size_t free_bytes = 0, total_bytes = 0;
   if (!cuda_ok(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo", error)) return false;
   // The whole card: what is free now, less 1 GiB for the CUDA context's own growth (graphs, cuBLAS).
@@ -673,7 +1000,7 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
                           ? opt.host_gib * gib
                           : 0.8 * double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
   run_config run = opt.run;
-  run.steps = opt.run.steps + opt.warmup;
+  run.steps = opt.run.steps + opt.warmup + (opt.profile ? 1 : 0);
   if (opt.batch_auto) {
     run.batch = largest_batch(model, run, opt.distinct_per_sequence, hbm, host, error);
     if (run.batch == 0) {
@@ -711,10 +1038,12 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
   const auto engine = cuda_engine::create(model, weights ? &*weights : nullptr, run, error);
   if (!engine) return false;
   weights.reset();
+  r.lanes = engine->lanes().lanes;
 
   auto t0 = std::chrono::steady_clock::now();
   if (!engine->prefill(error)) return false;
   r.prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.prefill_cached = engine->prefill_cached();
   for (int s = 0; s < opt.warmup; ++s) {
     if (!engine->step(error)) return false;
   }
@@ -735,6 +1064,7 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
   r.device_bytes = engine->device_bytes();
   r.host_bytes = engine->host_bytes();
   r.last_tokens = engine->tokens();
+  if (opt.profile && (!engine->profile_step(r.profile_ms, error) || !engine->finish(error))) return false;
   return true;
 }
 

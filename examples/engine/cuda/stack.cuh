@@ -19,8 +19,12 @@ template <int D>
 nosa::status make_cuda_stack_for(method m, const nosa::layer_config& config, int layers,
                                  std::unique_ptr<cuda_stack>* out, nosa::arena_sizes* bytes) {
   const auto make = [&]<class Pipeline>() -> nosa::status {
-    using stack =
-        attention_stack_of<nosa::decode_layer<Pipeline, nosa::cuda_backend>, nosa::bf16, nosa::cuda_overlap>;
+    using layer = nosa::decode_layer<Pipeline, nosa::cuda_backend>;
+    using stage = typename layer::step_stage;
+    static_assert(int(stage::begin) == int(step_stage_id::begin) && int(stage::diff) == int(step_stage_id::diff) &&
+                      int(stage::merge) == int(step_stage_id::merge),
+                  "step_stage_id numbers the stages as the library does");
+    using stack = attention_stack_of<layer, nosa::bf16, cuda_step_hooks>;
     if (out == nullptr) return stack::required_bytes(config, layers, *bytes);
     auto s = std::make_unique<stack>();
     NOSA_TRY(s->create(config, layers));
