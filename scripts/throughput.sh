@@ -6,10 +6,13 @@
 #      needs neither doctest nor Google Benchmark) and builds nosa-engine;
 #   2. calibrates the drift: short nosa-offload runs at the first context for each value of DRIFTS, keeping
 #      the one whose measured locality is nearest the paper's 0.944 (skipped when DRIFT is set);
-#   3. for each HBM budget, context and method: one run with --batch auto, then one per batch of BATCHES that
-#      is smaller than the auto batch; for the offloading methods, one more --batch auto run per value of
-#      CACHE_SLOTS (slots beyond k that keep dropped blocks resident); every run with that drift, one prompt
-#      for the whole batch (the offloading methods share its pages in the host pool, see docs/engine.md);
+#   3. for each HBM budget, context and method: one run with --batch auto (profiled: one more step stage by
+#      stage, with PROFILE=1), then one per batch of BATCHES that is smaller than the auto batch; for the
+#      offloading methods, one run at the auto batch with one lane when the auto run used more (LANES_COMPARE=1)
+#      and one more --batch auto run per value of CACHE_SLOTS (slots beyond k that keep dropped blocks
+#      resident); every run with that drift, one prompt for the whole batch (the offloading methods share its
+#      pages in the host pool, see docs/engine.md), and the prefill of each prompt kept in PREFILL_CACHE, so
+#      that it is computed once per context and attention family;
 #   4. writes one JSON object per run to $OUT/throughput.jsonl (a failed run is a line with its error) and
 #      runs scripts/throughput_report.py, which writes $OUT/throughput.md and its PNG plots.
 #
@@ -24,6 +27,8 @@
 #   the whole card)  CACHE_SLOTS [64] ("" for none)  STEPS [64] timed decode steps  WARMUP [4]  DRIFT [calibrated]  DRIFTS [0.02 0.05 0.1 0.2 0.4]
 #   RUN_TIMEOUT [540] seconds per run  NOSA_THROUGHPUT_BUILD_DIR [build-throughput]  NOSA_CUDA_ARCHITECTURES
 #   [90]  JOBS [all cores]  PYTHON [python3]  DRY_RUN [0] (1: print the runs instead of running them)
+#   ENGINE [$NOSA_THROUGHPUT_BUILD_DIR/examples/nosa-engine] (an existing executable is used as it is, without
+#   a build)  PREFILL_CACHE [/tmp/nosa-prefill-cache] ("" for none)  PROFILE [1]  LANES_COMPARE [1]
 #   LINK_GBPS [51] the gather's reachable host-to-device bandwidth (spec §6: random 16 KiB blocks on the H200;
 #   take the measured figure of docs/performance.md when it differs), for the report's PCIe target
 #
@@ -54,16 +59,21 @@ build=${NOSA_THROUGHPUT_BUILD_DIR:-build-throughput}
 python=${PYTHON:-python3}
 dry_run=${DRY_RUN:-0}
 link_gbps=${LINK_GBPS:-51}
+prefill_cache=${PREFILL_CACHE-/tmp/nosa-prefill-cache}
+profile=${PROFILE:-1}
+lanes_compare=${LANES_COMPARE:-1}
 results=$out/throughput.jsonl
 log=$out/throughput.log
-engine=$build/examples/nosa-engine
+engine=${ENGINE:-$build/examples/nosa-engine}
 : >"$results"
 : >"$log"
 
 say() { printf '%s\n' "$*" | tee -a "$log" >&2; }
 
 # ---- 1. Build --------------------------------------------------------------------------------------------
-if [[ $dry_run != 1 ]]; then
+if [[ $dry_run != 1 && -n ${ENGINE:-} && -x $engine ]]; then
+  say "==> using $engine as it is"
+elif [[ $dry_run != 1 ]]; then
   cuda_args=()
   if [[ $backend == cuda ]]; then
     nosa_cmake_args "$build"
@@ -90,6 +100,7 @@ run_engine() {
   shift
   local args=(--preset "$preset" --backend "$backend" --steps "$steps" "$@")
   [[ $backend == cuda ]] && args+=(--warmup "$warmup")
+  [[ -n $prefill_cache ]] && args+=(--prefill-cache "$prefill_cache")
   if [[ $dry_run == 1 ]]; then
     echo "$engine ${args[*]}"
     return 0
@@ -154,8 +165,20 @@ for budget in "${budgets[@]}"; do
       common=(--method "$method" --context "$context" --drift "$drift" "${budget_args[@]}")
       auto=0
       if [[ $backend == cuda ]]; then
-        run_engine "$method, context $context, HBM $budget, batch auto" "${common[@]}" --batch auto
-        [[ $dry_run == 1 ]] || auto=$(last_field batch)
+        profile_args=()
+        [[ $profile == 1 ]] && profile_args=(--profile)
+        run_engine "$method, context $context, HBM $budget, batch auto" "${common[@]}" --batch auto "${profile_args[@]}"
+        auto_lanes=1
+        if [[ $dry_run != 1 ]]; then
+          auto=$(last_field batch)
+          auto_lanes=$(last_field lanes)
+        fi
+        if [[ $method == *-offload && $lanes_compare == 1 && -n $auto && ${auto_lanes:-1} -gt 1 ]]; then
+          phase=lanes
+          run_engine "$method, context $context, HBM $budget, batch $auto, one lane" "${common[@]}" \
+            --batch "$auto" --lanes 1
+          phase=sweep
+        fi
         if [[ $method == *-offload ]]; then
           for slots in "${cache_slots[@]}"; do
             run_engine "$method, context $context, HBM $budget, batch auto, $slots cache slots" "${common[@]}" \

@@ -61,6 +61,10 @@ def fmt(x, digits=1):
     return str(x)
 
 
+def percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
 def locality(r: dict) -> str:
     return "n/a" if r.get("locality") is None else f"{r['locality']:.3f}"
 
@@ -74,24 +78,37 @@ def auto_runs(runs: list[dict]) -> dict:
     return table
 
 
+def link_of(r: dict, link_gbps: float | None) -> tuple[float | None, str]:
+    """The host-to-device ceiling to compare run `r` with, and where it comes from."""
+    if r.get("link_h2d_gb_per_s"):
+        return r["link_h2d_gb_per_s"], "the run's own 64 MiB pinned copy"
+    return link_gbps, "--link-gbps"
+
+
+def link_share(r: dict, link_gbps: float | None) -> float | None:
+    link, _ = link_of(r, link_gbps)
+    return r["h2d_gb_per_s"] / link if link and r.get("h2d_gb_per_s") else None
+
+
 def ratio(a: dict | None, b: dict | None) -> float | None:
     if not a or not b or not b.get("tokens_per_s"):
         return None
     return a["tokens_per_s"] / b["tokens_per_s"]
 
 
-def headline_section(autos: dict) -> list[str]:
+def headline_section(autos: dict, link_gbps: float | None) -> list[str]:
     if not autos:
         return []
     out = ["## Largest batch that fits (--batch auto)", "",
            "Each method at the largest batch whose weights, KV arenas, activations and prefill workspace fit the HBM "
-           "budget and whose offloaded KV cache fits host memory. Ratios compare tokens/s at each method's own batch.",
+           "budget and whose offloaded KV cache fits host memory. Ratios compare tokens/s at each method's own batch. "
+           "*% of link* is the run's host-to-device rate over the PCIe ceiling measured by the same run.",
            ""]
     for budget in sorted(autos):
         out += [f"### HBM budget: {budget}", "",
                 "| context | method | batch | tokens/s | x full | x infllmv2-offload | ms/step | misses/step | locality "
-                "| PCIe GB/s | HBM GiB | host GiB |",
-                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| PCIe GB/s | HBM GiB | host GiB | lanes | % of link |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for context in sorted(autos[budget]):
             row = autos[budget][context]
             for m in METHODS:
@@ -102,7 +119,8 @@ def headline_section(autos: dict) -> list[str]:
                     f"| {context} | {m} | {r['batch']} | {fmt(r['tokens_per_s'])} | {fmt(ratio(r, row.get('full')), 2)} "
                     f"| {fmt(ratio(r, row.get('infllmv2-offload')), 2)} | {fmt(r['ms_per_step'], 2)} "
                     f"| {fmt(r['misses_per_step'])} | {locality(r)} | {fmt(r['h2d_gb_per_s'], 2)} "
-                    f"| {fmt(r['device_bytes'] / GIB)} | {fmt(r['host_bytes'] / GIB)} |")
+                    f"| {fmt(r['device_bytes'] / GIB)} | {fmt(r['host_bytes'] / GIB)} | {r.get('lanes', 1)} "
+                    f"| {percent(link_share(r, link_gbps))} |")
         out.append("")
     return out
 
@@ -135,13 +153,17 @@ def targets_section(autos: dict, runs: list[dict], link_gbps: float | None) -> l
         q, (budget, context, batch) = worst
         out.append(f"- Small batches: the lowest nosa-resident / full ratio at batch 1-4 is {q:.3f} ({budget}, context "
                    f"{context}, batch {batch}); target >= {TARGET_SMALL_BATCH}: {'met' if q >= TARGET_SMALL_BATCH else 'missed'}.")
-    offloaded = [r for r in runs if r.get("phase", "sweep") == "sweep" and r.get("h2d_gb_per_s")]
-    if link_gbps and offloaded:
-        top = max(offloaded, key=lambda r: r["h2d_gb_per_s"])
-        share = top["h2d_gb_per_s"] / link_gbps
+    offloaded = [r for r in runs if r.get("phase", "sweep") in ("sweep", "lanes") and link_share(r, link_gbps)]
+    if offloaded:
+        top = max(offloaded, key=lambda r: link_share(r, link_gbps))
+        share = link_share(top, link_gbps)
+        link, source = link_of(top, link_gbps)
+        allowed = top["tokens_per_s"] / share
         out.append(f"- PCIe: the most transfer-bound run ({top['method']}, context {top['context']}, batch {top['batch']}, "
-                   f"{budget_label(top)}) gathers {top['h2d_gb_per_s']:.1f} GB/s, {share:.0%} of the {link_gbps:g} GB/s "
-                   f"link (target >= {TARGET_LINK_SHARE:.0%} when misses make PCIe the bottleneck: "
+                   f"{top.get('lanes', 1)} lane(s), {budget_label(top)}) gathers {top['h2d_gb_per_s']:.1f} GB/s, "
+                   f"{share:.0%} of the {link:.1f} GB/s link ({source}): {fmt(top['tokens_per_s'])} tokens/s against the "
+                   f"{fmt(allowed)} that the link allows for its {top['h2d_gb_per_s'] * 1e3 / top['tokens_per_s']:.1f} MB "
+                   f"per token (target >= {TARGET_LINK_SHARE:.0%} when misses make PCIe the bottleneck: "
                    f"{'met' if share >= TARGET_LINK_SHARE else 'missed'}; a share well below it means the run is not "
                    "PCIe-bound, or the gather is slow).")
     else:
@@ -150,8 +172,58 @@ def targets_section(autos: dict, runs: list[dict], link_gbps: float | None) -> l
     return out + [""]
 
 
+PROFILE_PARTS = ["gemm", "scoring", "selection", "gather", "attention", "other"]
+
+
+def profile_section(autos: dict) -> list[str]:
+    """Where one step's time goes, for the auto-batch runs that were profiled (--profile)."""
+    rows = [(budget, context, m, autos[budget][context][m]) for budget in sorted(autos) for context in
+            sorted(autos[budget]) for m in METHODS if m in autos[budget][context]
+            and autos[budget][context][m].get("profile_ms")]
+    if not rows:
+        return []
+    out = ["## Where a step's time goes", "",
+           "One more step after the timed ones, run stage by stage on one stream with CUDA events between the stages "
+           "(lanes one after the other, gathers not overlapped), ms per step summed over layers and lanes. *gemm* is "
+           "every cuBLAS GEMM (projections, MLP, LM head); *scoring* appends the token and scores the windows; "
+           "*selection* is the top-k and the set-difference; *gather* loads the misses over PCIe; *attention* is the "
+           "attention and its merge; *other* the norms, RoPE, eviction head, embedding and argmax. *graph* is the "
+           "timed step as replayed, where lanes and gathers overlap.", "",
+           "| HBM budget | context | method | batch | " + " | ".join(PROFILE_PARTS) + " | sum | graph |",
+           "|---|---:|---|---:|" + "---:|" * (len(PROFILE_PARTS) + 2)]
+    for budget, context, m, r in rows:
+        p = r["profile_ms"]
+        out.append(f"| {budget} | {context} | {m} | {r['batch']} | "
+                   + " | ".join(fmt(p.get(k, 0.0), 2) for k in PROFILE_PARTS)
+                   + f" | {fmt(p.get('total', 0.0), 2)} | {fmt(r['ms_per_step'], 2)} |")
+    return out + [""]
+
+
+def lanes_section(runs: list[dict], autos: dict) -> list[str]:
+    """Runs at an auto batch with another number of lanes (phase "lanes") against the auto run itself."""
+    rows = []
+    for r in runs:
+        if r.get("phase") != "lanes":
+            continue
+        base = autos.get(budget_label(r), {}).get(r["context"], {}).get(r["method"])
+        if base:
+            rows.append((budget_label(r), r["context"], r["method"], r, base))
+    if not rows:
+        return []
+    out = ["## Lanes side by side", "",
+           "The same batch with the study's lanes and with another number of lanes: two lanes let one lane's gathers "
+           "cross PCIe while the other computes, at the price of reading the weights once per lane.", "",
+           "| HBM budget | context | method | batch | lanes | tokens/s | lanes | tokens/s | x | PCIe GB/s | PCIe GB/s |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for budget, context, m, r, base in sorted(rows, key=lambda x: (x[0], x[1], x[2])):
+        out.append(f"| {budget} | {context} | {m} | {r['batch']} | {r.get('lanes', 1)} | {fmt(r['tokens_per_s'])} "
+                   f"| {base.get('lanes', 1)} | {fmt(base['tokens_per_s'])} | {fmt(ratio(base, r), 2)} "
+                   f"| {fmt(r['h2d_gb_per_s'], 2)} | {fmt(base['h2d_gb_per_s'], 2)} |")
+    return out + [""]
+
+
 def batch_section(runs: list[dict]) -> list[str]:
-    rows = sorted((r for r in runs if r.get("phase", "sweep") == "sweep"),
+    rows = sorted((r for r in runs if r.get("phase", "sweep") in ("sweep", "lanes")),
                   key=lambda r: (budget_label(r), r["context"], METHODS.index(r["method"]) if r["method"] in METHODS else 9,
                                  r["batch"]))
     out = ["## Every run", "",
@@ -162,6 +234,8 @@ def batch_section(runs: list[dict]) -> list[str]:
         batch = f"{r['batch']} (auto)" if r.get("batch_auto") else str(r["batch"])
         if r.get("cache_slots"):
             batch += f", {r['cache_slots']} cache slots"
+        if r.get("lanes", 1) > 1 or r.get("phase") == "lanes":
+            batch += f", {r.get('lanes', 1)} lane(s)"
         out.append(f"| {budget_label(r)} | {r['context']} | {r['method']} | {batch} | {fmt(r['tokens_per_s'])} "
                    f"| {fmt(r['ms_per_step'], 2)} | {fmt(r['ms_per_layer'], 3)} | {fmt(r['misses_per_step'])} "
                    f"| {locality(r)} | {fmt(r['h2d_gb_per_s'], 2)} | {fmt(r['prefill_s'])} |")
@@ -295,13 +369,18 @@ def render(runs: list[dict], failures: list[dict], out_dir: str, prefix: str, li
              f"Model `{first.get('preset', '?')}` ({first.get('layers', '?')} layers, random weights), backend "
              f"`{first.get('backend', '?')}`, {first.get('steps', '?')} timed decode steps per run after warm-up. "
              "Prompts are shared across the batch: prefill runs once per distinct prompt and its K, V and c are "
-             "ingested into every sequence (each still keeps its own copy of the KV cache). Queries follow the drift "
-             "workload (the input embedding of each sequence takes a random-walk step per token), calibrated so that "
-             "NOSA's locality is near the paper's 0.944; locality and misses per step are given with every figure.",
+             "ingested into every sequence. The offloading methods keep one copy of a prompt's pages per lane in "
+             "host memory (reference-counted), which is what lets their large batches fit this machine's host "
+             "memory; their slot caches, compressed state, decode blocks and transfers stay per sequence. The "
+             "resident methods keep a copy per sequence in HBM. Queries follow the drift workload (the input "
+             "embedding of each sequence takes a random-walk step per token), calibrated so that NOSA's locality is "
+             "near the paper's 0.944; locality and misses per step are given with every figure.",
              ""]
     lines += targets_section(autos, runs, link_gbps)
-    lines += headline_section(autos)
+    lines += headline_section(autos, link_gbps)
     lines += plots(runs, autos, out_dir, prefix)
+    lines += profile_section(autos)
+    lines += lanes_section(runs, autos)
     lines += cache_section(runs)
     lines += batch_section(runs)
     lines += calibration_section(runs)

@@ -92,8 +92,39 @@ class ThroughputReport(unittest.TestCase):
 
     def test_pcie_share_of_the_link(self):
         text, _ = self.render(RUNS, "--link-gbps", "25")
-        # The runs gather 20 GB/s at most: 80% of a 25 GB/s link.
-        self.assertIn("gathers 20.0 GB/s, 80% of the 25 GB/s link (target >= 85% when misses make PCIe the bottleneck: missed", text)
+        # The runs gather 20 GB/s at most: 80% of a 25 GB/s link; InfLLMv2 at 16K moves 10 MB a token, so the
+        # link allows 2,500 of its tokens/s.
+        self.assertIn("gathers 20.0 GB/s, 80% of the 25.0 GB/s link (--link-gbps): 2,000.0 tokens/s against the "
+                      "2,500.0 that the link allows for its 10.0 MB per token (target >= 85% when misses make PCIe "
+                      "the bottleneck: missed", text)
+        self.assertIn("| 70.0 | 100.0 | 1 | 80% |", text)
+
+    def test_a_run_s_own_link_measurement_comes_first(self):
+        runs = [dict(r) for r in RUNS]
+        for r in runs:
+            r["link_h2d_gb_per_s"] = 22.0
+        fast = run("infllmv2-offload", 16384, 128, 2000.0, True, locality=0.88, misses=900.0)
+        fast.update(h2d_gb_per_s=21.0, link_h2d_gb_per_s=22.0, lanes=2, phase="lanes")
+        text, _ = self.render(runs + [fast], "--link-gbps", "25")
+        self.assertIn("2 lane(s), 80 GiB) gathers 21.0 GB/s, 95% of the 22.0 GB/s link (the run's own 64 MiB pinned "
+                      "copy)", text)
+        self.assertIn("bottleneck: met", text)
+
+    def test_profile_and_lanes_tables(self):
+        runs = [dict(r) for r in RUNS]
+        for r in runs:
+            if r["method"] == "nosa-offload" and r["context"] == 32768 and r["batch_auto"] and not r["cache_slots"]:
+                r.update(lanes=2, profile_ms={"gemm": 10.0, "scoring": 5.0, "selection": 2.0, "gather": 20.0,
+                                              "attention": 8.0, "other": 1.0, "total": 46.0})
+        one_lane = run("nosa-offload", 32768, 120, 2000.0, True, locality=0.945, phase="lanes")
+        one_lane["lanes"] = 1
+        text, _ = self.render(runs + [one_lane])
+        self.assertIn("| 80 GiB | 32768 | nosa-offload | 120 | 10.00 | 5.00 | 2.00 | 20.00 | 8.00 | 1.00 | 46.00 "
+                      "| 46.15 |", text)
+        # 2600 tokens/s with two lanes against 2000 with one: 1.30.
+        self.assertIn("| 80 GiB | 32768 | nosa-offload | 120 | 1 | 2,000.0 | 2 | 2,600.0 | 1.30 |", text)
+        # The lanes run is not taken for the headline row.
+        self.assertIn("| 32768 | nosa-offload | 120 | 2,600.0 | 5.20 | 2.00 |", text)
 
     def test_malformed_input_is_an_error(self):
         tmp = tempfile.TemporaryDirectory()
