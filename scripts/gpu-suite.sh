@@ -17,6 +17,10 @@
 # doctestConfig.cmake), an installed package CMake finds, or .deps/doctest as staged by
 # scripts/stage-gpu-deps.sh on a machine that has Debian's doctest-dev.
 #
+# With NOSA_GPU_PREBUILT=DIR (the unpacked folder of scripts/stage-gpu-build.sh, built on a machine without a
+# GPU) nothing is configured or built: the CUDA tests listed in DIR/cuda-tests.txt run from DIR/tests, each
+# on its own, several at a time, then under the sanitizers as below.
+#
 # Environment: OUT (log folder), NOSA_GPU_BUILD_DIR (default build-gpu), NOSA_GPU_FRESH=0 (reuse that build
 # directory instead of starting afresh), NOSA_GPU_JOBS (build jobs, default 16), NOSA_SANITIZER_JOBS
 # (sanitizer runs at a time, default 8), NOSA_SANITIZER_TIMEOUT (seconds per sanitizer run, default 150),
@@ -84,8 +88,13 @@ finish() {
 
 # ---- The machine -------------------------------------------------------------------------------------------
 
+prebuilt=${NOSA_GPU_PREBUILT:-}
+if [[ -n $prebuilt ]]; then
+  build=$(cd "$prebuilt" && pwd)
 # A fresh build directory, unless NOSA_GPU_FRESH=0 asks to reuse one (a rerun on the same machine).
-[[ ${NOSA_GPU_FRESH:-1} == 0 ]] || rm -rf "$build"
+elif [[ ${NOSA_GPU_FRESH:-1} != 0 ]]; then
+  rm -rf "$build"
+fi
 nosa_cmake_args "$build"
 export PATH="/usr/local/cuda/bin:$PATH"
 sanitizer=$(command -v compute-sanitizer || true)
@@ -106,6 +115,45 @@ done
   echo "compute-sanitizer: ${sanitizer:-not found} $([[ -n $sanitizer ]] && "$sanitizer" --version | grep -i version | head -n 1)"
   echo "cores: $(nproc)"
 } | tee -a "$summary"
+
+# ---- Prebuilt tests ----------------------------------------------------------------------------------------
+
+# Runs the prebuilt CUDA tests, each on its own, `sanitizer_jobs` at a time, logging like ctest does.
+run_prebuilt() {
+  mapfile -t cuda_tests <"$build/cuda-tests.txt"
+  echo "prebuilt: $build ($(cat "$build/commit.txt" 2>/dev/null || echo 'commit unknown'))" | tee -a "$summary"
+  nosa_log "CUDA tests from $build (log: $ctest_log)"
+  local test running=0
+  for test in "${cuda_tests[@]}"; do
+    if ((running >= sanitizer_jobs)); then
+      wait -n
+      running=$((running - 1))
+    fi
+    (
+      start=$SECONDS
+      timeout --kill-after=10 420 "$build/tests/$test" >"$build/$test.ctest.log" 2>&1
+      echo "$? $((SECONDS - start))" >"$build/$test.ctest.status"
+    ) &
+    running=$((running + 1))
+  done
+  wait
+  for test in "${cuda_tests[@]}"; do
+    {
+      echo "### $test"
+      cat "$build/$test.ctest.log"
+      echo
+    } >>"$ctest_log"
+    local rc secs result
+    read -r rc secs <"$build/$test.ctest.status" || { rc=99; secs=?; }
+    if ((rc == 0)); then result=ok; else result=FAILED; failures=$((failures + 1)); fi
+    row ctest "$test" "$result" "$secs"
+    tail -n 3 "$build/$test.ctest.log" | sed "s/^/  $test: /"
+  done
+}
+
+if [[ -n $prebuilt ]]; then
+  run_prebuilt
+else
 
 # ---- doctest -----------------------------------------------------------------------------------------------
 
@@ -223,6 +271,8 @@ if ((ctest_rc != 0)); then
   failures=$((failures + 1))
   row ctest "ctest -L cuda (exit $ctest_rc)" FAILED $((SECONDS - t0))
 fi
+
+fi  # built here
 
 # ---- compute-sanitizer -------------------------------------------------------------------------------------
 
