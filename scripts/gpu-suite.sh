@@ -22,7 +22,8 @@
 # on its own, several at a time, then under the sanitizers as below.
 #
 # Environment: OUT (log folder), NOSA_GPU_BUILD_DIR (default build-gpu), NOSA_GPU_FRESH=0 (reuse that build
-# directory instead of starting afresh), NOSA_GPU_JOBS (build jobs, default 16), NOSA_SANITIZER_JOBS
+# directory instead of starting afresh), NOSA_SANITIZER_TOOLS and NOSA_SANITIZER_TESTS (which sanitizers run on
+# which tests; default all four on every CUDA test), NOSA_GPU_JOBS (build jobs, default 16), NOSA_SANITIZER_JOBS
 # (sanitizer runs at a time, default 8), NOSA_SANITIZER_TIMEOUT (seconds per sanitizer run, default 150),
 # NOSA_CUDA_ARCHITECTURES (default 90).
 #
@@ -304,7 +305,9 @@ sanitize() {
   echo "$rc $((SECONDS - start))" >"$log.status"
 }
 
-tools=(racecheck memcheck initcheck synccheck)  # the slowest first
+read -r -a tools <<<"${NOSA_SANITIZER_TOOLS:-racecheck memcheck initcheck synccheck}"  # the slowest first
+# NOSA_SANITIZER_TESTS: the tests to run under the sanitizers (default: every CUDA test).
+[[ -n ${NOSA_SANITIZER_TESTS:-} ]] && read -r -a cuda_tests <<<"$NOSA_SANITIZER_TESTS"
 nosa_log "compute-sanitizer: ${tools[*]} on ${#cuda_tests[@]} tests, $sanitizer_jobs at a time (log: $sanitizer_log)"
 t0=$SECONDS
 running=0
