@@ -305,7 +305,7 @@ sanitize() {
   echo "$rc $((SECONDS - start))" >"$log.status"
 }
 
-read -r -a tools <<<"${NOSA_SANITIZER_TOOLS:-racecheck memcheck initcheck synccheck}"  # the slowest first
+read -r -a tools <<<"${NOSA_SANITIZER_TOOLS-racecheck memcheck initcheck synccheck}"  # the slowest first
 # NOSA_SANITIZER_TESTS: the tests to run under the sanitizers (default: every CUDA test).
 [[ -n ${NOSA_SANITIZER_TESTS:-} ]] && read -r -a cuda_tests <<<"$NOSA_SANITIZER_TESTS"
 nosa_log "compute-sanitizer: ${tools[*]} on ${#cuda_tests[@]} tests, $sanitizer_jobs at a time (log: $sanitizer_log)"

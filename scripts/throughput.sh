@@ -28,7 +28,10 @@
 #   RUN_TIMEOUT [540] seconds per run  NOSA_THROUGHPUT_BUILD_DIR [build-throughput]  NOSA_CUDA_ARCHITECTURES
 #   [90]  JOBS [all cores]  PYTHON [python3]  DRY_RUN [0] (1: print the runs instead of running them)
 #   ENGINE [$NOSA_THROUGHPUT_BUILD_DIR/examples/nosa-engine] (an existing executable is used as it is, without
-#   a build)  PREFILL_CACHE [/tmp/nosa-prefill-cache] ("" for none)  PROFILE [1]  LANES_COMPARE [1]
+#   a build)  PREFILL_CACHE [/tmp/nosa-prefill-cache] ("" for none)  PROFILE [1]  LANES_COMPARE [1]  AUTO [1]
+#   (0: no --batch auto runs, only the BATCHES)  DEADLINE [none] (seconds: runs that would start later are
+#   recorded as not run, so that a time-limited machine still gets its report). With AUTO=0 the cache-slot runs
+#   still run (CACHE_SLOTS="" for none).
 #   LINK_GBPS [51] the gather's reachable host-to-device bandwidth (spec §6: random 16 KiB blocks on the H200;
 #   take the measured figure of docs/performance.md when it differs), for the report's PCIe target
 #
@@ -48,10 +51,10 @@ preset=${PRESET:-nosa-8b}
 backend=${BACKEND:-cuda}
 read -r -a methods <<<"${METHODS:-full infllmv2-offload nosa-offload nosa-resident}"
 read -r -a contexts <<<"${CONTEXTS:-16384 32768 65536 98304}"
-read -r -a batches <<<"${BATCHES:-1 4 16 64}"
+read -r -a batches <<<"${BATCHES-1 4 16 64}"
 read -r -a budgets <<<"${HBM_GIB:-80 whole}"
 read -r -a drifts <<<"${DRIFTS:-0.02 0.05 0.1 0.2 0.4}"
-read -r -a cache_slots <<<"${CACHE_SLOTS:-64}"
+read -r -a cache_slots <<<"${CACHE_SLOTS-64}"
 steps=${STEPS:-64}
 warmup=${WARMUP:-4}
 run_timeout=${RUN_TIMEOUT:-540}
@@ -62,6 +65,8 @@ link_gbps=${LINK_GBPS:-51}
 prefill_cache=${PREFILL_CACHE-/tmp/nosa-prefill-cache}
 profile=${PROFILE:-1}
 lanes_compare=${LANES_COMPARE:-1}
+auto_runs=${AUTO:-1}
+deadline=${DEADLINE:-}
 results=$out/throughput.jsonl
 log=$out/throughput.log
 engine=${ENGINE:-$build/examples/nosa-engine}
@@ -103,6 +108,12 @@ run_engine() {
   [[ -n $prefill_cache ]] && args+=(--prefill-cache "$prefill_cache")
   if [[ $dry_run == 1 ]]; then
     echo "$engine ${args[*]}"
+    return 0
+  fi
+  if [[ -n $deadline ]] && ((SECONDS >= deadline)); then
+    printf '{"error": "not run: the study reached its deadline of %s s", "args": "%s", "phase": "%s", "hbm": "%s"}\n' \
+      "$deadline" "${args[*]}" "$phase" "$budget" >>"$results"
+    say "==> $label: not run (deadline)"
     return 0
   fi
   local json
@@ -164,7 +175,7 @@ for budget in "${budgets[@]}"; do
     for method in "${methods[@]}"; do
       common=(--method "$method" --context "$context" --drift "$drift" "${budget_args[@]}")
       auto=0
-      if [[ $backend == cuda ]]; then
+      if [[ $backend == cuda && $auto_runs == 1 ]]; then
         profile_args=()
         [[ $profile == 1 ]] && profile_args=(--profile)
         run_engine "$method, context $context, HBM $budget, batch auto" "${common[@]}" --batch auto "${profile_args[@]}"
@@ -179,18 +190,18 @@ for budget in "${budgets[@]}"; do
             --batch "$auto" --lanes 1
           phase=sweep
         fi
-        if [[ $method == *-offload ]]; then
-          for slots in "${cache_slots[@]}"; do
-            run_engine "$method, context $context, HBM $budget, batch auto, $slots cache slots" "${common[@]}" \
-              --batch auto --cache-slots "$slots"
-          done
-        fi
+      fi
+      if [[ $backend == cuda && $method == *-offload ]]; then
+        for slots in "${cache_slots[@]}"; do
+          run_engine "$method, context $context, HBM $budget, batch auto, $slots cache slots" "${common[@]}" \
+            --batch auto --cache-slots "$slots"
+        done
       fi
       for batch in "${batches[@]}"; do
         if [[ $backend == cuda && $dry_run != 1 ]] && ((${auto:-0} > 0 && batch >= auto)); then
           continue
         fi
-        if [[ $backend == cuda && $dry_run != 1 && -z $auto ]]; then
+        if [[ $backend == cuda && $dry_run != 1 && $auto_runs == 1 && -z $auto ]]; then
           continue  # not even the auto batch fitted: smaller fixed batches may, but the auto run says why
         fi
         run_engine "$method, context $context, HBM $budget, batch $batch" "${common[@]}" --batch "$batch"

@@ -17,6 +17,7 @@
 #include <nosa/backend/cuda/backend.cuh>
 #include <nosa/backend/cuda/detail/attention_mma.cuh>
 #include <nosa/backend/cuda/detail/kernels.cuh>
+#include <nosa/backend/cuda/detail/scoring_mma.cuh>
 #include <nosa/backend/cuda/detail/state.cuh>
 #include <nosa/core/params.hpp>
 #include <nosa/core/status.hpp>
@@ -120,7 +121,6 @@ class decode_layer<P, cuda_backend> {
     layer.host_ = host_arena.data();
     layer.host_mapped_ = static_cast<std::byte*>(mapped);
     layer.attention_slots_ = std::max(1, sms * std::max(1, resident_ctas));
-    layer.sms_ = std::max(1, sms);
     layer.state_ = detail::make_cuda_state<element_type, head_dim>(
         config, s, layer.device_, offloads ? layer.host_mapped_ : layer.device_);
     NOSA_TRY(layer.initialise(stream));
@@ -207,9 +207,9 @@ class decode_layer<P, cuda_backend> {
       q.strides[0] = 0;
       q.strides[1] = prompt.last_query.strides[0];
       q.strides[2] = prompt.last_query.strides[1];
-      detail::launch_scoring<P>(state_, one, hkv, 0, q, true, sms_, stream);
+      detail::launch_scoring<P>(state_, one, hkv, 0, q, true, stream);
     } else {
-      detail::launch_scoring<P>(state_, one, hkv, 0, tensor_view<const element_type, 3>{}, false, sms_, stream);
+      detail::launch_scoring<P>(state_, one, hkv, 0, tensor_view<const element_type, 3>{}, false, stream);
     }
     detail::launch_select<P>(state_, one, hkv, 0, have_query, false, detail::count_mode::ingest, stream);
     if constexpr (offloads) {
@@ -307,7 +307,7 @@ class decode_layer<P, cuda_backend> {
     if (runs(step_stage::append_score)) {
       detail::append_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, args.k, args.v, args.c);
       if constexpr (!P::dense) {
-        detail::launch_scoring<P>(state_, seqs, rows, 1, args.q, true, sms_, stream);
+        detail::launch_scoring<P>(state_, seqs, rows, 1, args.q, true, stream);
       }
       after(step_stage::append_score);
     }
@@ -466,7 +466,6 @@ class decode_layer<P, cuda_backend> {
   std::byte* host_ = nullptr;
   std::byte* host_mapped_ = nullptr;
   int attention_slots_ = 1;
-  int sms_ = 1;  // SMs of the device: the scoring's wide form once the batch fills them
   detail::cuda_state<element_type, head_dim> state_{};
 
   static status check_config(const layer_config& config) noexcept {

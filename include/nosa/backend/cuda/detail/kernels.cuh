@@ -215,33 +215,27 @@ __global__ void __launch_bounds__(cuda_threads)
   if (w >= 0) compress_window(s, seq, h, w, [&](int token) { return ring + std::size_t(token % sel.window) * D; });
 }
 
-/// Windows of one softmax chunk: `window_logits_kernel` leaves (max, sum of exp) per chunk and query head.
+/// Windows of one softmax chunk (one CTA of `window_logits_kernel`, a window per thread): the logit kernels
+/// leave (max, sum of exp) per chunk and query head.
 inline constexpr int score_chunk = score_chunk_windows;
-static_assert(score_chunk == cuda_threads, "one window of a chunk per thread");
-/// Windows a thread scores in the wide form of `window_logits_kernel` (large batches): each query piece read
-/// from shared memory then serves that many windows, which keeps the kernel at the compressed keys' bytes
-/// rather than at the shared-memory loads of the queries.
-inline constexpr int wide_windows_per_thread = 4;
+static_assert(score_chunk == cuda_threads, "one window per thread");
 
-/// Step stage 1b, grid (batch rows x KV heads, window groups of `WPT` chunks): the logit of every query head
-/// of the group against every compressed key (thread `t` scores window `t` of each of its CTA's `WPT`
-/// chunks, the group's queries broadcast from shared memory), and each chunk's softmax partials (max, sum
-/// of exp) per query head. A window's logit is summed over ascending d whatever `WPT` is, and each chunk's
-/// partials are reduced in the same order, so both forms give the same bits. `q` row `b` holds the queries
-/// of batch row `b` (plan calls pass one row with a zero batch stride).
-template <class P, int WPT, class E, int D>
-__global__ void __launch_bounds__(cuda_threads, WPT > 1 ? 2 : 1)
+/// Step stage 1b, grid (batch rows x KV heads, window chunks): the logit of every query head of the group
+/// against every compressed key of its chunk (one window per thread, the group's queries broadcast from
+/// shared memory), and the chunk's softmax partials (max, sum of exp) per query head. `q` row `b` holds the
+/// queries of batch row `b` (plan calls pass one row with a zero batch stride).
+template <class P, class E, int D>
+__global__ void __launch_bounds__(cuda_threads)
     window_logits_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, tensor_view<const E, 3> q) {
   if (length_offset > 0 && *s.status != 0) return;
   using scorer = typename P::query_aware;
   __shared__ __align__(16) float qs[cuda_max_group * D];
   __shared__ float red[cuda_threads / 32][cuda_max_group];
-  __shared__ float chunk_max[cuda_max_group];
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int seq = seqs(b);
   const int length = s.lengths[seq] + length_offset;
   const int n_windows = window_count(length, s.sel);
-  const int first = static_cast<int>(blockIdx.y) * score_chunk * WPT;
+  const int first = blockIdx.y * score_chunk;
   if (first >= n_windows) return;
   const int group = s.group;
   // The group's queries, every load in flight at once (at most 16 D elements over 256 threads).
@@ -251,42 +245,29 @@ __global__ void __launch_bounds__(cuda_threads, WPT > 1 ? 2 : 1)
     if (i < group * D) qs[i] = to_float(q(b, h * group + i / D, i % D));
   }
   __syncthreads();
-  int w[WPT];
-  bool active[WPT];
-  float acc[WPT][cuda_max_group];
+  const int w = first + threadIdx.x;
+  const bool active = w < n_windows;
+  float acc[cuda_max_group];
 #pragma unroll
-  for (int i = 0; i < WPT; ++i) {
-    w[i] = first + i * score_chunk + static_cast<int>(threadIdx.x);
-    active[i] = w[i] < n_windows;
-#pragma unroll
-    for (int g = 0; g < cuda_max_group; ++g) acc[i][g] = 0.0f;
-  }
-  {
+  for (int g = 0; g < cuda_max_group; ++g) acc[g] = 0.0f;
+  if (active) {
     // Eight 16-byte loads in flight per thread, then their products, in ascending d.
-    constexpr int batch = 8 / WPT;
-    static_assert(8 % WPT == 0 && (D / 4) % batch == 0);
+    constexpr int batch = 8;
+    static_assert((D / 4) % batch == 0);
     // Window w's dimensions 4j..4j+3 are float4 number j * MW + w (compressed_key_index): a warp reads 512
     // consecutive bytes per load.
-    const float4* pieces = reinterpret_cast<const float4*>(s.kc_of(seq, h));
+    const float4* pieces = reinterpret_cast<const float4*>(s.kc_of(seq, h)) + w;
     for (int d0 = 0; d0 < D / 4; d0 += batch) {
-      float4 kv[WPT][batch];
+      float4 kv[batch];
 #pragma unroll
-      for (int i = 0; i < WPT; ++i) {
-#pragma unroll
-        for (int j = 0; j < batch; ++j) {
-          kv[i][j] = active[i] ? pieces[std::size_t(d0 + j) * s.max_windows + w[i]] : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-      }
+      for (int j = 0; j < batch; ++j) kv[j] = pieces[std::size_t(d0 + j) * s.max_windows];
 #pragma unroll
       for (int j = 0; j < batch; ++j) {
 #pragma unroll
         for (int g = 0; g < cuda_max_group; ++g) {
           if (g < group) {
             const float4 qv = reinterpret_cast<const float4*>(qs + g * D)[d0 + j];
-#pragma unroll
-            for (int i = 0; i < WPT; ++i) {
-              acc[i][g] += qv.x * kv[i][j].x + qv.y * kv[i][j].y + qv.z * kv[i][j].z + qv.w * kv[i][j].w;
-            }
+            acc[g] += qv.x * kv[j].x + qv.y * kv[j].y + qv.z * kv[j].z + qv.w * kv[j].w;
           }
         }
       }
@@ -296,42 +277,37 @@ __global__ void __launch_bounds__(cuda_threads, WPT > 1 ? 2 : 1)
   float* logits = s.logits_of(seq, h);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int i = 0; i < WPT; ++i) {
-    if (first + i * score_chunk >= n_windows) break;  // the same for the whole CTA
-    if (i > 0) __syncthreads();                       // the last chunk's partials have been read
+  for (int g = 0; g < cuda_max_group; ++g) {
+    if (g < group) {
+      acc[g] = active ? scorer::window_logit(acc[g], scale) : negative_infinity;
+      if (active) logits[std::size_t(g) * s.max_windows + w] = acc[g];
+      const float m = warp_max(acc[g]);
+      if (lane == 0) red[warp][g] = m;
+    }
+  }
+  __syncthreads();
+  __shared__ float chunk_max[cuda_max_group];
+  if (threadIdx.x < group) {
+    float m = negative_infinity;
+    for (int x = 0; x < cuda_threads / 32; ++x) m = max_keep_left(m, red[x][threadIdx.x]);
+    chunk_max[threadIdx.x] = m;
+  }
+  __syncthreads();
 #pragma unroll
-    for (int g = 0; g < cuda_max_group; ++g) {
-      if (g < group) {
-        acc[i][g] = active[i] ? scorer::window_logit(acc[i][g], scale) : negative_infinity;
-        if (active[i]) logits[std::size_t(g) * s.max_windows + w[i]] = acc[i][g];
-        const float m = warp_max(acc[i][g]);
-        if (lane == 0) red[warp][g] = m;
-      }
+  for (int g = 0; g < cuda_max_group; ++g) {
+    if (g < group) {
+      const float e = active ? expf(acc[g] - chunk_max[g]) : 0.0f;
+      const float sum = warp_sum(e);
+      if (lane == 0) red[warp][g] = sum;
     }
-    __syncthreads();
-    if (threadIdx.x < group) {
-      float m = negative_infinity;
-      for (int x = 0; x < cuda_threads / 32; ++x) m = max_keep_left(m, red[x][threadIdx.x]);
-      chunk_max[threadIdx.x] = m;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int g = 0; g < cuda_max_group; ++g) {
-      if (g < group) {
-        const float e = active[i] ? expf(acc[i][g] - chunk_max[g]) : 0.0f;
-        const float sum = warp_sum(e);
-        if (lane == 0) red[warp][g] = sum;
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x < group) {
-      float sum = 0.0f;
-      for (int x = 0; x < cuda_threads / 32; ++x) sum += red[x][threadIdx.x];
-      const std::size_t chunk = std::size_t(blockIdx.y) * WPT + i;
-      float* part = s.score_partials_of(seq, h) + (chunk * group + threadIdx.x) * 2;
-      part[0] = chunk_max[threadIdx.x];
-      part[1] = sum;
-    }
+  }
+  __syncthreads();
+  if (threadIdx.x < group) {
+    float sum = 0.0f;
+    for (int x = 0; x < cuda_threads / 32; ++x) sum += red[x][threadIdx.x];
+    float* part = s.score_partials_of(seq, h) + (std::size_t(blockIdx.y) * group + threadIdx.x) * 2;
+    part[0] = chunk_max[threadIdx.x];
+    part[1] = sum;
   }
 }
 
@@ -407,26 +383,6 @@ __global__ void __launch_bounds__(pool_threads)
   }
   s.sq_of(seq, h)[m] = bq;
   s.se_of(seq, h)[m] = be;
-}
-
-/// Enqueues the scoring of `rows` (batch row, KV head) pairs: the window logits and chunk partials (when
-/// there is a query), in the wide form once the batch fills the `sms` SMs with it, then the pooling.
-template <class P, class E, int D>
-void launch_scoring(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset,
-                    tensor_view<const E, 3> q, bool have_query, int sms, cudaStream_t stream) {
-  if (have_query) {
-    constexpr int wide = wide_windows_per_thread;
-    const int wide_groups = (s.max_windows + score_chunk * wide - 1) / (score_chunk * wide);
-    if (rows * wide_groups >= sms) {
-      window_logits_kernel<P, wide>
-          <<<dim3(rows, wide_groups > 1 ? wide_groups : 1), cuda_threads, 0, stream>>>(s, seqs, length_offset, q);
-    } else {
-      window_logits_kernel<P, 1><<<dim3(rows, s.score_chunks > 1 ? s.score_chunks : 1), cuda_threads, 0, stream>>>(
-          s, seqs, length_offset, q);
-    }
-  }
-  const int block_groups = (s.max_blocks + pool_threads - 1) / pool_threads;
-  pool_scores_kernel<P><<<dim3(rows, block_groups), pool_threads, 0, stream>>>(s, seqs, length_offset, have_query);
 }
 
 // ---------------------------------------------------------------------------------------------------------
