@@ -333,7 +333,8 @@ def plots(runs: list[dict], autos: dict, out_dir: str, prefix: str) -> list[str]
         plt.close(fig)
         lines += [f"![ratios]({prefix}{IMAGES[2]})", ""]
 
-    sweep = [r for r in runs if r.get("phase", "sweep") == "sweep"]
+    # Throughput against batch without the cache-slot runs, which change the memory per sequence.
+    sweep = [r for r in runs if r.get("phase", "sweep") == "sweep" and not r.get("cache_slots")]
     keys = sorted({(budget_label(r), r["context"]) for r in sweep})
     if keys:
         cols = min(4, len(keys))
