@@ -1,9 +1,9 @@
 #pragma once
 /// \file
 /// The kernels of the CUDA decode step and of the plan calls. Each kernel handles one (sequence, KV head)
-/// per CTA (the gather and the attention add a second grid dimension), reads lengths, block tables and slot
-/// maps from state, and returns at once when the step's state checks failed, so a step with bad input
-/// changes nothing. Every grid is sized by the batch and the layer's capacities, never by state values.
+/// per CTA (the scoring, the gather and the attention add a second grid dimension), reads lengths, block
+/// tables and slot maps from state, and returns at once when the step's state checks failed, so a step with
+/// bad input changes nothing. Every grid is sized by the batch and the layer's capacities, never by state values.
 
 #include <nosa/attention/sparse_attention.hpp>
 #include <nosa/backend/cuda/detail/state.cuh>
