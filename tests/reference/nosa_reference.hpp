@@ -25,6 +25,45 @@ enum class bias_mode {
   none,          ///< `q.k / sqrt(D)`: plain sparse attention (InfLLMv2)
 };
 
+/// How the compressed keys are stored (spec section 3, "Storage"): the exact mean, or the mean accumulated
+/// in fp32 over the window's tokens in order, divided in fp32, and rounded once (to nearest, ties to even)
+/// to the element type of the keys.
+enum class key_storage {
+  exact,  ///< the mean in double precision (the mathematical definition)
+  fp32,   ///< fp32 engines: the fp32 mean
+  bf16,   ///< the fp32 mean rounded to bfloat16
+  fp16,   ///< the fp32 mean rounded to IEEE binary16
+};
+
+/// Rounds `x` to the nearest value with `mantissa_bits` fraction bits and exponents down to `min_exponent`
+/// (below it, the fixed spacing of the subnormals), ties to even. Used for bf16 (7, -126) and fp16 (10, -14);
+/// written from the definition, independently of the library's bit manipulations.
+inline double round_to_format(double x, int mantissa_bits, int min_exponent) {
+  if (x == 0.0 || !std::isfinite(x)) return x;
+  int e = 0;
+  std::frexp(x, &e);  // |x| in [2^(e-1), 2^e)
+  const int exponent = std::max(e - 1, min_exponent);
+  const double ulp = std::ldexp(1.0, exponent - mantissa_bits);
+  const double q = x / ulp;  // exact: a power-of-two scaling
+  double r = std::floor(q);
+  const double frac = q - r;
+  if (frac > 0.5 || (frac == 0.5 && std::fmod(r, 2.0) != 0.0)) r += 1.0;
+  return r * ulp;
+}
+
+/// The stored value of a compressed key element whose window's keys sum to `sum_fp32` (accumulated in
+/// fp32, in token order) over `window` tokens.
+inline double stored_compressed_key(float sum_fp32, int window, key_storage storage) {
+  const float mean = sum_fp32 / static_cast<float>(window);
+  switch (storage) {
+    case key_storage::exact:
+    case key_storage::fp32: return mean;
+    case key_storage::bf16: return round_to_format(mean, 7, -126);
+    case key_storage::fp16: return round_to_format(mean, 10, -14);
+  }
+  return mean;
+}
+
 /// Selection and attention parameters of one (sequence, KV head); names follow spec section 2.
 struct config {
   int block = 64;              ///< b_s, tokens per block
@@ -39,6 +78,7 @@ struct config {
   bias_mode bias = bias_mode::after_scale;  ///< how `c` enters the attention logit
   int head_dim = 64;                        ///< D
   int group = 1;                            ///< G, query heads per KV head
+  key_storage compressed_keys = key_storage::exact;  ///< how Kc is stored (the engine's element type)
 };
 
 /// Throws `std::invalid_argument` unless the sizes of `cfg` are usable (positive extents, non-negative
@@ -99,7 +139,8 @@ inline window_range overlapping_windows(int m, int n_windows, const config& cfg)
 class history {
  public:
   /// An empty history for the window geometry and head dimension of `cfg`.
-  explicit history(const config& cfg) : window_(cfg.window), stride_(cfg.stride), head_dim_(cfg.head_dim) {
+  explicit history(const config& cfg)
+      : window_(cfg.window), stride_(cfg.stride), head_dim_(cfg.head_dim), storage_(cfg.compressed_keys) {
     validate(cfg);
   }
 
@@ -147,9 +188,15 @@ class history {
       const int w = window_count();
       const int first = w * stride_;
       for (int d = 0; d < head_dim_; ++d) {
-        double sum = 0.0;
-        for (int j = first; j < first + window_; ++j) sum += key(j)[d];
-        kc_.push_back(sum / window_);
+        if (storage_ == key_storage::exact) {
+          double sum = 0.0;
+          for (int j = first; j < first + window_; ++j) sum += key(j)[d];
+          kc_.push_back(sum / window_);
+        } else {
+          float sum = 0.0f;
+          for (int j = first; j < first + window_; ++j) sum += static_cast<float>(key(j)[d]);
+          kc_.push_back(stored_compressed_key(sum, window_, storage_));
+        }
       }
       double sum = 0.0;
       for (int j = first; j < first + window_; ++j) sum += score(j);
@@ -160,6 +207,7 @@ class history {
   int window_;
   int stride_;
   int head_dim_;
+  key_storage storage_;
   std::vector<double> k_;   // [L][D] row-major
   std::vector<double> v_;   // [L][D] row-major
   std::vector<double> c_;   // [L]

@@ -132,6 +132,45 @@ TEST_CASE("compressed keys and scores are the means over each window") {
   CHECK(h.compressed_score(2) == doctest::Approx((40.0 + 50.0 + 60.0) / 3.0));
 }
 
+TEST_CASE("rounding to bf16 and fp16 is to nearest, ties to even, down to the subnormals") {
+  // bf16: 8 significant bits. 1 + 2^-8 is halfway between 1 and 1 + 2^-7: the even one (1) wins; 1 + 3 * 2^-8
+  // is halfway between 1 + 2^-7 and 1 + 2^-6: the even one (1 + 2^-6) wins.
+  CHECK(nosa_ref::round_to_format(1.0 + 0x1p-8, 7, -126) == 1.0);
+  CHECK(nosa_ref::round_to_format(1.0 + 3 * 0x1p-8, 7, -126) == 1.0 + 0x1p-6);
+  CHECK(nosa_ref::round_to_format(1.0 + 0x1p-8 + 0x1p-20, 7, -126) == 1.0 + 0x1p-7);
+  CHECK(nosa_ref::round_to_format(-3.0 - 0x1p-7, 7, -126) == -3.0);
+  // fp16: 11 significant bits; subnormals are multiples of 2^-24.
+  CHECK(nosa_ref::round_to_format(1.0 + 0x1p-11, 10, -14) == 1.0);
+  CHECK(nosa_ref::round_to_format(1.0 + 3 * 0x1p-11, 10, -14) == 1.0 + 0x1p-9);
+  CHECK(nosa_ref::round_to_format(3 * 0x1p-26, 10, -14) == 0x1p-24);
+  CHECK(nosa_ref::round_to_format(0x1p-25, 10, -14) == 0.0);
+}
+
+TEST_CASE("compressed keys in the element type: the fp32 mean, rounded once") {
+  // Keys whose fp32 sum is not a bf16 or fp16 value: the stored key is the fp32 mean, rounded once.
+  for (const nosa_ref::key_storage storage :
+       {nosa_ref::key_storage::fp32, nosa_ref::key_storage::bf16, nosa_ref::key_storage::fp16}) {
+    config cfg;
+    cfg.head_dim = 1;
+    cfg.window = 3;
+    cfg.stride = 3;
+    cfg.compressed_keys = storage;
+    history h(cfg);
+    const double keys[3] = {1.0, 0.0078125, 0.0009765625};  // 1, 2^-7, 2^-10: exact in bf16 and fp16
+    for (const double k : keys) {
+      const double v = 0.0;
+      h.append(&k, &v, 0.0);
+    }
+    REQUIRE(h.window_count() == 1);
+    const float mean = (1.0f + 0.0078125f + 0.0009765625f) / 3.0f;
+    const double expect = storage == nosa_ref::key_storage::fp32   ? double(mean)
+                          : storage == nosa_ref::key_storage::bf16 ? nosa_ref::round_to_format(mean, 7, -126)
+                                                                   : nosa_ref::round_to_format(mean, 10, -14);
+    CHECK(h.compressed_key(0)[0] == expect);
+    if (storage != nosa_ref::key_storage::fp32) CHECK(h.compressed_key(0)[0] != double(mean));
+  }
+}
+
 TEST_CASE("with the defaults, block m is overlapped by windows 4m-1 .. 4m+3") {
   const config cfg;
   for (int m = 0; m < 50; ++m) {

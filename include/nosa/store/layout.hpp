@@ -17,8 +17,12 @@
 namespace nosa {
 
 /// Most parts one (sequence, KV head)'s attention is split into; each part's partial softmax is merged by
-/// log-sum-exp. Bounds the split scratch at `min(k, 32)` parts.
-inline constexpr int max_attention_splits = 32;
+/// log-sum-exp (CUDA backend).
+inline constexpr int max_attention_splits = 64;
+/// Split-attention partials the scratch holds beyond one per (sequence, KV head): a step of `rows` batch rows
+/// splits into at most `max(rows, max_attention_parts) / rows` parts, so small batches spread over the GPU
+/// while the scratch stays independent of the split count (CUDA backend).
+inline constexpr int max_attention_parts = 1024;
 
 /// Compression windows one scoring task covers; each chunk leaves its softmax partials (CUDA backend).
 inline constexpr int score_chunk_windows = 256;
@@ -31,6 +35,7 @@ struct state_layout {
   int group = 0;       // G = H_q / H_kv
   int cache_slots = 0; // slots beyond k + spare that keep dropped blocks (offload store)
   int max_splits = 0;  // parts a (sequence, KV head)'s attention may be split into (CUDA backend)
+  int partials = 0;    // X: split-attention partials the scratch holds, max(S * H, max_attention_parts)
   int score_chunks = 0;  // MC: chunks of score_chunk_windows windows covering MW
   std::size_t element_size = 0;
   bool offloads = false;
@@ -41,7 +46,7 @@ struct state_layout {
   std::size_t seq_live = 0;         // int32 [S]                     1 when the slot holds a live sequence
   std::size_t block_table = 0;      // int32 [S][MB]                 pool page of each block, -1 if none
   std::size_t token_scores = 0;     // f32   [S][H][MT]              eviction score c of every token
-  std::size_t compressed_keys = 0;  // f32   [S][H][D/4][MW][4]      Kc, mean of K over each window (see compressed_key_index)
+  std::size_t compressed_keys = 0;  // E     [S][H][MW][D]           Kc, mean of K over each window, rounded to E
   std::size_t compressed_scores = 0;// f32   [S][H][MW]              cc, mean of c over each window
   std::size_t key_ring = 0;         // E     [S][H][l_c][D]          K of the last l_c tokens, ring by t % l_c
   std::size_t selection = 0;        // int32 [S][H][k]               selected blocks in rank order
@@ -62,8 +67,8 @@ struct state_layout {
   std::size_t block_mark = 0;       // int32 [S][H][MB]              scratch: membership marks, kept zero
   std::size_t batch_mark = 0;       // int32 [S]                     scratch: duplicate detection, kept zero
   std::size_t miss_list = 0;        // int32 [S][H][k]               scratch: blocks the last diff found missing
-  std::size_t partial_acc = 0;      // f32   [S][H][X][G][D]         scratch: split attention, weighted V sums
-  std::size_t partial_stats = 0;    // f32   [S][H][X][G][2]         scratch: split attention, (max, sum)
+  std::size_t partial_acc = 0;      // f32   [X][G][D]               scratch: split attention, weighted V sums
+  std::size_t partial_stats = 0;    // f32   [X][G][2]               scratch: split attention, (max, sum)
   std::size_t step_status = 0;      // int32 [1]                     status of the last step's state checks
   std::size_t totals = 0;           // counters                      accumulated over all steps
   std::size_t last_step = 0;        // counters                      the last step only
@@ -87,14 +92,6 @@ struct state_layout {
   /// Elements of one block of one KV head, K or V: the unit of transfer.
   constexpr std::size_t block_elements() const noexcept { return std::size_t(block_size) * head_dim; }
 };
-
-/// Position of dimension `d` of window `w`'s compressed key among one (sequence, KV head)'s compressed keys:
-/// dimensions in groups of four, window-major within a group (`[D/4][MW][4]`), so that the same four
-/// dimensions of consecutive windows are adjacent (a GPU thread per window then reads coalesced 16-byte
-/// pieces).
-NOSA_HOST_DEVICE constexpr std::size_t compressed_key_index(int w, int d, int max_windows) noexcept {
-  return (std::size_t(d / 4) * std::size_t(max_windows) + std::size_t(w)) * 4 + std::size_t(d % 4);
-}
 
 namespace detail {
 constexpr std::size_t align_up(std::size_t n, std::size_t a) noexcept { return (n + a - 1) / a * a; }
@@ -144,7 +141,7 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   // Full attention keeps no compressed state and no scoring scratch: those offsets stay 0 and are never used.
   const bool scored = !P::dense;
   if (scored) {
-    s.compressed_keys = dev.take(SH * s.max_windows * detail::align_up(D, 4) * f32);
+    s.compressed_keys = dev.take(SH * s.max_windows * D * E);
     s.compressed_scores = dev.take(SH * s.max_windows * f32);
     s.key_ring = dev.take(SH * sel.window * D * E);
   }
@@ -173,8 +170,9 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   }
   s.batch_mark = dev.take(S * i32);
   s.miss_list = dev.take(SH * s.top_k * i32);
-  s.partial_acc = dev.take(SH * s.max_splits * s.group * D * f32);
-  s.partial_stats = dev.take(SH * s.max_splits * s.group * 2 * f32);
+  s.partials = static_cast<int>(SH > std::size_t(max_attention_parts) ? SH : std::size_t(max_attention_parts));
+  s.partial_acc = dev.take(std::size_t(s.partials) * s.group * D * f32);
+  s.partial_stats = dev.take(std::size_t(s.partials) * s.group * 2 * f32);
   s.step_status = dev.take(i32);
   s.totals = dev.take(sizeof(counters));
   s.last_step = dev.take(sizeof(counters));

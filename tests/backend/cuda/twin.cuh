@@ -340,7 +340,7 @@ inline std::vector<region> persistent_regions(const nosa::state_layout& l) {
       {"free_count", false, l.free_count, i32},
   };
   if (!l.dense) {  // full attention has no compressed state
-    r.push_back({"compressed_keys", true, l.compressed_keys, SH * MW * ((D + 3) / 4 * 4) * f32});
+    r.push_back({"compressed_keys", true, l.compressed_keys, SH * MW * D * E});
     r.push_back({"compressed_scores", true, l.compressed_scores, SH * MW * f32});
     r.push_back({"key_ring", true, l.key_ring, SH * std::size_t(l.window) * D * E});
     r.push_back({"block_mark", true, l.block_mark, SH * MB * i32});

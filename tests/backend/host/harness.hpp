@@ -16,6 +16,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace nosa_test {
@@ -94,6 +95,10 @@ nosa_ref::config reference_config(const nosa::layer_config& c) {
   r.bias = to_ref(Pipeline::attention::bias);
   r.head_dim = Pipeline::head_dim;
   r.group = c.group_size();
+  using element = typename Pipeline::element_type;
+  r.compressed_keys = std::is_same_v<element, float>        ? nosa_ref::key_storage::fp32
+                      : std::is_same_v<element, nosa::bf16> ? nosa_ref::key_storage::bf16
+                                                            : nosa_ref::key_storage::fp16;
   return r;
 }
 

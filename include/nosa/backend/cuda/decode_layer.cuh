@@ -15,9 +15,7 @@
 /// (pass the stream the steps run on, or a stream ordered after it).
 
 #include <nosa/backend/cuda/backend.cuh>
-#include <nosa/backend/cuda/detail/attention_mma.cuh>
 #include <nosa/backend/cuda/detail/kernels.cuh>
-#include <nosa/backend/cuda/detail/scoring_mma.cuh>
 #include <nosa/backend/cuda/detail/state.cuh>
 #include <nosa/core/params.hpp>
 #include <nosa/core/status.hpp>
@@ -114,8 +112,23 @@ class decode_layer<P, cuda_backend> {
           &resident_ctas, detail::attention_kernel<P, element_type, head_dim>, detail::attention_warps * 32, 0));
     }
 
+    detail::score_device scoring{};
+    if constexpr (!P::dense) {
+      scoring.sms = sms;
+      int optin = 0, major = 0;
+      NOSA_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      NOSA_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+      cudaFuncAttributes attributes{};
+      NOSA_CUDA_TRY(cudaFuncGetAttributes(&attributes, detail::score_kernel<P, element_type, head_dim>));
+      // The kernel's static shared memory and the driver's reserve come out of the opt-in limit.
+      scoring.smem_limit = optin - static_cast<int>(attributes.sharedSizeBytes) - 1024;
+      scoring.clusters = major >= 9 && attributes.binaryVersion >= 90;
+      NOSA_CUDA_TRY((detail::prepare_scoring<P, element_type, head_dim>(scoring)));
+    }
+
     decode_layer layer;
     layer.config_ = config;
+    layer.scoring_ = scoring;
     layer.layout_ = s;
     layer.device_ = device_arena.data();
     layer.host_ = host_arena.data();
@@ -207,9 +220,10 @@ class decode_layer<P, cuda_backend> {
       q.strides[0] = 0;
       q.strides[1] = prompt.last_query.strides[0];
       q.strides[2] = prompt.last_query.strides[1];
-      detail::launch_scoring<P>(state_, one, hkv, 0, q, true, stream);
+      NOSA_CUDA_TRY(detail::launch_scoring<P>(state_, one, hkv, 0, q, true, scoring_, stream));
     } else {
-      detail::launch_scoring<P>(state_, one, hkv, 0, tensor_view<const element_type, 3>{}, false, stream);
+      NOSA_CUDA_TRY(detail::launch_scoring<P>(state_, one, hkv, 0, tensor_view<const element_type, 3>{}, false,
+                                              scoring_, stream));
     }
     detail::launch_select<P>(state_, one, hkv, 0, have_query, false, detail::count_mode::ingest, stream);
     if constexpr (offloads) {
@@ -307,7 +321,7 @@ class decode_layer<P, cuda_backend> {
     if (runs(step_stage::append_score)) {
       detail::append_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, args.k, args.v, args.c);
       if constexpr (!P::dense) {
-        detail::launch_scoring<P>(state_, seqs, rows, 1, args.q, true, stream);
+        NOSA_CUDA_TRY(detail::launch_scoring<P>(state_, seqs, rows, 1, args.q, true, scoring_, stream));
       }
       after(step_stage::append_score);
     }
@@ -352,13 +366,13 @@ class decode_layer<P, cuda_backend> {
         const auto kernel = detail::attention_mma_kernel<P, element_type, head_dim>;
         if (overlapped) {
           kernel<<<dim3(rows, splits), detail::mma_warps * 32, smem, stream>>>(
-              state_, seqs, args.q, detail::attend_part::resident, 0);
+              state_, seqs, args.q, detail::attend_part::resident, 0, splits + loaded_splits);
           NOSA_CUDA_TRY(cudaStreamWaitEvent(stream, overlap->join, 0));
           kernel<<<dim3(rows, loaded_splits), detail::mma_warps * 32, smem, stream>>>(
-              state_, seqs, args.q, detail::attend_part::loaded, splits);
+              state_, seqs, args.q, detail::attend_part::loaded, splits, splits + loaded_splits);
         } else {
           kernel<<<dim3(rows, splits), detail::mma_warps * 32, smem, stream>>>(state_, seqs, args.q,
-                                                                               detail::attend_part::all, 0);
+                                                                               detail::attend_part::all, 0, splits);
         }
       } else {
         detail::attention_kernel<P>
@@ -367,8 +381,8 @@ class decode_layer<P, cuda_backend> {
       after(step_stage::attention);
     }
     if (runs(step_stage::merge)) {
-      detail::merge_kernel<<<dim3(rows, config_.group_size()), head_dim, 0, stream>>>(state_, seqs, args.o,
-                                                                                    splits + loaded_splits);
+      detail::merge_kernel<<<dim3(rows, config_.group_size()), detail::merge_threads, 0, stream>>>(
+          state_, seqs, args.o, splits + loaded_splits);
       after(step_stage::merge);
     }
     return detail::from_cuda(cudaGetLastError());
@@ -449,10 +463,12 @@ class decode_layer<P, cuda_backend> {
   const detail::cuda_state<element_type, head_dim>& kernel_state() const noexcept { return state_; }
   /// Parts each (sequence, KV head)'s attention is split into for a batch of `rows` (sequence, KV head)
   /// pairs: as many as fit in one wave of attention CTAs on the device (a second, partly empty wave would
-  /// leave SMs idle), at least 1 and at most `layout().max_splits`.
+  /// leave SMs idle), at least 1 and at most `layout().max_splits`, with `rows` times the parts within the
+  /// split scratch (`layout().partials`).
   int attention_splits(int rows) const noexcept {
     const int wanted = attention_slots_ / std::max(rows, 1);
-    return std::max(1, std::min(wanted, layout_.max_splits));
+    const int held = layout_.partials / std::max(rows, 1);  // the scratch holds `partials` parts in all
+    return std::max(1, std::min({wanted, layout_.max_splits, held}));
   }
 
  private:
@@ -466,6 +482,7 @@ class decode_layer<P, cuda_backend> {
   std::byte* host_ = nullptr;
   std::byte* host_mapped_ = nullptr;
   int attention_slots_ = 1;
+  detail::score_device scoring_{};
   detail::cuda_state<element_type, head_dim> state_{};
 
   static status check_config(const layer_config& config) noexcept {

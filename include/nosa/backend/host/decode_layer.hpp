@@ -370,8 +370,8 @@ class decode_layer<P, host_backend> {
   float* token_scores(int seq, int h) const noexcept {
     return dev<float>(layout_.token_scores) + sh(seq, h) * layout_.max_tokens;
   }
-  float* compressed_keys(int seq, int h) const noexcept {
-    return dev<float>(layout_.compressed_keys) + sh(seq, h) * layout_.max_windows * ((head_dim + 3) / 4 * 4);
+  element_type* compressed_keys(int seq, int h) const noexcept {
+    return dev<element_type>(layout_.compressed_keys) + sh(seq, h) * layout_.max_windows * head_dim;
   }
   float* compressed_scores(int seq, int h) const noexcept {
     return dev<float>(layout_.compressed_scores) + sh(seq, h) * layout_.max_windows;
@@ -556,11 +556,11 @@ class decode_layer<P, host_backend> {
     compressed_scores(seq, h)[w] = csum / static_cast<float>(sel.window);
   }
 
-  /// Kc of window w: the window's key sum divided by its length.
+  /// Kc of window w: the window's fp32 key sum divided by its length, rounded once to the element type.
   void store_compressed_key(int seq, int h, int w, const float* sum) noexcept {
-    float* kc = compressed_keys(seq, h);
+    element_type* kc = compressed_keys(seq, h) + std::size_t(w) * head_dim;
     for (int d = 0; d < head_dim; ++d) {
-      kc[compressed_key_index(w, d, layout_.max_windows)] = sum[d] / static_cast<float>(config_.selection.window);
+      kc[d] = from_float<element_type>(sum[d] / static_cast<float>(config_.selection.window));
     }
   }
 
@@ -576,7 +576,7 @@ class decode_layer<P, host_backend> {
     float* se = dev<float>(layout_.agnostic_scores) + sh(seq, h) * layout_.max_blocks;
     float* prob = dev<float>(layout_.window_scores) + sh(seq, h) * layout_.max_windows;
     float* logits = dev<float>(layout_.window_logits) + sh(seq, h) * layout_.group * layout_.max_windows;
-    const float* kc = compressed_keys(seq, h);
+    const element_type* kc = compressed_keys(seq, h);
     const float* cc = compressed_scores(seq, h);
     if (q != nullptr) {
       const float scale = softmax_scale(head_dim);
@@ -586,7 +586,8 @@ class decode_layer<P, host_backend> {
         float max_logit = negative_infinity;
         for (int w = 0; w < n_windows; ++w) {
           float d = 0.0f;
-          for (int j = 0; j < head_dim; ++j) d += q[g][j] * kc[compressed_key_index(w, j, layout_.max_windows)];
+          const element_type* key = kc + std::size_t(w) * head_dim;
+          for (int j = 0; j < head_dim; ++j) d += q[g][j] * to_float(key[j]);
           logits[w] = scorer::window_logit(d, scale);
           max_logit = max_keep_left(max_logit, logits[w]);
         }

@@ -23,7 +23,7 @@ struct cuda_state {
   std::int32_t* live;
   std::int32_t* block_table;
   float* token_scores;
-  float* compressed_keys;
+  E* compressed_keys;
   float* compressed_scores;
   E* key_ring;
   std::int32_t* selection;
@@ -56,8 +56,7 @@ struct cuda_state {
 
   NOSA_HOST_DEVICE std::int32_t* table(int seq) const { return block_table + std::size_t(seq) * max_blocks; }
   NOSA_HOST_DEVICE float* scores_of(int seq, int h) const { return token_scores + sh(seq, h) * max_tokens; }
-  NOSA_HOST_DEVICE float* kc_of(int seq, int h) const { return compressed_keys + sh(seq, h) * max_windows * D; }
-  static_assert(D % 4 == 0, "compressed keys are stored in groups of four dimensions");
+  NOSA_HOST_DEVICE E* kc_of(int seq, int h) const { return compressed_keys + sh(seq, h) * max_windows * D; }
   NOSA_HOST_DEVICE std::int32_t* stamp_of(int seq, int h) const { return slot_stamp + sh(seq, h) * slots; }
   NOSA_HOST_DEVICE float* cc_of(int seq, int h) const { return compressed_scores + sh(seq, h) * max_windows; }
   NOSA_HOST_DEVICE E* ring_of(int seq, int h) const { return key_ring + sh(seq, h) * sel.window * D; }
@@ -87,11 +86,13 @@ struct cuda_state {
   }
   NOSA_HOST_DEVICE std::int32_t* mark_of(int seq, int h) const { return block_mark + sh(seq, h) * max_blocks; }
   NOSA_HOST_DEVICE std::int32_t* misses_of(int seq, int h) const { return miss_list + sh(seq, h) * top_k; }
-  NOSA_HOST_DEVICE float* acc_of(int seq, int h, int split) const {
-    return partial_acc + ((sh(seq, h) * max_splits + split) * group) * D;
+  /// Partial `split` of `splits` of batch row `row` (b * H + h): partials are laid out by the step's rows,
+  /// not by sequence, so the scratch is bounded by the parts of one step.
+  NOSA_HOST_DEVICE float* acc_of(int row, int split, int splits) const {
+    return partial_acc + ((std::size_t(row) * splits + split) * group) * D;
   }
-  NOSA_HOST_DEVICE float* stats_of(int seq, int h, int split) const {
-    return partial_stats + ((sh(seq, h) * max_splits + split) * group) * 2;
+  NOSA_HOST_DEVICE float* stats_of(int row, int split, int splits) const {
+    return partial_stats + ((std::size_t(row) * splits + split) * group) * 2;
   }
 };
 
@@ -118,7 +119,7 @@ cuda_state<E, D> make_cuda_state(const layer_config& config, const state_layout&
   s.live = reinterpret_cast<std::int32_t*>(at(l.seq_live));
   s.block_table = reinterpret_cast<std::int32_t*>(at(l.block_table));
   s.token_scores = reinterpret_cast<float*>(at(l.token_scores));
-  s.compressed_keys = reinterpret_cast<float*>(at(l.compressed_keys));
+  s.compressed_keys = reinterpret_cast<E*>(at(l.compressed_keys));
   s.compressed_scores = reinterpret_cast<float*>(at(l.compressed_scores));
   s.key_ring = reinterpret_cast<E*>(at(l.key_ring));
   s.selection = reinterpret_cast<std::int32_t*>(at(l.selection));

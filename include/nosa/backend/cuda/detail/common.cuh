@@ -1,0 +1,211 @@
+#pragma once
+/// \file
+/// What every stage's kernels share: the CUDA backend's shape limits, where a kernel finds a batch row's
+/// sequence, warp reductions, and the device primitives the streaming kernels are built from (asynchronous
+/// copies, `ldmatrix`, `mma.sync` on 16-bit operands, thread-block-cluster barriers and distributed shared
+/// memory). One header per stage of a step sits beside this one (`begin`, `append`, `scoring`, `select`,
+/// `gather`, `attention`), plus `plan` for the kernels of the plan calls.
+///
+/// Each kernel handles one (sequence, KV head) per CTA or per cluster (the scoring, the gather and the
+/// attention add a second grid dimension), reads lengths, block tables and slot maps from state, and returns
+/// at once when the step's state checks failed, so a step with bad input changes nothing. Every grid is sized
+/// by the batch and the layer's capacities, never by state values.
+
+#include <nosa/backend/cuda/detail/state.cuh>
+#include <nosa/core/math.hpp>
+#include <nosa/core/numeric.hpp>
+#include <nosa/core/tensor_view.hpp>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace nosa::detail {
+
+/// Largest GQA group the CUDA kernels hold in registers and shared memory.
+inline constexpr int cuda_max_group = 16;
+/// Largest `k` the CUDA selection keeps in shared memory.
+inline constexpr int cuda_max_top_k = 256;
+/// Threads of the per-(sequence, KV head) kernels other than attention and scoring.
+inline constexpr int cuda_threads = 256;
+
+/// Where a kernel finds the sequence of batch row `b`: a device array of ids, or one fixed id (plan calls).
+struct sequence_source {
+  tensor_view<const std::int32_t, 1> ids;
+  int fixed = -1;
+  __device__ int operator()(int b) const { return fixed >= 0 ? fixed : ids(b); }
+};
+
+__device__ inline float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ inline float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = max_keep_left(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+/// True when the element type is one the tensor cores take as an operand (bf16, fp16).
+template <class E>
+inline constexpr bool is_16bit_element = std::is_same_v<E, bf16> || std::is_same_v<E, fp16>;
+
+// ---------------------------------------------------------------------------------------------------------
+// Asynchronous copies, ldmatrix and mma.sync.
+// ---------------------------------------------------------------------------------------------------------
+
+__device__ inline std::uint32_t shared_address(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+/// 16-byte asynchronous copy to shared memory; `valid == false` writes zeros and reads nothing.
+__device__ inline void cp_async_16(std::uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int Pending>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
+}
+
+__device__ inline void ldmatrix_x4(std::uint32_t address, std::uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+__device__ inline void ldmatrix_x4_trans(std::uint32_t address, std::uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+/// c += a * b for one m16n8k16 tile, fp32 accumulation.
+template <class E>
+__device__ inline void mma_16816(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  if constexpr (std::is_same_v<E, bf16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+/// Two stored elements as one 32-bit operand register (`lo` in the low half).
+template <class E>
+__device__ inline std::uint32_t pack_elements(E lo, E hi) {
+  return std::uint32_t(lo.bits) | (std::uint32_t(hi.bits) << 16);
+}
+
+/// The A fragments of `mma_16816` for the group's queries: rows are the query heads `h * group + r` of batch
+/// row `b` (rows at or past the group are zero), `D / 16` k steps. Fragment layout (lane = 4 r + c): register
+/// i holds row r + 8 (i & 1), columns 2c + 8 (i >> 1) and the one after.
+template <class E, int D>
+__device__ inline void load_query_fragments(tensor_view<const E, 3> q, int b, int h, int group,
+                                            std::uint32_t (&a)[D / 16][4]) {
+  const int lane = threadIdx.x % 32, r = lane / 4, c = lane % 4;
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = r + (i & 1) * 8, col = kt * 16 + 2 * c + (i >> 1) * 8;
+      const E x = row < group ? q(b, h * group + row, col) : E{};
+      const E y = row < group ? q(b, h * group + row, col + 1) : E{};
+      a[kt][i] = pack_elements(x, y);
+    }
+  }
+}
+
+/// Rounds (x, y) to a 16-bit pair (x in the low half) and returns it; `rest` receives the rounding
+/// remainders, also rounded to 16 bits, so that high + rest carries about twice the precision.
+template <class E>
+__device__ inline std::uint32_t pack_split(float x, float y, std::uint32_t& rest) {
+  std::uint32_t high, low;
+  if constexpr (std::is_same_v<E, bf16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    const float2 back = __bfloat1622float2(h);
+    const __nv_bfloat162 l = __floats2bfloat162_rn(x - back.x, y - back.y);
+    std::memcpy(&high, &h, 4);
+    std::memcpy(&low, &l, 4);
+  } else {
+    const __half2 h = __floats2half2_rn(x, y);
+    const float2 back = __half22float2(h);
+    const __half2 l = __floats2half2_rn(x - back.x, y - back.y);
+    std::memcpy(&high, &h, 4);
+    std::memcpy(&low, &l, 4);
+  }
+  rest = low;
+  return high;
+}
+
+/// Byte offset of 16-byte piece `ch` of row `r` in a shared-memory tile of rows of `RowBytes` bytes (a
+/// multiple of 128), with the pieces of each group of eight permuted by `r % 8` (XOR on the piece index), so
+/// that eight consecutive rows read at one piece index hit distinct bank groups: `ldmatrix` without conflicts.
+template <int RowBytes>
+__device__ inline std::uint32_t swizzled_offset(int r, int ch) {
+  static_assert(RowBytes % 128 == 0, "rows of whole 128-byte lines");
+  return std::uint32_t(r * RowBytes + ((ch & ~7) | ((ch & 7) ^ (r & 7))) * 16);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Thread-block clusters (sm_90). A launch without a cluster is a cluster of one CTA: the same code runs.
+// ---------------------------------------------------------------------------------------------------------
+
+/// CTAs in this CTA's cluster, and this CTA's rank in it.
+__device__ inline unsigned cluster_ctas() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(r));
+  return r;
+#else
+  return 1;
+#endif
+}
+__device__ inline unsigned cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+#else
+  return 0;
+#endif
+}
+/// Arrival at the cluster barrier, releasing this thread's prior writes (shared and global) to the cluster.
+__device__ inline void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#else
+  __syncthreads();
+#endif
+}
+/// Wait at the cluster barrier, acquiring what the other CTAs released before arriving.
+__device__ inline void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+/// Reads a float at `local` (this CTA's shared memory) from the same place in CTA `rank` of the cluster.
+__device__ inline float load_cluster_shared(const float* local, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  std::uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(shared_address(local)), "r"(rank));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+#else
+  (void)rank;
+  return *local;
+#endif
+}
+
+}  // namespace nosa::detail

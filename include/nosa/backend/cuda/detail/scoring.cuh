@@ -1,0 +1,359 @@
+#pragma once
+/// \file
+/// Step stage 3, scoring: the query-aware score of every block (`Sq`, spec §4 steps 1-2) and the
+/// query-agnostic one (`Se`), in one pass over the compressed keys.
+///
+/// The logits of one (sequence, KV head) are a small matrix product, the group's queries (padded to 16 rows)
+/// times every compressed key, the shape of decode attention's Q K^T, and are computed the same way: the
+/// compressed keys stream through a multi-stage `cp.async` pipeline into swizzled shared memory, and each
+/// warp multiplies 16 of them by the queries (held as A fragments in registers) with `mma.m16n8k16` in fp32
+/// (bf16 and fp16; fp32 storage takes CUDA cores). Each key is read from memory once.
+///
+/// The per-head softmax runs over all windows of the sequence, but what must outlive the pass is the logits
+/// (G floats a window), not the keys. So one (sequence, KV head) is a thread-block cluster of C CTAs, each
+/// owning a contiguous range of blocks: a CTA keeps the logits of the windows overlapping its blocks in
+/// shared memory, the CTAs exchange each head's (max, sum of exp) over the windows they own through
+/// distributed shared memory, and each CTA then forms `P[w]` (each head's probability summed over the group)
+/// and pools its blocks' `Sq` and `Se`, writing only block scores. A window shared by two CTAs' blocks is
+/// scored by both (the same bits) and owned, for the softmax, by one. When the logits of a layer's capacity
+/// do not fit in the shared memory of a cluster, they go to a global scratch array instead (same kernel).
+/// Devices before sm_90 run clusters of one CTA.
+
+#include <nosa/backend/cuda/detail/common.cuh>
+#include <nosa/backend/cuda/detail/state.cuh>
+#include <nosa/pipeline.hpp>
+#include <nosa/scorer/windows.hpp>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+namespace nosa::detail {
+
+/// Threads of a scoring CTA: four warps of 16 windows per tile.
+inline constexpr int score_threads = 128;
+/// Compressed keys of one pipeline stage.
+inline constexpr int score_tile_windows = 64;
+/// Largest cluster the scoring launches (the portable limit).
+inline constexpr int score_max_cluster = 8;
+
+/// Shared-memory geometry of the scoring kernel for an element type and head dimension.
+template <class E, int D>
+struct score_traits {
+  static constexpr bool tensor_cores = is_16bit_element<E>;
+  /// Bytes of one compressed key in shared memory: 16-bit rows are swizzled; fp32 rows are padded by 16
+  /// bytes, so that eight lanes reading eight rows at one column hit distinct banks.
+  static constexpr int row_bytes = tensor_cores ? D * 2 : D * 4 + 16;
+  static constexpr int stage_bytes = score_tile_windows * row_bytes;
+  /// About 64 KiB of keys in flight or landed, so that two CTAs fit on an SM beside their logits.
+  static constexpr int stages = std::max(2, std::min(8, 65536 / stage_bytes));
+  static constexpr int pipeline_bytes = stages * stage_bytes;
+  /// The group's queries in fp32 (the CUDA-core path only).
+  static constexpr int query_bytes = tensor_cores ? 0 : cuda_max_group * D * 4;
+};
+
+/// Upper bound of the windows overlapping `blocks` consecutive blocks.
+inline int score_windows_for_blocks(int blocks, const selection_params& sel) {
+  return (blocks * sel.block_size + sel.window) / sel.stride + 2;
+}
+
+/// How one scoring launch is shaped: the cluster size, and the logit columns each CTA keeps in shared
+/// memory (0: the logits go to the global scratch `window_logits`).
+struct score_shape {
+  int cluster = 1;
+  int columns = 0;
+  std::size_t smem = 0;
+};
+
+/// What the device offers the scoring, read once when a layer is created.
+struct score_device {
+  int sms = 1;
+  int smem_limit = 48 * 1024;  ///< dynamic shared memory a CTA may opt into
+  bool clusters = false;       ///< sm_90 or later
+};
+
+/// The launch shape for `rows` (sequence, KV head) pairs: clusters large enough for the capacity's logits
+/// to fit in shared memory, and for the launch to spread over the SMs; the global scratch when even the
+/// largest cluster cannot hold them.
+template <class E, int D>
+score_shape plan_scoring(const selection_params& sel, int max_blocks, int group, int rows, const score_device& dev) {
+  using traits = score_traits<E, D>;
+  const auto smem_for = [&](int cluster, int& columns) {
+    const int blocks = (max_blocks + cluster - 1) / cluster;
+    const int windows = score_windows_for_blocks(blocks, sel);
+    columns = (windows + score_tile_windows - 1) / score_tile_windows * score_tile_windows + 8;  // 8 mod 32
+    return std::size_t(traits::pipeline_bytes + traits::query_bytes) + std::size_t(group + 1) * columns * 4;
+  };
+  const int most = dev.clusters ? score_max_cluster : 1;
+  int spread = 1;
+  while (spread < most && rows * spread * 2 <= dev.sms) spread *= 2;
+  // The smallest cluster that spreads the launch and lets two CTAs share an SM; else the smallest that fits.
+  score_shape shape;
+  bool found = false;
+  const std::size_t half = std::size_t(dev.smem_limit) / 2 > 1024 ? std::size_t(dev.smem_limit) / 2 - 1024 : 0;
+  for (int cluster = spread; cluster <= most; cluster *= 2) {
+    int columns = 0;
+    const std::size_t smem = smem_for(cluster, columns);
+    if (smem <= half) return {cluster, columns, smem};
+    if (!found && smem <= std::size_t(dev.smem_limit)) {
+      shape = {cluster, columns, smem};
+      found = true;
+    }
+  }
+  if (found) return shape;
+  shape.cluster = std::max(spread, most);
+  shape.columns = 0;
+  shape.smem = std::size_t(traits::pipeline_bytes + traits::query_bytes);
+  return shape;
+}
+
+/// Step stage 3, grid (C x batch rows x KV heads) in clusters of C CTAs, `score_threads` threads: CTA `r` of
+/// row `(b, h)`'s cluster owns blocks `[r * per, (r + 1) * per)` of the sequence (`per` = its blocks / C),
+/// scores the windows that overlap them, joins the cluster's per-head softmax, and writes those blocks' `Sq`
+/// (the pooling identity without a query) and `Se`. `columns` is the logit row length in shared memory, or
+/// 0 for the global scratch. Plan calls pass one row with `length_offset` 0; steps run only when the step's
+/// checks passed (every CTA of a cluster sees the same status, so they return together).
+template <class P, class E, int D>
+__global__ void __launch_bounds__(score_threads)
+    score_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, tensor_view<const E, 3> q,
+                 bool have_query, int columns) {
+  using traits = score_traits<E, D>;
+  using scorer = typename P::query_aware;
+  using agnostic = typename P::query_agnostic;
+  constexpr int G = cuda_max_group;
+  constexpr int T = score_tile_windows;
+  constexpr int stages = traits::stages;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ float cta_stats[G][2];  // (max, sum of exp) per head over the windows this CTA owns
+  __shared__ float head_max[G], head_inv[G];
+  if (length_offset > 0 && *s.status != 0) return;
+
+  const unsigned C = cluster_ctas(), rank = cluster_rank();
+  const int row = static_cast<int>(blockIdx.x / C);
+  const int b = row / s.kv_heads, h = row % s.kv_heads;
+  const int seq = seqs(b);
+  const int length = s.lengths[seq] + length_offset;
+  const selection_params& sel = s.sel;
+  const int group = s.group;
+  const int nw = window_count(length, sel), nb = block_count(length, sel);
+  const int per = (nb + static_cast<int>(C) - 1) / static_cast<int>(C);
+  const int m0 = min(nb, static_cast<int>(rank) * per), m1 = min(nb, m0 + per);
+  // Windows scored, [wa, wb), and owned for the softmax, [wa, own_end): consecutive CTAs' owned ranges
+  // meet at the first window of the next CTA's first block, so every window is owned exactly once.
+  int wa = 0, wb = 0, own_end = 0;
+  if (m0 < m1) {
+    wa = min(windows_overlapping_block(m0, nw, sel).first, nw);
+    own_end = m1 >= nb ? nw : min(windows_overlapping_block(m1, nw, sel).first, nw);
+    wb = max(windows_overlapping_block(m1 - 1, nw, sel).last, own_end);
+  }
+  const int count = wb - wa;
+  const bool in_shared = columns > 0;
+  float* logits = in_shared ? reinterpret_cast<float*>(smem + traits::pipeline_bytes + traits::query_bytes)
+                            : s.logits_of(seq, h) + wa;  // [G][stride], window wa first
+  const int stride = in_shared ? columns : s.max_windows;
+  float* prob = in_shared ? logits + std::size_t(group) * stride : s.prob_of(seq, h) + wa;  // [count]
+  const float scale = softmax_scale(D);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+
+  if (have_query) {
+    const E* kc = s.kc_of(seq, h) + std::size_t(wa) * D;
+    const int tiles = (count + T - 1) / T;
+    constexpr int pieces = traits::tensor_cores ? D / 8 : D / 4;  // 16-byte pieces of a row
+    const auto issue = [&](int t) {
+      unsigned char* stage = smem + (t % stages) * traits::stage_bytes;
+#pragma unroll
+      for (int j = 0; j < T * pieces / score_threads; ++j) {
+        const int idx = static_cast<int>(threadIdx.x) + j * score_threads;
+        const int r = idx / pieces, ch = idx % pieces;
+        const bool valid = t * T + r < count;
+        std::uint32_t at;
+        if constexpr (traits::tensor_cores) {
+          at = swizzled_offset<traits::row_bytes>(r, ch);
+        } else {
+          at = std::uint32_t(r * traits::row_bytes + ch * 16);
+        }
+        const E* src = valid ? kc + std::size_t(t * T + r) * D + ch * (16 / sizeof(E)) : kc;
+        cp_async_16(shared_address(stage + at), src, valid);
+      }
+    };
+#pragma unroll
+    for (int t = 0; t < stages - 1; ++t) {
+      if (t < tiles) issue(t);
+      cp_async_commit();
+    }
+
+    if constexpr (traits::tensor_cores) {
+      std::uint32_t qa[D / 16][4];
+      load_query_fragments<E, D>(q, b, h, group, qa);
+      const int r = lane / 4, c = lane % 4;
+      for (int t = 0; t < tiles; ++t) {
+        cp_async_wait<stages - 2>();
+        __syncthreads();
+        if (t + stages - 1 < tiles) issue(t + stages - 1);
+        cp_async_commit();
+        const std::uint32_t keys = shared_address(smem + (t % stages) * traits::stage_bytes);
+        float sc[2][4] = {};
+#pragma unroll
+        for (int kt = 0; kt < D / 16; ++kt) {
+          const int mat = lane / 8, kr = warp * 16 + (mat >> 1) * 8 + lane % 8, ch = 2 * kt + (mat & 1);
+          std::uint32_t kb[4];
+          ldmatrix_x4(keys + swizzled_offset<traits::row_bytes>(kr, ch), kb);
+          mma_16816<E>(sc[0], qa[kt], kb[0], kb[1]);
+          mma_16816<E>(sc[1], qa[kt], kb[2], kb[3]);
+        }
+        // Accumulator (lane = 4 r + c): heads r and r + 8, windows 2c and 2c + 1 of each 8-window tile.
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int i = t * T + warp * 16 + nt * 8 + 2 * c;
+          if (r < group) {
+            logits[std::size_t(r) * stride + i] = scorer::window_logit(sc[nt][0], scale);
+            logits[std::size_t(r) * stride + i + 1] = scorer::window_logit(sc[nt][1], scale);
+          }
+          if (r + 8 < group) {
+            logits[std::size_t(r + 8) * stride + i] = scorer::window_logit(sc[nt][2], scale);
+            logits[std::size_t(r + 8) * stride + i + 1] = scorer::window_logit(sc[nt][3], scale);
+          }
+        }
+      }
+    } else {
+      // CUDA cores (fp32 storage): lane l takes window l % 16 of its warp's 16 and heads l / 16, l / 16 + 2,
+      // ..., each a dot product over the key row in shared memory against the queries in shared memory.
+      float* qs = reinterpret_cast<float*>(smem + traits::pipeline_bytes);
+      for (int i = static_cast<int>(threadIdx.x); i < group * D; i += score_threads) {
+        qs[i] = to_float(q(b, h * group + i / D, i % D));
+      }
+      const int wl = warp * 16 + lane % 16, first_head = lane / 16;
+      for (int t = 0; t < tiles; ++t) {
+        cp_async_wait<stages - 2>();
+        __syncthreads();
+        if (t + stages - 1 < tiles) issue(t + stages - 1);
+        cp_async_commit();
+        const float4* key = reinterpret_cast<const float4*>(smem + (t % stages) * traits::stage_bytes +
+                                                            wl * traits::row_bytes);
+        float acc[G / 2];
+#pragma unroll
+        for (int j = 0; j < G / 2; ++j) acc[j] = 0.0f;
+        for (int d4 = 0; d4 < D / 4; ++d4) {
+          const float4 k4 = key[d4];
+#pragma unroll
+          for (int j = 0; j < G / 2; ++j) {
+            const int head = first_head + 2 * j;
+            if (head < group) {
+              const float4 q4 = reinterpret_cast<const float4*>(qs + head * D)[d4];
+              acc[j] += q4.x * k4.x + q4.y * k4.y + q4.z * k4.z + q4.w * k4.w;
+            }
+          }
+        }
+        const int i = t * T + wl;
+#pragma unroll
+        for (int j = 0; j < G / 2; ++j) {
+          const int head = first_head + 2 * j;
+          if (head < group) logits[std::size_t(head) * stride + i] = scorer::window_logit(acc[j], scale);
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Each head's (max, sum of exp) over the owned windows, [0, own_end - wa): eight threads a head, in a
+    // fixed order of reduction.
+    {
+      const int head = static_cast<int>(threadIdx.x) / 8, sub = static_cast<int>(threadIdx.x) % 8;
+      const int owned = own_end - wa;
+      const float* l = logits + std::size_t(head) * stride;
+      float m = negative_infinity;
+      if (head < group) {
+        for (int i = sub; i < owned; i += 8) m = max_keep_left(m, l[i]);
+      }
+#pragma unroll
+      for (int o = 1; o < 8; o <<= 1) m = max_keep_left(m, __shfl_xor_sync(0xffffffffu, m, o));
+      float sum = 0.0f;
+      if (head < group && m != negative_infinity) {
+        for (int i = sub; i < owned; i += 8) sum += expf(l[i] - m);
+      }
+#pragma unroll
+      for (int o = 1; o < 8; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (sub == 0) {
+        cta_stats[head][0] = m;
+        cta_stats[head][1] = sum;
+      }
+    }
+    // The cluster's softmax per head, from every CTA's statistics in rank order.
+    cluster_arrive();
+    cluster_wait();
+    if (static_cast<int>(threadIdx.x) < group) {
+      const int head = static_cast<int>(threadIdx.x);
+      float m = negative_infinity;
+      for (unsigned x = 0; x < C; ++x) m = max_keep_left(m, load_cluster_shared(&cta_stats[head][0], x));
+      float sum = 0.0f;
+      for (unsigned x = 0; x < C; ++x) {
+        const float mx = load_cluster_shared(&cta_stats[head][0], x);
+        if (mx != negative_infinity) sum += load_cluster_shared(&cta_stats[head][1], x) * expf(mx - m);
+      }
+      head_max[head] = m;
+      head_inv[head] = 1.0f / sum;
+    }
+    cluster_arrive();  // this CTA is done reading the others' statistics; waited for before it exits
+    __syncthreads();
+    // P[w]: each head's probability, summed over the group in head order.
+    for (int i = static_cast<int>(threadIdx.x); i < count; i += score_threads) {
+      float l[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) l[g] = g < group ? logits[std::size_t(g) * stride + i] : 0.0f;
+      float p = 0.0f;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        if (g < group) p += expf(l[g] - head_max[g]) * head_inv[g];
+      }
+      prob[i] = p;
+    }
+    __syncthreads();
+  }
+
+  // Pooling: one thread per block.
+  const bool query = have_query && nw > 0;
+  const float* cc = s.cc_of(seq, h);
+  for (int m = m0 + static_cast<int>(threadIdx.x); m < m1; m += score_threads) {
+    const window_range r = windows_overlapping_block(m, nw, sel);
+    float bq = scorer::pool_identity;
+    float be = agnostic::pool_identity;
+    for (int w = r.first; w < r.last; ++w) {
+      if (query) bq = scorer::pool(bq, prob[w - wa]);
+      be = agnostic::pool(be, cc[w]);
+    }
+    s.sq_of(seq, h)[m] = bq;
+    s.se_of(seq, h)[m] = be;
+  }
+  if (have_query) cluster_wait();
+}
+
+/// Enqueues the scoring of `rows` (batch row, KV head) pairs in the shape `plan_scoring` gives.
+template <class P, class E, int D>
+cudaError_t launch_scoring(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset,
+                           tensor_view<const E, 3> q, bool have_query, const score_device& dev, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  const score_shape shape = plan_scoring<E, D>(s.sel, s.max_blocks, s.group, rows, dev);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(rows) * shape.cluster);
+  config.blockDim = dim3(score_threads);
+  config.dynamicSmemBytes = shape.smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = static_cast<unsigned>(shape.cluster);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = shape.cluster > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, score_kernel<P, E, D>, s, seqs, length_offset, q, have_query, shape.columns);
+}
+
+/// Opts the scoring kernel into the shared memory it may use (once per pipeline and device).
+template <class P, class E, int D>
+cudaError_t prepare_scoring(const score_device& dev) {
+  return cudaFuncSetAttribute(score_kernel<P, E, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_limit);
+}
+
+}  // namespace nosa::detail
