@@ -577,15 +577,21 @@ __global__ void __launch_bounds__(mma_warps * 32)
     const std::uint32_t ks = shared_address(st), vs = shared_address(st + R * D * 2);
     const float* scores = reinterpret_cast<const float*>(st + 2 * R * D * 2) + warp * 16;
 
-    // S = Q K^T for this warp's 16 key rows: two 16 x 8 tiles.
-    float sc[2][4] = {};
+    // S = Q K^T for this warp's 16 key rows: two 16 x 8 tiles, the even and odd k steps in separate
+    // accumulators (two chains of half the length), added at the end.
+    float sc[2][4], half[2][2][4] = {};
 #pragma unroll
     for (int kt = 0; kt < k_steps; ++kt) {
       const int mat = lane / 8, row = warp * 16 + (mat >> 1) * 8 + lane % 8, ch = 2 * kt + (mat & 1);
       std::uint32_t kb[4];
       ldmatrix_x4(ks + swizzled_offset<D * 2>(row, ch), kb);
-      mma_16816<E>(sc[0], qa[kt], kb[0], kb[1]);
-      mma_16816<E>(sc[1], qa[kt], kb[2], kb[3]);
+      mma_16816<E>(half[kt & 1][0], qa[kt], kb[0], kb[1]);
+      mma_16816<E>(half[kt & 1][1], qa[kt], kb[2], kb[3]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[nt][e] = half[0][nt][e] + half[1][nt][e];
     }
 
     // Logits and the running softmax of heads g (i = 0) and g + 8 (i = 1).

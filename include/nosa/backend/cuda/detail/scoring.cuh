@@ -84,7 +84,7 @@ score_shape plan_scoring(const selection_params& sel, int max_blocks, int group,
     const int blocks = (max_blocks + cluster - 1) / cluster;
     const int windows = score_windows_for_blocks(blocks, sel);
     columns = (windows + score_tile_windows - 1) / score_tile_windows * score_tile_windows + 8;  // 8 mod 32
-    return std::size_t(traits::pipeline_bytes + traits::query_bytes) + std::size_t(group + 1) * columns * 4;
+    return std::size_t(traits::pipeline_bytes + traits::query_bytes) + std::size_t(group + 2) * columns * 4;
   };
   const int most = dev.clusters ? score_max_cluster : 1;
   int spread = 1;
@@ -154,6 +154,16 @@ __global__ void __launch_bounds__(score_threads)
                             : s.logits_of(seq, h) + wa;  // [G][stride], window wa first
   const int stride = in_shared ? columns : s.max_windows;
   float* prob = in_shared ? logits + std::size_t(group) * stride : s.prob_of(seq, h) + wa;  // [count]
+  // The compressed scores of the windows scored, staged in shared memory while the keys stream (pooling
+  // would otherwise wait on a dependent global load per window); read in place with the global scratch.
+  const float* cc = s.cc_of(seq, h) + wa;  // [count]
+  const auto stage_cc = [&] {
+    if (in_shared) {
+      float* staged = prob + stride;
+      for (int i = static_cast<int>(threadIdx.x); i < count; i += score_threads) staged[i] = cc[i];
+      cc = staged;
+    }
+  };
   const float scale = softmax_scale(D);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
@@ -183,6 +193,7 @@ __global__ void __launch_bounds__(score_threads)
       if (t < tiles) issue(t);
       cp_async_commit();
     }
+    stage_cc();  // while the first keys arrive
 
     if constexpr (traits::tensor_cores) {
       std::uint32_t qa[D / 16][4];
@@ -194,14 +205,20 @@ __global__ void __launch_bounds__(score_threads)
         if (t + stages - 1 < tiles) issue(t + stages - 1);
         cp_async_commit();
         const std::uint32_t keys = shared_address(smem + (t % stages) * traits::stage_bytes);
-        float sc[2][4] = {};
+        // Even and odd k steps in separate accumulators (two chains of half the length), added at the end.
+        float sc[2][4], half[2][2][4] = {};
 #pragma unroll
         for (int kt = 0; kt < D / 16; ++kt) {
           const int mat = lane / 8, kr = warp * 16 + (mat >> 1) * 8 + lane % 8, ch = 2 * kt + (mat & 1);
           std::uint32_t kb[4];
           ldmatrix_x4(keys + swizzled_offset<traits::row_bytes>(kr, ch), kb);
-          mma_16816<E>(sc[0], qa[kt], kb[0], kb[1]);
-          mma_16816<E>(sc[1], qa[kt], kb[2], kb[3]);
+          mma_16816<E>(half[kt & 1][0], qa[kt], kb[0], kb[1]);
+          mma_16816<E>(half[kt & 1][1], qa[kt], kb[2], kb[3]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sc[nt][e] = half[0][nt][e] + half[1][nt][e];
         }
         // Accumulator (lane = 4 r + c): heads r and r + 8, windows 2c and 2c + 1 of each 8-window tile.
 #pragma unroll
@@ -314,14 +331,17 @@ __global__ void __launch_bounds__(score_threads)
 
   // Pooling: one thread per block.
   const bool query = have_query && nw > 0;
-  const float* cc = s.cc_of(seq, h);
+  if (!have_query) {
+    stage_cc();
+    __syncthreads();
+  }
   for (int m = m0 + static_cast<int>(threadIdx.x); m < m1; m += score_threads) {
     const window_range r = windows_overlapping_block(m, nw, sel);
     float bq = scorer::pool_identity;
     float be = agnostic::pool_identity;
     for (int w = r.first; w < r.last; ++w) {
       if (query) bq = scorer::pool(bq, prob[w - wa]);
-      be = agnostic::pool(be, cc[w]);
+      be = agnostic::pool(be, cc[w - wa]);
     }
     s.sq_of(seq, h)[m] = bq;
     s.se_of(seq, h)[m] = be;
