@@ -6,10 +6,12 @@
 #   2. reads the card's state with read-only nvidia-smi queries (clocks, PCIe link, power, other processes);
 #   3. runs bench_cuda_step (ceilings, gather, attention, whole step; a few minutes, bounded by a timeout)
 #      with --benchmark_out=$OUT/perf.json;
-#   4. runs scripts/perf_report.py, which writes $OUT/performance.md and the PNG plots beside it.
+#   4. runs bench/sdpa_peer.py (PyTorch SDPA at the same shapes, when PyTorch is installed), then
+#      scripts/perf_report.py, which writes $OUT/performance.md and the PNG plots beside it.
 #
-# $OUT (default out/) then holds perf.json, performance.md, five PNGs and perf.log (everything this script
-# printed: build, machine, benchmark output): eight files. docs/performance.md is that performance.md, with
+# $OUT (default out/) then holds perf.json, sdpa.jsonl, performance.md, five PNGs and perf.log (everything
+# this script printed: build, machine, benchmark output): nine files (fetch sdpa.jsonl with the others; the
+# report can be regenerated from the two JSON files). docs/performance.md is that performance.md, with
 # the PNGs copied next to it.
 #
 # It never changes clocks, power limits, persistence or compute mode, or any other GPU setting: the card is
@@ -162,13 +164,28 @@ run() {
   } >>"$tmp/machine.txt"
   tail -n +"$(grep -n '^after the run:' "$tmp/machine.txt" | cut -d: -f1)" "$tmp/machine.txt"
 
+  # ---- The peer: PyTorch SDPA at the same shapes, same run ---------------------------------------------
+  local peer_args=()
+  if "$python" -c 'import torch' >/dev/null 2>&1; then
+    nosa_log "timing PyTorch SDPA at the same shapes (bench/sdpa_peer.py)"
+    if timeout 300 "$python" bench/sdpa_peer.py --out "$out/sdpa.jsonl" >"$tmp/sdpa.txt" 2>&1; then
+      peer_args=(--peer "$out/sdpa.jsonl")
+    else
+      echo "warning: bench/sdpa_peer.py failed; the page has no peer table"
+    fi
+    grep -v '^#' "$tmp/sdpa.txt" | head -n 80
+  else
+    echo "PyTorch is not installed here: the page has no peer table"
+  fi
+
   # ---- Report ------------------------------------------------------------------------------------------
   if [[ ! -s $out/perf.json ]]; then
     echo "error: bench_cuda_step wrote no $out/perf.json"
     return 1
   fi
   nosa_log "writing the report"
-  "$python" scripts/perf_report.py "$out/perf.json" --out "$out" --machine "$tmp/machine.txt" --fail-on-errors
+  "$python" scripts/perf_report.py "$out/perf.json" --out "$out" --machine "$tmp/machine.txt" "${peer_args[@]}" \
+    --fail-on-errors
   local report_rc=$?
   echo
   echo "files in $out:"

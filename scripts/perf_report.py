@@ -260,8 +260,12 @@ so every sequence has a partial tail block); sequences grow by up to about a tho
   that sums 2 GiB with 16-byte loads, four in flight per thread. Every "ratio" below is achieved / ceiling.
 - **Timing**: CUDA events around each timed region, one region per iteration (Google Benchmark's manual
   time), several repetitions; the tables give the median repetition, and within a repetition every derived
-  figure uses the median iteration. A 100 us spin kernel precedes every region so that the host has
-  enqueued the whole region before the GPU reaches it: host launch latency is not in any figure.
+  figure uses the median iteration. A 256 MiB memset precedes every region, so that its data comes from HBM
+  and not from the 60 MB L2, then a 100 us spin kernel, so that the host has enqueued the whole region before
+  the GPU reaches it: host launch latency is not in any figure.
+- **The peer**: `bench/sdpa_peer.py` times PyTorch's `scaled_dot_product_attention` (cuDNN, FlashAttention
+  and memory-efficient backends, each forced in turn) at the same decode shapes in the same run, with the
+  same memset before every call; the tables compare nosa with the fastest backend.
 - **Checked before timed**: every benchmark first re-admits the first and the last sequence of its batch,
   runs one step of the whole batch through exactly the launches it times (the stage kernels, or the captured
   graph), and compares those rows' selections and outputs with the host backend given the same prompts and
@@ -274,6 +278,10 @@ so every sequence has a partial tail block); sequences grow by up to about a tho
 
 TABLE_NOTES = """## What each table means
 
+- **Beside the peer**: nosa's attention + merge against the fastest SDPA backend: dense rows over the same
+  context, sparse rows over 4,096 contiguous keys (the bytes of k = 64 blocks of 64 tokens); then the
+  targets of the kernels issue decided against the peer or a ceiling of the same run (scoring is the
+  append + scoring stage of the step against the compressed-key bytes it reads).
 - **Ceilings**: the reference figures of this run. `h2d_copy` at several sizes shows how a contiguous copy
   ramps up with size (the first plot); the 256 MiB copy is the H2D ceiling.
 - **Gather (offload store)**: `diff_kernel` + `gather_kernel`, as a step launches them (without the
@@ -527,6 +535,81 @@ def section_targets(ctx: dict, results) -> str:
     return out
 
 
+def load_peer(path: str | None) -> list[dict]:
+    """The JSON lines of bench/sdpa_peer.py (PyTorch SDPA timed in the same run), or nothing."""
+    if not path or not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records
+
+
+def section_peer(ctx: dict, results, peer: list[dict]) -> str:
+    """nosa's attention beside PyTorch SDPA's best backend at the same decode shape, and the targets of the
+    kernels issue that are decided against a peer or a ceiling of the same run."""
+    if not peer:
+        return ""
+    best = {(r["family"], r["batch"], r["hkv"], r["keys"]): r for r in peer if r.get("kind") == "sdpa_best"}
+    ceiling = ctx_float(ctx, "ceiling_hbm_read_GBps")
+    rows, targets = [], []
+    for r in attention_rows(results):
+        store = r.family.split("/")[1]
+        family = "dense" if store == "full" else "sparse"
+        keys = r.p("context") if family == "dense" else 4096  # k = 64 blocks of 64 tokens
+        b, hkv = r.p("batch"), r.p("hkv")
+        sdpa = best.get((family, b, hkv, keys))
+        us = r.get("median_us")
+        ratio = us / sdpa["us"] if sdpa and us else None
+        rows.append([store, str(r.p("context")), str(hkv), str(b), num(us), num(r.get("GBps")),
+                     pct(r.get("ratio")), (sdpa["backend"] if sdpa else "–"), num(sdpa["us"] if sdpa else None),
+                     num(ratio) + ("x" if ratio else "")])
+        if ratio is None:
+            continue
+        if family == "sparse" and b in (16, 64, 256):
+            targets.append([f"sparse attention <= SDPA over {keys} contiguous keys", f"{store}, B {b}, H_kv {hkv}",
+                            f"{num(us)} us", f"{num(sdpa['us'])} us ({sdpa['backend']})", num(ratio) + "x",
+                            verdict(ratio <= 1.0, f"{num(ratio)}x")])
+        if family == "dense" and (16 <= b <= 64 or b == 1):
+            bound = 1.1 if b == 1 else 1.05
+            targets.append([f"dense attention <= {bound} x SDPA", f"B {b}, H_kv {hkv}, {r.p('context')} ctx",
+                            f"{num(us)} us", f"{num(sdpa['us'])} us ({sdpa['backend']})", num(ratio) + "x",
+                            verdict(ratio <= bound, f"{num(ratio)}x")])
+        if family == "sparse" and b * hkv >= 64 and r.get("ratio") is not None:
+            targets.append(["sparse attention >= 85% of HBM read", f"{store}, B {b}, H_kv {hkv}",
+                            f"{num(r.get('GBps'))} GB/s", f"{num(ceiling)} GB/s", pct(r.get("ratio")),
+                            verdict(r.get("ratio") >= 0.85, f"{pct(r.get('ratio'))}")])
+    for r in step_rows(results):
+        store = r.family.split("/")[1]
+        if store != "full" and r.p("batch") * r.p("hkv") >= 64 and r.get("score_ratio") is not None:
+            targets.append(["scoring (append + logits + pooling) >= 80% of HBM read",
+                            f"{store}, B {r.p('batch')}, H_kv {r.p('hkv')}, {r.p('context')} ctx",
+                            f"{num(r.get('score_GBps'))} GB/s", f"{num(ceiling)} GB/s", pct(r.get("score_ratio")),
+                            verdict(r.get("score_ratio") >= 0.80, pct(r.get("score_ratio")))])
+        if r.p("batch") == 1 and r.p("context") == 32768 and r.p("hkv") == 2 and store != "full":
+            bound = 35.0 if store == "resident" else 40.0
+            targets.append([f"whole step, B 1, graph <= {bound:.0f} us", f"{store}, 32768 ctx, H_kv 2",
+                            f"{num(r.get('median_us'))} us", f"{bound:.0f} us", num(r.get("median_us") / bound) + "x",
+                            verdict(r.get("median_us") <= bound, f"{num(r.get('median_us') - bound)} us over")])
+        if r.p("batch") == 64 and r.p("context") == 32768 and store != "full":
+            targets.append(["not attention or transfer <= 15% of the step", f"{store}, B 64, H_kv {r.p('hkv')}",
+                            pct(r.get("other_share")), "15%", pct(r.get("other_share")),
+                            verdict(r.get("other_share") <= 0.15, pct(r.get("other_share")))])
+    head = peer[0] if peer and peer[0].get("kind") == "ceiling" else {}
+    note = (f"PyTorch {head.get('torch', '?')} on {head.get('gpu', '?')}, timed by `bench/sdpa_peer.py` in the same "
+            f"run (its own HBM read ceiling: {num(head.get('hbm_read_GBps'))} GB/s); every timed call of either "
+            "side follows a 256 MiB memset that evicts the L2.\n")
+    return ("### Beside the peer: PyTorch SDPA\n\n" + note + "\n" + table(
+        ["store", "context", "H_kv", "batch", "nosa attention + merge (us)", "nosa GB/s", "ratio to HBM read",
+         "SDPA backend", "SDPA (us)", "nosa / SDPA"], rows) +
+        "\nSparse rows are compared with SDPA over 4,096 contiguous keys (the bytes of k = 64 blocks of 64 tokens), "
+        "dense rows with SDPA over the same context.\n\n### Targets of the kernels issue\n\n" + table(
+            ["target", "where", "achieved", "peer / ceiling", "ratio", "verdict"], targets))
+
+
 def section_errors(errors) -> str:
     if not errors:
         return ""
@@ -548,7 +631,8 @@ def section_plots(prefix: str, made: list[str]) -> str:
     return "### Plots\n\n" + "\n\n".join(f"![{captions[m]}]({prefix}{m})" for m in made) + "\n"
 
 
-def document(data: dict | None, machine_text: str | None, prefix: str, made: list[str]) -> str:
+def document(data: dict | None, machine_text: str | None, prefix: str, made: list[str],
+             peer: list[dict] | None = None) -> str:
     parts = [INTRO, TABLE_NOTES, "## Results\n"]
     if data is None:
         parts.append("_No results yet._ This section is written by `scripts/perf_report.py` from the JSON that\n"
@@ -558,7 +642,8 @@ def document(data: dict | None, machine_text: str | None, prefix: str, made: lis
         return "\n".join(parts)
     ctx = data.get("context", {})
     results, errors = collect(data)
-    parts += [section_machine(ctx, machine_text), section_ceilings(ctx, results), section_targets(ctx, results),
+    parts += [section_machine(ctx, machine_text), section_ceilings(ctx, results), section_peer(ctx, results, peer or []),
+              section_targets(ctx, results),
               section_gather(results), section_attention(results), section_step(results),
               section_plots(prefix, made), section_errors(errors)]
     return "\n".join(p for p in parts if p)
@@ -731,6 +816,7 @@ def main() -> int:
     ap.add_argument("--analysis", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs",
                                                        "performance-analysis.md"),
                     help="hand-written analysis of the misses, appended to the page when the file exists")
+    ap.add_argument("--peer", help="JSON lines of bench/sdpa_peer.py from the same run")
     ap.add_argument("--fail-on-errors", action="store_true",
                     help="exit with 2 when a benchmark reported an error (the page is written all the same)")
     args = ap.parse_args()
@@ -746,7 +832,7 @@ def main() -> int:
             with open(args.machine, encoding="utf-8", errors="replace") as f:
                 machine = f.read()
         made = make_plots(data, args.out)
-        text = document(data, machine, args.image_prefix, made)
+        text = document(data, machine, args.image_prefix, made, load_peer(args.peer))
         results, errors = collect(data)
         if args.analysis and os.path.exists(args.analysis):
             with open(args.analysis, encoding="utf-8") as f:
