@@ -1,5 +1,6 @@
 // Bit-exactness of the storage conversions: every encoding round-trips, and rounding matches the
-// compiler's own IEEE binary16 conversion and a long-hand round-to-nearest-even for bfloat16.
+// compiler's own IEEE binary16 conversion, a long-hand round-to-nearest-even for bfloat16, and a search of
+// the FP8 E4M3 value table built from the format's definition.
 #include <nosa/core/numeric.hpp>
 
 #include <doctest/doctest.h>
@@ -9,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <vector>
 
 namespace {
 
@@ -23,7 +25,90 @@ std::uint16_t bf16_by_definition(float f) {
   return static_cast<std::uint16_t>(upper);
 }
 
+// FP8 E4M3 ("fn") from its definition: code c = s eeee mmm is (-1)^s 2^(e-7) (1 + m/8) for e > 0 and
+// (-1)^s 2^-6 (m/8) for e = 0; s 1111 111 is NaN, so there is no infinity and 448 is the largest value.
+double e4m3_value_by_definition(unsigned code) {
+  const unsigned e = (code >> 3) & 15u, m = code & 7u;
+  if (e == 15 && m == 7) return std::numeric_limits<double>::quiet_NaN();
+  const double magnitude = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, int(e) - 7);
+  return (code & 0x80u) ? -magnitude : magnitude;
+}
+
+// Rounding to E4M3 by searching the table of finite codes: the nearest value, the even code (mantissa bit
+// 0) on a tie, +-448 beyond the largest value (saturation), NaN for NaN.
+std::uint8_t e4m3_by_search(float f) {
+  if (std::isnan(f)) return std::signbit(f) ? 0xff : 0x7f;
+  const double x = std::abs(static_cast<double>(f));
+  const unsigned sign = std::signbit(f) ? 0x80u : 0u;
+  if (x >= 448.0) return static_cast<std::uint8_t>(sign | 0x7eu);
+  static const std::vector<double> table = [] {
+    std::vector<double> t;
+    for (unsigned c = 0; c <= 0x7e; ++c) t.push_back(e4m3_value_by_definition(c));
+    return t;
+  }();
+  unsigned best = 0;
+  for (unsigned c = 1; c <= 0x7e; ++c) {
+    const double d = std::abs(table[c] - x), d_best = std::abs(table[best] - x);
+    if (d < d_best || (d == d_best && (c & 1u) == 0)) best = c;
+  }
+  return static_cast<std::uint8_t>(sign | best);
+}
+
 }  // namespace
+
+TEST_CASE("every FP8 E4M3 encoding decodes to its defined value and round-trips") {
+  for (unsigned code = 0; code < 256; ++code) {
+    const float f = static_cast<float>(nosa::fp8_e4m3::from_bits(static_cast<std::uint8_t>(code)));
+    const double expected = e4m3_value_by_definition(code);
+    CAPTURE(code);
+    if (std::isnan(expected)) {
+      CHECK(std::isnan(f));
+      CHECK(std::isnan(static_cast<float>(nosa::fp8_e4m3(f))));
+      continue;
+    }
+    REQUIRE(static_cast<double>(f) == expected);
+    REQUIRE(std::signbit(f) == ((code & 0x80u) != 0));
+    REQUIRE(nosa::fp8_e4m3(f).bits == code);
+  }
+}
+
+TEST_CASE("FP8 E4M3 rounding is round-to-nearest-even with saturation, as a search of the table gives") {
+  // Every value, every midpoint between neighbours (the ties), and the floats on either side of each.
+  std::vector<float> probes;
+  for (unsigned c = 0; c < 0x7e; ++c) {
+    const double lo = e4m3_value_by_definition(c), hi = e4m3_value_by_definition(c + 1);
+    const auto mid = static_cast<float>((lo + hi) / 2);  // exact in fp32
+    REQUIRE(static_cast<double>(mid) == (lo + hi) / 2);
+    for (const float f : {static_cast<float>(lo), mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1e9f)}) {
+      probes.push_back(f);
+      probes.push_back(-f);
+    }
+  }
+  // Around and beyond the largest value: 464 is the midpoint to the 480 the format lacks.
+  for (const float f : {447.0f, 448.0f, std::nextafter(448.0f, 1e9f), 460.0f, 464.0f, 465.0f, 1e6f, 3.4e38f,
+                        std::numeric_limits<float>::infinity(), 0x1p-10f, std::nextafter(0x1p-10f, 1.0f),
+                        0x1p-149f, 0x1.8p-10f}) {
+    probes.push_back(f);
+    probes.push_back(-f);
+  }
+  // Random bit patterns whose magnitudes span the format and a little beyond.
+  std::mt19937 rng(13);
+  std::uniform_int_distribution<std::uint32_t> mantissa(0, 0x7fffff), exponent(127 - 13, 127 + 10), sign(0, 1);
+  for (int i = 0; i < 200'000; ++i) {
+    probes.push_back(std::bit_cast<float>(sign(rng) << 31 | exponent(rng) << 23 | mantissa(rng)));
+  }
+  for (const float f : probes) {
+    CAPTURE(f);
+    REQUIRE(nosa::fp8_e4m3(f).bits == e4m3_by_search(f));
+  }
+  CHECK(nosa::fp8_e4m3(464.0f).bits == 0x7e);                                        // saturates
+  CHECK(nosa::fp8_e4m3(-std::numeric_limits<float>::infinity()).bits == 0xfe);        // -448, no infinity
+  CHECK(std::isnan(static_cast<float>(nosa::fp8_e4m3(std::numeric_limits<float>::quiet_NaN()))));
+  CHECK(nosa::fp8_e4m3(0x1p-10f).bits == 0x00);                                      // tie to the even zero
+  CHECK(nosa::fp8_e4m3(0x1.8p-9f).bits == 0x02);                                     // tie 1.5 steps: even 2
+  CHECK(nosa::fp8_e4m3(-0.0f).bits == 0x80);
+  static_assert(nosa::detail::float_to_e4m3_bits(1.0f) == 0x38);
+}
 
 TEST_CASE("every fp16 and bf16 encoding round-trips through fp32") {
   for (std::uint32_t b = 0; b < 65536; ++b) {

@@ -1,11 +1,12 @@
 #pragma once
 /// \file
-/// Storage element types and their bit-exact conversions to and from fp32.
+/// Storage element types, the FP8 E4M3 type of a quantised KV cache, and their bit-exact conversions to and
+/// from fp32.
 ///
 /// `bf16` and `fp16` have the same object representation as CUDA's `__nv_bfloat16` and `__half`, so an
 /// engine can hand its device buffers to the library through a `reinterpret_cast`. The conversions round to
-/// nearest, ties to even, keep NaN quiet and handle fp16 subnormals: the host backend and a GPU
-/// backend round every value identically.
+/// nearest, ties to even, keep NaN quiet and handle subnormals: the host backend and a GPU backend round every
+/// value identically.
 
 #include <nosa/core/config.hpp>
 
@@ -72,6 +73,46 @@ NOSA_INLINE constexpr float fp16_bits_to_float(std::uint16_t h) noexcept {
   return bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
+/// FP8 E4M3 ("fn": exponent bias 7, no infinities, NaN 0x7f/0xff, largest finite 448): round to nearest,
+/// ties to even, saturating at +-448 (infinities included); NaN stays NaN.
+NOSA_INLINE constexpr std::uint8_t float_to_e4m3_bits(float f) noexcept {
+  const std::uint32_t x = bit_cast<std::uint32_t>(f);
+  const std::uint32_t sign = (x >> 24) & 0x80u;
+  const std::uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<std::uint8_t>(sign | 0x7fu);  // NaN
+  if (ax >= 0x43e00000u) return static_cast<std::uint8_t>(sign | 0x7eu); // >= 448: saturate
+  if (ax < 0x3c800000u) {                                                 // below 2^-6: multiples of 2^-9
+    if (ax <= 0x3a800000u) return static_cast<std::uint8_t>(sign);        // at most half a step: zero
+    const std::uint32_t exponent = ax >> 23;                              // 117..120
+    const std::uint32_t mantissa = (ax & 0x7fffffu) | 0x800000u;
+    const std::uint32_t shift = 141u - exponent;                          // 21..24
+    std::uint32_t r = mantissa >> shift;
+    const std::uint32_t rem = mantissa & ((1u << shift) - 1u);
+    const std::uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (r & 1u))) ++r;                     // r == 8 is the smallest normal
+    return static_cast<std::uint8_t>(sign | r);
+  }
+  const std::uint32_t rebased = ax - 0x3c000000u;  // exponent bias 127 -> 7
+  std::uint32_t q = rebased >> 20;
+  const std::uint32_t rem = rebased & 0xfffffu;
+  if (rem > 0x80000u || (rem == 0x80000u && (q & 1u))) ++q;
+  if (q > 0x7eu) q = 0x7eu;  // a carry past 448 saturates too
+  return static_cast<std::uint8_t>(sign | q);
+}
+
+NOSA_INLINE constexpr float e4m3_bits_to_float(std::uint8_t b) noexcept {
+  const std::uint32_t sign = static_cast<std::uint32_t>(b & 0x80u) << 24;
+  const std::uint32_t exponent = (b >> 3) & 0xfu;
+  const std::uint32_t mantissa = b & 0x7u;
+  if (exponent == 15 && mantissa == 7) return bit_cast<float>(sign | 0x7fc00000u);  // NaN
+  if (exponent == 0) {
+    // m * 2^-9 is exact in fp32.
+    const float magnitude = static_cast<float>(mantissa) * 0.001953125f;
+    return bit_cast<float>(sign | bit_cast<std::uint32_t>(magnitude));
+  }
+  return bit_cast<float>(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+}
+
 }  // namespace detail
 
 /// bfloat16 storage: 1 sign, 8 exponent, 7 mantissa bits. Arithmetic happens in fp32.
@@ -104,8 +145,30 @@ struct fp16 {
   }
 };
 
+/// FP8 E4M3, the "fn" variant of the OCP 8-bit formats: 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no
+/// infinities, NaN at 0x7f and 0xff, largest finite value 448, smallest subnormal 2^-9. The encoding of CUDA's
+/// `__nv_fp8_e4m3`. Not a storage element of q, K and V: the KV cache may keep its complete blocks in it
+/// (`fp8_e4m3_kv`, spec §6b).
+struct fp8_e4m3 {
+  std::uint8_t bits;  ///< raw encoding, identical to `__nv_fp8_e4m3`
+
+  fp8_e4m3() = default;
+  /// Rounds to nearest, ties to even, saturating at +-448 (infinities too); NaN stays NaN (CUDA's
+  /// `__NV_SATFINITE` conversion).
+  NOSA_HOST_DEVICE constexpr explicit fp8_e4m3(float f) noexcept : bits(detail::float_to_e4m3_bits(f)) {}
+  NOSA_HOST_DEVICE constexpr explicit operator float() const noexcept { return detail::e4m3_bits_to_float(bits); }
+  /// Wraps a raw encoding without conversion.
+  NOSA_HOST_DEVICE static constexpr fp8_e4m3 from_bits(std::uint8_t b) noexcept {
+    fp8_e4m3 r{};
+    r.bits = b;
+    return r;
+  }
+};
+
 static_assert(sizeof(bf16) == 2 && std::is_trivially_copyable_v<bf16> && std::is_standard_layout_v<bf16>);
 static_assert(sizeof(fp16) == 2 && std::is_trivially_copyable_v<fp16> && std::is_standard_layout_v<fp16>);
+static_assert(sizeof(fp8_e4m3) == 1 && std::is_trivially_copyable_v<fp8_e4m3> &&
+              std::is_standard_layout_v<fp8_e4m3>);
 
 /// A type the KV cache and the queries may be stored in; all arithmetic is fp32.
 template <class T>
