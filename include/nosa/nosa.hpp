@@ -20,6 +20,7 @@
 #include <nosa/scorer/windows.hpp>
 #include <nosa/selector/forced_topk.hpp>
 #include <nosa/selector/select_blocks.hpp>
+#include <nosa/store/kv_format.hpp>
 #include <nosa/store/layout.hpp>
 #include <nosa/store/page_pool.hpp>
 #include <nosa/store/policies.hpp>

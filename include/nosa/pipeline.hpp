@@ -47,6 +47,8 @@ struct pipeline {
   static_assert(!dense || !Store::offloads, "full attention keeps every block in device memory: use resident_store");
   /// True when the per-token eviction scores `c` are read at all (selection or bias).
   static constexpr bool uses_eviction_scores = QueryAgnostic::enabled || Attention::bias != bias_mode::none;
+  /// How complete blocks of K and V are stored (the store's knob): the element type, or FP8 (spec §6b).
+  using kv_format = typename Store::kv_format;
 };
 static_assert(pipeline_policy<pipeline<bf16, 128>>);
 
@@ -59,10 +61,11 @@ template <storage_element Element, int HeadDim, store_policy Store = offload_sto
 using infllmv2_pipeline = pipeline<Element, HeadDim, no_query_agnostic, Store, sparse_attention<bias_mode::none>>;
 
 /// Full attention over a KV cache kept whole in device memory (the FullAttn baseline). The selection
-/// parameters other than the block size are ignored.
-template <storage_element Element, int HeadDim, bias_mode Bias = bias_mode::none>
-using full_attention_pipeline =
-    pipeline<Element, HeadDim, no_query_agnostic, resident_store, full_attention<Bias>>;
+/// parameters other than the block size are ignored. `Store` must keep blocks resident; `fp8_resident_store`
+/// keeps complete blocks in FP8.
+template <storage_element Element, int HeadDim, bias_mode Bias = bias_mode::none,
+          store_policy Store = resident_store>
+using full_attention_pipeline = pipeline<Element, HeadDim, no_query_agnostic, Store, full_attention<Bias>>;
 
 /// The new token of every sequence of a batch, for one layer. Row `b` belongs to sequence `sequences[b]`.
 template <storage_element T, class Out = T>

@@ -1,7 +1,8 @@
 #pragma once
 /// \file
 /// Independent double-precision reference of NOSA / InfLLMv2 selection and sparse attention
-/// (docs: spec/nosa.md, sections 2-5), used by the tests to check the library.
+/// (docs: spec/nosa.md, sections 2-5, and the FP8 KV cache of section 6b), used by the tests to check the
+/// library.
 ///
 /// It deliberately shares no code with `include/nosa`: a bug in the library's math must not be able to
 /// hide by being reproduced here. Everything is written the plain way (full sorts for top-k, explicit
@@ -51,6 +52,45 @@ inline double round_to_format(double x, int mantissa_bits, int min_exponent) {
   return r * ulp;
 }
 
+/// How complete blocks of K and V are stored (spec section 6b).
+enum class kv_storage {
+  exact,     ///< as given (the element type the inputs were rounded to)
+  fp8_e4m3,  ///< FP8 E4M3 ("fn") with one fp32 scale per block of one KV head, K or V
+};
+
+/// Rounds `x` to FP8 E4M3 ("fn": 3 fraction bits, exponents down to -6 with the subnormal spacing 2^-9
+/// below, no infinities, largest finite value 448), ties to even, saturating at +-448.
+inline double round_to_e4m3(double x) { return std::clamp(round_to_format(x, 3, -6), -448.0, 448.0); }
+
+/// One block of one KV head, K or V, stored by the FP8 rule of spec section 6b.
+struct fp8_block {
+  float scale = 1.0f;          ///< amax / 448, computed in fp32; 1 when the block is stored as zeros
+  std::vector<double> codes;   // [b][D] row-major, the E4M3 values before the scale
+
+  /// The value attention reads for element `i`: code times scale (exact in double).
+  double value(std::size_t i) const { return codes[i] * static_cast<double>(scale); }
+};
+
+/// Quantises the `n` values of one block (each representable in fp32) by spec section 6b: `amax = max |x|`,
+/// `scale = amax / 448` and `code = e4m3(x * (448 / amax))`, with the division and the product in fp32 as the
+/// specification writes them. Where `448 / amax` is not a finite positive fp32 number (amax = 0, or so small
+/// that the division overflows) the block is stored as zeros with scale 1.
+inline fp8_block quantize_fp8(const double* x, std::size_t n) {
+  float amax = 0.0f;
+  for (std::size_t i = 0; i < n; ++i) amax = std::max(amax, std::abs(static_cast<float>(x[i])));
+  fp8_block b;
+  b.codes.assign(n, 0.0);
+  if (!(amax > 0.0f)) return b;
+  const float multiplier = 448.0f / amax;
+  if (!std::isfinite(multiplier)) return b;
+  b.scale = amax / 448.0f;
+  for (std::size_t i = 0; i < n; ++i) {
+    const float scaled = static_cast<float>(x[i]) * multiplier;  // one fp32 product, as on the device
+    b.codes[i] = round_to_e4m3(static_cast<double>(scaled));
+  }
+  return b;
+}
+
 /// The stored value of a compressed key element whose window's keys sum to `sum_fp32` (accumulated in
 /// fp32, in token order) over `window` tokens.
 inline double stored_compressed_key(float sum_fp32, int window, key_storage storage) {
@@ -79,6 +119,7 @@ struct config {
   int head_dim = 64;                        ///< D
   int group = 1;                            ///< G, query heads per KV head
   key_storage compressed_keys = key_storage::exact;  ///< how Kc is stored (the engine's element type)
+  kv_storage kv = kv_storage::exact;                 ///< how complete blocks of K and V are stored
 };
 
 /// Throws `std::invalid_argument` unless the sizes of `cfg` are usable (positive extents, non-negative
@@ -140,7 +181,8 @@ class history {
  public:
   /// An empty history for the window geometry and head dimension of `cfg`.
   explicit history(const config& cfg)
-      : window_(cfg.window), stride_(cfg.stride), head_dim_(cfg.head_dim), storage_(cfg.compressed_keys) {
+      : window_(cfg.window), stride_(cfg.stride), head_dim_(cfg.head_dim), block_(cfg.block),
+        storage_(cfg.compressed_keys), kv_(cfg.kv) {
     validate(cfg);
   }
 
@@ -150,6 +192,7 @@ class history {
     v_.insert(v_.end(), v, v + head_dim_);
     c_.push_back(c);
     complete_windows();
+    complete_blocks();
   }
 
   /// Appends `n` tokens. `k`, `v`: [n][D] row-major; `c`: [n]. Pointers may be null when `n == 0`.
@@ -180,6 +223,32 @@ class history {
   bool matches(const config& cfg) const {
     return cfg.window == window_ && cfg.stride == stride_ && cfg.head_dim == head_dim_;
   }
+  /// True when `cfg` stores K and V as this history does (and, for FP8, in blocks of the same size).
+  bool stores_like(const config& cfg) const {
+    return cfg.kv == kv_ && (kv_ == kv_storage::exact || cfg.block == block_);
+  }
+
+  /// True when attention over the first `length` tokens reads token `j` from a stored FP8 block: its block
+  /// was complete before the token at `length - 1` arrived (spec section 6b: the step at which a block's
+  /// last token arrives still attends it in the element type; a prompt's complete blocks are stored at
+  /// admission, before any step).
+  bool attends_stored(int j, int length) const {
+    return kv_ == kv_storage::fp8_e4m3 && (j / block_ + 1) * block_ <= length - 1;
+  }
+  /// Key of token `j` as attention over the first `length` tokens reads it: [D].
+  const double* attended_key(int j, int length) const {
+    return attends_stored(j, length) ? kq_.data() + static_cast<std::size_t>(j) * head_dim_ : key(j);
+  }
+  /// Value of token `j` as attention over the first `length` tokens reads it: [D].
+  const double* attended_value(int j, int length) const {
+    return attends_stored(j, length) ? vq_.data() + static_cast<std::size_t>(j) * head_dim_ : value(j);
+  }
+  /// FP8 storage: complete blocks so far.
+  int stored_block_count() const { return static_cast<int>(k_blocks_.size()); }
+  /// FP8 storage: block `m`'s keys as stored (codes and scale).
+  const fp8_block& stored_keys(int m) const { return k_blocks_[static_cast<std::size_t>(m)]; }
+  /// FP8 storage: block `m`'s values as stored.
+  const fp8_block& stored_values(int m) const { return v_blocks_[static_cast<std::size_t>(m)]; }
 
  private:
   void complete_windows() {
@@ -204,10 +273,31 @@ class history {
     }
   }
 
+  // FP8 storage: quantises each block once, from its tokens as given, when its last token arrives.
+  void complete_blocks() {
+    if (kv_ != kv_storage::fp8_e4m3) return;
+    while ((stored_block_count() + 1) * block_ <= length()) {
+      const std::size_t first = static_cast<std::size_t>(stored_block_count()) * block_ * head_dim_;
+      const std::size_t n = static_cast<std::size_t>(block_) * head_dim_;
+      k_blocks_.push_back(quantize_fp8(k_.data() + first, n));
+      v_blocks_.push_back(quantize_fp8(v_.data() + first, n));
+      for (std::size_t i = 0; i < n; ++i) {
+        kq_.push_back(k_blocks_.back().value(i));
+        vq_.push_back(v_blocks_.back().value(i));
+      }
+    }
+  }
+
   int window_;
   int stride_;
   int head_dim_;
+  int block_;
   key_storage storage_;
+  kv_storage kv_;
+  std::vector<fp8_block> k_blocks_;  // [complete blocks] FP8 storage: K of each block as stored
+  std::vector<fp8_block> v_blocks_;  // [complete blocks] FP8 storage: V of each block as stored
+  std::vector<double> kq_;           // [complete blocks * b][D] FP8 storage: the K values attention reads
+  std::vector<double> vq_;           // [complete blocks * b][D] FP8 storage: the V values attention reads
   std::vector<double> k_;   // [L][D] row-major
   std::vector<double> v_;   // [L][D] row-major
   std::vector<double> c_;   // [L]
@@ -435,11 +525,13 @@ inline selection select(const config& cfg, const block_scores& scores, const std
 }
 
 /// Dense attention over exactly the tokens j < `length` of `blocks` (any order, no duplicates), for each
-/// query head of the group (spec section 5). `q`, `o`: [G][D] row-major. An empty block list gives o = 0.
+/// query head of the group (spec section 5), reading each key and value as stored (`history::attended_key`).
+/// `q`, `o`: [G][D] row-major. An empty block list gives o = 0.
 inline void attend(const config& cfg, const history& h, const double* q, const std::vector<int>& blocks,
                    int length, double* o) {
   validate(cfg);
   if (length < 0 || length > h.length()) throw std::invalid_argument("nosa_ref::attend: length out of range");
+  if (!h.stores_like(cfg)) throw std::invalid_argument("nosa_ref::attend: history stores K and V otherwise");
   const int D = cfg.head_dim;
   const int M = block_count(length, cfg);
   std::vector<int> sorted_blocks = blocks;
@@ -463,7 +555,8 @@ inline void attend(const config& cfg, const history& h, const double* q, const s
     double max_logit = -std::numeric_limits<double>::infinity();
     for (std::size_t i = 0; i < tokens.size(); ++i) {
       double dot = 0.0;
-      for (int d = 0; d < D; ++d) dot += qg[d] * h.key(tokens[i])[d];
+      const double* key = h.attended_key(tokens[i], length);
+      for (int d = 0; d < D; ++d) dot += qg[d] * key[d];
       const double c = h.score(tokens[i]);
       switch (cfg.bias) {
       case bias_mode::after_scale:
@@ -482,7 +575,8 @@ inline void attend(const config& cfg, const history& h, const double* q, const s
     for (std::size_t i = 0; i < tokens.size(); ++i) {
       const double weight = std::exp(logit[i] - max_logit);
       sum += weight;
-      for (int d = 0; d < D; ++d) og[d] += weight * h.value(tokens[i])[d];
+      const double* value = h.attended_value(tokens[i], length);
+      for (int d = 0; d < D; ++d) og[d] += weight * value[d];
     }
     for (int d = 0; d < D; ++d) og[d] /= sum;
   }

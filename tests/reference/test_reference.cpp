@@ -727,3 +727,79 @@ TEST_CASE("compare_selection tells near-ties from real differences") {
     CHECK_FALSE(nosa_ref::compare_selection({0, 5, 6, 7}, r3).equivalent_up_to_near_ties);
   }
 }
+
+TEST_CASE("FP8 rounding: nearest E4M3 value, ties to the even code, saturating at 448") {
+  using nosa_ref::round_to_e4m3;
+  // Steps are 1/8 in [1, 2), 16 in [128, 256), 32 in [256, 448]; 2^-9 below 2^-6.
+  CHECK(round_to_e4m3(1.06) == 1.0);
+  CHECK(round_to_e4m3(1.0625) == 1.0);     // tie: 1.0 has the even mantissa
+  CHECK(round_to_e4m3(1.1875) == 1.25);    // tie: 1.25 has the even mantissa
+  CHECK(round_to_e4m3(-149.33) == -144.0);
+  CHECK(round_to_e4m3(430.0) == 416.0);
+  CHECK(round_to_e4m3(432.0) == 448.0);    // tie between 416 and 448: 448 is even
+  CHECK(round_to_e4m3(463.9) == 448.0);
+  CHECK(round_to_e4m3(464.0) == 448.0);    // would round to 480, which E4M3 lacks: saturates
+  CHECK(round_to_e4m3(-1e9) == -448.0);
+  CHECK(round_to_e4m3(0x1p-10) == 0.0);    // half the smallest subnormal: tie to zero
+  CHECK(round_to_e4m3(0x1.8p-10) == 0x1p-9);
+  CHECK(round_to_e4m3(0x1.4p-7) == 0x1.4p-7);  // 5 * 2^-9, a subnormal, is exact
+}
+
+TEST_CASE("FP8 blocks by hand: amax to 448, fp32 scale, zeros, and when a block is read stored") {
+  // One block of four values: amax 3, multiplier 448/3 in fp32.
+  const double x[4] = {1.0, -2.0, 0.5, 3.0};
+  const nosa_ref::fp8_block b = nosa_ref::quantize_fp8(x, 4);
+  CHECK(b.scale == 3.0f / 448.0f);
+  // 1 * 149.33 -> 144 (steps of 16), -2 * 149.33 -> -288 (steps of 32), 0.5 * 149.33 -> 72 (steps of 8).
+  CHECK(b.codes == vector<double>{144.0, -288.0, 72.0, 448.0});
+  CHECK(b.value(3) == 448.0 * static_cast<double>(3.0f / 448.0f));
+  const double zeros[3] = {0.0, -0.0, 0.0};
+  const nosa_ref::fp8_block z = nosa_ref::quantize_fp8(zeros, 3);
+  CHECK(z.scale == 1.0f);
+  CHECK(z.codes == vector<double>{0.0, 0.0, 0.0});
+  const double vanishing[2] = {1e-37, -5e-38};  // 448 / 1e-37 overflows fp32: stored as zeros
+  CHECK(nosa_ref::quantize_fp8(vanishing, 2).codes == vector<double>{0.0, 0.0});
+
+  // Blocks of 2 tokens, D = 1. A block is read stored from the step after its last token arrived.
+  config cfg;
+  cfg.block = 2;
+  cfg.window = 2;
+  cfg.stride = 2;
+  cfg.head_dim = 1;
+  cfg.kv = nosa_ref::kv_storage::fp8_e4m3;
+  history h(cfg);
+  const double k[5] = {1.0, 1.06, 3.0, -1.5, 0.3}, v[5] = {2.0, 2.2, 7.0, 5.0, -1.0};
+  for (int j = 0; j < 5; ++j) h.append(&k[j], &v[j], 0.0);
+  REQUIRE(h.stored_block_count() == 2);
+  // Block 0's keys: 1 * (448 / 1.06) = 422.6 -> 416 (steps of 32); 1.06 -> 448.
+  CHECK(h.stored_keys(0).codes == vector<double>{416.0, 448.0});
+  CHECK_FALSE(h.attends_stored(1, 2));  // the step that completed block 0 reads it exact
+  CHECK(h.attends_stored(1, 3));        // from the next step on, stored
+  CHECK(h.attends_stored(3, 5));
+  CHECK_FALSE(h.attends_stored(3, 4));
+  CHECK_FALSE(h.attends_stored(4, 5));  // the current block
+  CHECK(*h.attended_key(1, 2) == 1.06);
+  CHECK(*h.attended_key(0, 3) == 416.0 * static_cast<double>(1.06f / 448.0f));
+  CHECK(*h.attended_value(2, 5) == 448.0 * static_cast<double>(7.0f / 448.0f));
+
+  // Attention over all five tokens reads blocks 0 and 1 stored and token 4 exact.
+  const double q = 0.7;
+  double o = 0.0;
+  nosa_ref::attend(cfg, h, &q, {0, 1, 2}, 5, &o);
+  double num = 0.0, den = 0.0;
+  for (int j = 0; j < 5; ++j) {
+    const double w = std::exp(q * *h.attended_key(j, 5));
+    num += w * *h.attended_value(j, 5);
+    den += w;
+  }
+  CHECK(o == doctest::Approx(num / den).epsilon(1e-14));
+  const double exact_o = [&] {
+    double n = 0.0, d = 0.0;
+    for (int j = 0; j < 5; ++j) {
+      n += std::exp(q * k[j]) * v[j];
+      d += std::exp(q * k[j]);
+    }
+    return n / d;
+  }();
+  CHECK(o != exact_o);  // the stored blocks really differ from the exact ones
+}

@@ -43,13 +43,32 @@ concept selector_policy = std::is_trivially_copyable_v<P> && requires(float s, i
   { P::ranks_before(s, i, s, i) } -> std::same_as<bool>;
 };
 
-/// KV store: where blocks live. `offloads` selects a paged host pool plus a GPU slot cache of
-/// `top_k + spare_slots` slots; otherwise every block stays in device memory.
+/// KV format: how the complete blocks of K and V are stored. `value_type<E>` is what one value of a complete
+/// block is stored as when the engine's element type is `E`. A format that is not `quantized` keeps the
+/// element type itself; a quantized one stores each block of one KV head, K or V, as codes plus one fp32
+/// scale: `multiplier(amax)` and `scale(amax)` from the block's largest magnitude, `encode(x, multiplier)`
+/// for each value, and `decode(code, scale)` for the value attention reads.
+template <class F>
+concept kv_format_policy =
+    std::is_trivially_copyable_v<F> && requires {
+      { F::quantized } -> std::convertible_to<bool>;
+      typename F::template value_type<float>;
+    } && (!F::quantized || requires(float x, typename F::template value_type<float> code) {
+      { F::multiplier(x) } -> std::same_as<float>;
+      { F::scale(x) } -> std::same_as<float>;
+      { F::encode(x, x) } -> std::same_as<typename F::template value_type<float>>;
+      { F::decode(code, x) } -> std::same_as<float>;
+    });
+
+/// KV store: where blocks live and how complete blocks are stored. `offloads` selects a paged host pool plus
+/// a GPU slot cache of `top_k + spare_slots` slots; otherwise every block stays in device memory.
+/// `kv_format` is the format of complete blocks in the pool and the slot cache.
 template <class P>
 concept store_policy = std::is_trivially_copyable_v<P> && requires {
   { P::offloads } -> std::convertible_to<bool>;
   { P::spare_slots } -> std::convertible_to<int>;
-};
+  typename P::kv_format;
+} && kv_format_policy<typename P::kv_format>;
 
 /// Sparse decode attention: the logit of one key given the raw dot product, the token's eviction score and
 /// the softmax scale.

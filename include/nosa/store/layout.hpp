@@ -5,7 +5,13 @@
 ///
 /// Notation: S = max_sequences, H = num_kv_heads, MB = max_blocks_per_sequence, MT = MB * b_s (tokens),
 /// MW = window_count(MT), NS = top_k + spare_slots + cache_slots (slots per (sequence, KV head)), P = pool_pages,
-/// D = head_dim, E = sizeof(element).
+/// D = head_dim, E = sizeof(element), V = the stored value of a complete block: E, or the 1-byte code of a
+/// quantized KV format (FP8, spec §6b).
+///
+/// A quantized format adds three kinds of arrays, and only then: the fp32 scales of the stored blocks (one
+/// per block of one KV head, K or V, in the pool and in each slot), and the tail buffers, which hold the
+/// current block of each (sequence, KV head) in the element type until it completes and is quantised.
+/// Complete blocks then move as `b_s * D` codes plus a 4-byte scale (`block_bytes()`).
 
 #include <nosa/core/params.hpp>
 #include <nosa/pipeline.hpp>
@@ -38,6 +44,8 @@ struct state_layout {
   int partials = 0;    // X: split-attention partials the scratch holds, max(S * H, max_attention_parts)
   int score_chunks = 0;  // MC: chunks of score_chunk_windows windows covering MW
   std::size_t element_size = 0;
+  std::size_t value_size = 0;  // V: bytes of one value of a stored (complete) block
+  bool quantized = false;      // complete blocks are stored as codes plus a scale (FP8)
   bool offloads = false;
   bool dense = false;  // full attention: no compressed state, scoring or selection arrays
 
@@ -55,8 +63,12 @@ struct state_layout {
   std::size_t slot_map = 0;         // int32 [S][H][NS]              block held by each slot, -1 if free
   std::size_t block_slot = 0;       // int32 [S][H][MB]              slot holding each block, -1 if none
   std::size_t slot_stamp = 0;       // int32 [S][H][NS]              length at which each slot's block was last selected
-  std::size_t slot_keys = 0;        // E     [S][H][NS][b_s][D]      slot cache, K
-  std::size_t slot_values = 0;      // E     [S][H][NS][b_s][D]      slot cache, V
+  std::size_t slot_keys = 0;        // V     [S][H][NS][b_s][D]      slot cache, K
+  std::size_t slot_values = 0;      // V     [S][H][NS][b_s][D]      slot cache, V
+  std::size_t slot_key_scales = 0;  // f32   [S][H][NS]              quantized: scale of each slot's K
+  std::size_t slot_value_scales = 0;// f32   [S][H][NS]              quantized: scale of each slot's V
+  std::size_t tail_keys = 0;        // E     [S][H][b_s][D]          quantized: K of the current block
+  std::size_t tail_values = 0;      // E     [S][H][b_s][D]          quantized: V of the current block
   std::size_t query_scores = 0;     // f32   [S][H][MB]              scratch: Sq per block
   std::size_t agnostic_scores = 0;  // f32   [S][H][MB]              scratch: Se per block
   std::size_t window_scores = 0;    // f32   [S][H][MW]              scratch: P per window, summed over the group
@@ -72,11 +84,13 @@ struct state_layout {
   std::size_t step_status = 0;      // int32 [1]                     status of the last step's state checks
   std::size_t totals = 0;           // counters                      accumulated over all steps
   std::size_t last_step = 0;        // counters                      the last step only
-  std::size_t device_pool = 0;      // E     [P][2][H][b_s][D]       pool (resident store only)
+  std::size_t device_pool = 0;      // V     [P][2][H][b_s][D]       pool (resident store only)
+  std::size_t device_pool_scales = 0;// f32   [P][2][H]               quantized: scale of each block-head (resident)
   std::size_t device_bytes = 0;
 
   // Host arena.
-  std::size_t host_pool = 0;        // E     [P][2][H][b_s][D]       pool (offload store only)
+  std::size_t host_pool = 0;        // V     [P][2][H][b_s][D]       pool (offload store only)
+  std::size_t host_pool_scales = 0; // f32   [P][2][H]               quantized: scale of each block-head (offload)
   std::size_t page_refs = 0;        // int32 [P]                     references to each page, 0 = free
   std::size_t free_pages = 0;       // int32 [P]                     stack of free page ids
   std::size_t free_count = 0;       // int32 [1]                     entries on the stack
@@ -91,6 +105,11 @@ struct state_layout {
   }
   /// Elements of one block of one KV head, K or V: the unit of transfer.
   constexpr std::size_t block_elements() const noexcept { return std::size_t(block_size) * head_dim; }
+  /// Bytes of one stored block of one KV head, K or V, as it moves between the pool and the slot cache: its
+  /// values, plus its fp32 scale when the format is quantized (`b_s * D + 4` for FP8).
+  constexpr std::size_t block_bytes() const noexcept {
+    return block_elements() * value_size + (quantized ? sizeof(float) : 0);
+  }
 };
 
 namespace detail {
@@ -127,7 +146,10 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   // Full attention splits over every block of a sequence, sparse attention over the k selected.
   const int attended = P::dense ? s.max_blocks : sel.top_k;
   s.max_splits = attended < max_attention_splits ? attended : max_attention_splits;
+  using format = typename P::store::kv_format;
   s.element_size = sizeof(typename P::element_type);
+  s.value_size = sizeof(typename format::template value_type<typename P::element_type>);
+  s.quantized = format::quantized;
   s.offloads = P::store::offloads;
   s.dense = P::dense;
 
@@ -152,8 +174,16 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
     s.slot_map = dev.take(SH * s.slots * i32);
     s.block_slot = dev.take(SH * s.max_blocks * i32);
     s.slot_stamp = dev.take(SH * s.slots * i32);
-    s.slot_keys = dev.take(SH * s.slots * s.block_elements() * E);
-    s.slot_values = dev.take(SH * s.slots * s.block_elements() * E);
+    s.slot_keys = dev.take(SH * s.slots * s.block_elements() * s.value_size);
+    s.slot_values = dev.take(SH * s.slots * s.block_elements() * s.value_size);
+    if (s.quantized) {
+      s.slot_key_scales = dev.take(SH * s.slots * f32);
+      s.slot_value_scales = dev.take(SH * s.slots * f32);
+    }
+  }
+  if (s.quantized) {
+    s.tail_keys = dev.take(SH * s.block_elements() * E);
+    s.tail_values = dev.take(SH * s.block_elements() * E);
   }
   if (scored) {
     s.query_scores = dev.take(SH * s.max_blocks * f32);
@@ -176,12 +206,19 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.step_status = dev.take(i32);
   s.totals = dev.take(sizeof(counters));
   s.last_step = dev.take(sizeof(counters));
-  const std::size_t pool_bytes = std::size_t(s.pages) * s.page_elements() * E;
-  if (!s.offloads) s.device_pool = dev.take(pool_bytes);
+  const std::size_t pool_bytes = std::size_t(s.pages) * s.page_elements() * s.value_size;
+  const std::size_t pool_scale_bytes = std::size_t(s.pages) * 2 * s.kv_heads * f32;
+  if (!s.offloads) {
+    s.device_pool = dev.take(pool_bytes);
+    if (s.quantized) s.device_pool_scales = dev.take(pool_scale_bytes);
+  }
   s.device_bytes = dev.bytes;
 
   detail::arena_cursor host;
-  if (s.offloads) s.host_pool = host.take(pool_bytes);
+  if (s.offloads) {
+    s.host_pool = host.take(pool_bytes);
+    if (s.quantized) s.host_pool_scales = host.take(pool_scale_bytes);
+  }
   s.page_refs = host.take(std::size_t(s.pages) * i32);
   s.free_pages = host.take(std::size_t(s.pages) * i32);
   s.free_count = host.take(i32);

@@ -1,7 +1,8 @@
 #pragma once
 // Drives a host-backend decode layer and the independent reference side by side on the same random ragged
-// batch, checking every step: selection (exactly, or a near-tie that fp32 may flip), misses, outputs, page
-// contents after write-back, and the locality and budget bounds.
+// batch, checking every step: selection (exactly, or a near-tie that fp32 may flip), misses, bytes moved,
+// outputs, page contents after write-back (with an FP8 KV format: codes and scales bit for bit, and the tail
+// still exact), and the locality and budget bounds.
 
 #include <nosa/nosa.hpp>
 
@@ -38,6 +39,7 @@ struct run_spec {
   bool require_exact_selection = false;///< no near-tie allowance (for runs built to have exact ties)
   int replace_at_step = -1;            ///< remove sequence 0 and admit a new one at this step (continuous batching)
   int replacement_prompt = 0;
+  float kv_spread = 0.0f;              ///< > 0: heavy-tailed K and V, N(0, 1) * exp(kv_spread * N(0, 1))
 };
 
 /// What a run saw.
@@ -99,7 +101,20 @@ nosa_ref::config reference_config(const nosa::layer_config& c) {
   r.compressed_keys = std::is_same_v<element, float>        ? nosa_ref::key_storage::fp32
                       : std::is_same_v<element, nosa::bf16> ? nosa_ref::key_storage::bf16
                                                             : nosa_ref::key_storage::fp16;
+  r.kv = Pipeline::store::kv_format::quantized ? nosa_ref::kv_storage::fp8_e4m3 : nosa_ref::kv_storage::exact;
   return r;
+}
+
+/// Bytes one block of one KV head, K or V, takes when it moves between the pool and the slot cache: the
+/// element type's, or (FP8) one byte a value plus a 4-byte scale (spec §6b).
+template <class Pipeline>
+std::uint64_t moved_block_bytes(int block_size) {
+  const std::uint64_t values = std::uint64_t(block_size) * Pipeline::head_dim;
+  if constexpr (Pipeline::store::kv_format::quantized) {
+    return values + 4;
+  } else {
+    return values * sizeof(typename Pipeline::element_type);
+  }
 }
 
 /// A layer with its arenas held by the test, so the raw state can be snapshotted and inspected.
@@ -127,16 +142,42 @@ struct test_layer {
     return s;
   }
 
-  /// K (or V) of block `m` of (seq, h) as stored in the pool.
-  const typename Pipeline::element_type* page_block(int seq, int h, int m, bool values) const {
+  /// What a value of a complete block is stored as: the element type, or an FP8 code.
+  using stored_type =
+      typename Pipeline::store::kv_format::template value_type<typename Pipeline::element_type>;
+
+  /// The pool page of block `m` of sequence `seq`.
+  int page_of(int seq, int m) const {
     const nosa::state_layout& l = layer.layout();
     const auto* table = reinterpret_cast<const std::int32_t*>(device.span().data() + l.block_table);
-    const int page = table[std::size_t(seq) * l.max_blocks + m];
+    return table[std::size_t(seq) * l.max_blocks + m];
+  }
+
+  /// K (or V) of block `m` of (seq, h) as stored in the pool.
+  const stored_type* page_block(int seq, int h, int m, bool values) const {
+    const nosa::state_layout& l = layer.layout();
     const std::byte* pool = Pipeline::store::offloads ? host.span().data() + l.host_pool
                                                       : device.span().data() + l.device_pool;
-    const auto* base = reinterpret_cast<const typename Pipeline::element_type*>(pool);
-    return base + std::size_t(page) * l.page_elements() +
+    const auto* base = reinterpret_cast<const stored_type*>(pool);
+    return base + std::size_t(page_of(seq, m)) * l.page_elements() +
            std::size_t(values ? l.kv_heads + h : h) * l.block_elements();
+  }
+
+  /// FP8 format: the scale of K (or V) of block `m` of (seq, h), stored beside the pool as [P][2][H_kv].
+  float page_scale(int seq, int h, int m, bool values) const {
+    const nosa::state_layout& l = layer.layout();
+    const std::byte* scales = Pipeline::store::offloads ? host.span().data() + l.host_pool_scales
+                                                        : device.span().data() + l.device_pool_scales;
+    const auto* base = reinterpret_cast<const float*>(scales);
+    return base[(std::size_t(page_of(seq, m)) * 2 + (values ? 1 : 0)) * l.kv_heads + h];
+  }
+
+  /// FP8 format: the rows of the current block of (seq, h), kept in the element type ([b_s][D]).
+  const typename Pipeline::element_type* tail_block(int seq, int h, bool values) const {
+    const nosa::state_layout& l = layer.layout();
+    const std::byte* at = device.span().data() + (values ? l.tail_values : l.tail_keys);
+    return reinterpret_cast<const typename Pipeline::element_type*>(at) +
+           (std::size_t(seq) * l.kv_heads + h) * l.block_elements();
   }
 };
 
@@ -145,12 +186,20 @@ template <class T>
 struct token_source {
   std::mt19937_64 rng;
   score_kind scores;
+  float kv_spread;
   std::normal_distribution<float> normal{0.0f, 1.0f};
   std::uniform_int_distribution<int> quarter{-8, 8};
 
-  token_source(std::uint64_t seed, score_kind s) : rng(seed), scores(s) {}
+  token_source(std::uint64_t seed, score_kind s, float spread = 0.0f) : rng(seed), scores(s), kv_spread(spread) {}
 
   T element() { return nosa::from_float<T>(normal(rng)); }
+  /// A value of K or V: `element()`, or with a spread a log-normal scale mixture whose magnitudes vary
+  /// over orders of magnitude from block to block and within one.
+  T kv_element() {
+    if (kv_spread <= 0.0f) return element();
+    const float x = normal(rng);
+    return nosa::from_float<T>(x * std::exp(kv_spread * normal(rng)));
+  }
   float score() { return scores == score_kind::gaussian ? normal(rng) : 0.25f * static_cast<float>(quarter(rng)); }
 };
 
@@ -179,7 +228,9 @@ run_stats run_against_reference(const run_spec& spec) {
   std::vector<std::vector<nosa_ref::history>> hist(static_cast<std::size_t>(batch));
   std::vector<std::vector<std::vector<int>>> resident(static_cast<std::size_t>(batch));
   std::vector<token_source<T>> sources;
-  for (int b = 0; b < batch; ++b) sources.emplace_back(spec.seed * 1000003u + static_cast<std::uint64_t>(b), spec.scores);
+  for (int b = 0; b < batch; ++b) {
+    sources.emplace_back(spec.seed * 1000003u + static_cast<std::uint64_t>(b), spec.scores, spec.kv_spread);
+  }
 
   run_stats stats;
 
@@ -189,13 +240,13 @@ run_stats run_against_reference(const run_spec& spec) {
     std::vector<T> k(std::size_t(len) * hkv * D), v(k.size());
     std::vector<float> c(std::size_t(len) * hkv);
     std::vector<T> constant_key(std::size_t(hkv) * D);
-    for (auto& x : constant_key) x = src.element();
+    for (auto& x : constant_key) x = src.kv_element();
     for (int i = 0; i < len; ++i) {
       for (int h = 0; h < hkv; ++h) {
         for (int d = 0; d < D; ++d) {
           const std::size_t at = (std::size_t(i) * hkv + h) * D + d;
-          k[at] = i < spec.constant_prompt_prefix ? constant_key[std::size_t(h) * D + d] : src.element();
-          v[at] = src.element();
+          k[at] = i < spec.constant_prompt_prefix ? constant_key[std::size_t(h) * D + d] : src.kv_element();
+          v[at] = src.kv_element();
         }
         c[std::size_t(i) * hkv + h] = src.score();
       }
@@ -245,8 +296,8 @@ run_stats run_against_reference(const run_spec& spec) {
       token_source<T>& src = sources[static_cast<std::size_t>(b)];
       for (int i = 0; i < hq * D; ++i) q[std::size_t(b) * hq * D + std::size_t(i)] = src.element();
       for (int i = 0; i < hkv * D; ++i) {
-        k[std::size_t(b) * hkv * D + std::size_t(i)] = src.element();
-        v[std::size_t(b) * hkv * D + std::size_t(i)] = src.element();
+        k[std::size_t(b) * hkv * D + std::size_t(i)] = src.kv_element();
+        v[std::size_t(b) * hkv * D + std::size_t(i)] = src.kv_element();
       }
       for (int h = 0; h < hkv; ++h) c[std::size_t(b) * hkv + std::size_t(h)] = src.score();
     }
@@ -332,24 +383,52 @@ run_stats run_against_reference(const run_spec& spec) {
     if constexpr (Pipeline::store::offloads) {
       const nosa::counters last = t.layer.last_step_counters();
       CHECK(last.misses == step_misses);
-      CHECK(last.bytes_h2d == step_misses * 2 * sel.block_size * D * sizeof(T));
+      CHECK(last.bytes_h2d == step_misses * 2 * moved_block_bytes<Pipeline>(sel.block_size));
+      // Each block the step completed was written back once, K and V.
+      std::uint64_t completed = 0;
+      for (int b = 0; b < batch; ++b) completed += t.layer.length(b) % sel.block_size == 0 ? hkv : 0;
+      CHECK(last.bytes_d2h == completed * 2 * moved_block_bytes<Pipeline>(sel.block_size));
     }
   }
 
   // Every complete block in the pool holds exactly the tokens the reference saw: write-back and ingest
-  // put the right rows in the right pages.
+  // put the right rows in the right pages. With FP8 the pool holds the reference's codes and scales, bit for
+  // bit, and a partial current block is still exact in the element type.
   for (int b = 0; b < batch; ++b) {
     for (int h = 0; h < hkv; ++h) {
       const nosa_ref::history& hs = hist[std::size_t(b)][std::size_t(h)];
       const int complete = hs.length() / sel.block_size;
       for (int m = 0; m < complete; ++m) {
-        const T* pk = t.page_block(b, h, m, false);
-        const T* pv = t.page_block(b, h, m, true);
-        for (int r = 0; r < sel.block_size; ++r) {
-          const int token = m * sel.block_size + r;
+        const auto* pk = t.page_block(b, h, m, false);
+        const auto* pv = t.page_block(b, h, m, true);
+        if constexpr (Pipeline::store::kv_format::quantized) {
+          REQUIRE(hs.stored_block_count() >= complete);
+          const nosa_ref::fp8_block& rk = hs.stored_keys(m);
+          const nosa_ref::fp8_block& rv = hs.stored_values(m);
+          REQUIRE(t.page_scale(b, h, m, false) == rk.scale);
+          REQUIRE(t.page_scale(b, h, m, true) == rv.scale);
+          for (std::size_t i = 0; i < std::size_t(sel.block_size) * D; ++i) {
+            REQUIRE(static_cast<double>(static_cast<float>(pk[i])) == rk.codes[i]);
+            REQUIRE(static_cast<double>(static_cast<float>(pv[i])) == rv.codes[i]);
+          }
+        } else {
+          for (int r = 0; r < sel.block_size; ++r) {
+            const int token = m * sel.block_size + r;
+            for (int d = 0; d < D; ++d) {
+              REQUIRE(nosa::to_float(pk[r * D + d]) == hs.key(token)[d]);
+              REQUIRE(nosa::to_float(pv[r * D + d]) == hs.value(token)[d]);
+            }
+          }
+        }
+      }
+      if constexpr (Pipeline::store::kv_format::quantized) {
+        const int first = hs.length() / sel.block_size * sel.block_size;  // rows of a partial current block
+        const T* tk = t.tail_block(b, h, false);
+        const T* tv = t.tail_block(b, h, true);
+        for (int token = first; token < hs.length(); ++token) {
           for (int d = 0; d < D; ++d) {
-            REQUIRE(nosa::to_float(pk[r * D + d]) == hs.key(token)[d]);
-            REQUIRE(nosa::to_float(pv[r * D + d]) == hs.value(token)[d]);
+            REQUIRE(nosa::to_float(tk[(token - first) * D + d]) == hs.key(token)[d]);
+            REQUIRE(nosa::to_float(tv[(token - first) * D + d]) == hs.value(token)[d]);
           }
         }
       }

@@ -63,8 +63,9 @@ class decode_layer<P, cuda_backend> {
 
   decode_layer() = default;
 
-  /// Sizes of the two arenas. Groups above 16, `k` above 256 and block sizes that are not a multiple of 8
-  /// give `not_supported`.
+  /// Sizes of the two arenas. Groups above 16, `k` above 256, block sizes that are not a multiple of 8 and
+  /// quantized KV formats (`fp8_offload_store`, `fp8_resident_store`: host backend only, for now) give
+  /// `not_supported`.
   [[nodiscard]] static status required_bytes(const layer_config& config, arena_sizes& out) noexcept {
     NOSA_TRY(check_config(config));
     const state_layout s = make_state_layout<P>(config);
@@ -487,6 +488,8 @@ class decode_layer<P, cuda_backend> {
 
   static status check_config(const layer_config& config) noexcept {
     NOSA_TRY(validate(config));
+    // The kernels read and write complete blocks in the element type; FP8 blocks run on the host backend.
+    if (P::store::kv_format::quantized) return status::not_supported;
     if (config.group_size() > max_group || config.selection.top_k > max_top_k) return status::not_supported;
     if (config.selection.block_size % 8 != 0) return status::not_supported;
     // The set-difference runs one thread per slot.

@@ -14,14 +14,17 @@
 #include <nosa/pipeline.hpp>
 #include <nosa/scorer/windows.hpp>
 #include <nosa/selector/select_blocks.hpp>
+#include <nosa/store/kv_format.hpp>
 #include <nosa/store/layout.hpp>
 #include <nosa/store/page_pool.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <type_traits>
 
 namespace nosa {
 
@@ -84,8 +87,9 @@ class decode_layer<P, host_backend> {
   // ---------------------------------------------------------------------------------------------------
 
   /// Admits a sequence into slot `seq` with a prompt of P >= 0 tokens: stores the complete blocks in the
-  /// pool, keeps the tail, builds the compressed state, computes the initial selection and loads it into the
-  /// slot cache. Reserves the page of the block that the next token will start or continue.
+  /// pool (quantised, with a quantized KV format), keeps the tail in the element type, builds the compressed
+  /// state from the keys as given, computes the initial selection and loads it into the slot cache. Reserves
+  /// the page of the block that the next token will start or continue.
   [[nodiscard]] status add_sequence(int seq, const prompt_args<element_type>& prompt,
                                     host_backend::stream_type stream = {}) noexcept {
     return add_sequence(seq, prompt, shared_prefix{}, stream);
@@ -123,7 +127,9 @@ class decode_layer<P, host_backend> {
     live_flags()[seq] = 1;
     lengths()[seq] = length;
     const selection_params& sel = config_.selection;
-    const int full_blocks = offloads ? length / sel.block_size : block_count(length, sel);
+    // The offload store keeps a partial tail in a slot, a quantized format in its tail buffer; the resident
+    // store in the element type writes it to its page like the complete blocks.
+    const int pool_blocks = offloads || quantized ? length / sel.block_size : block_count(length, sel);
     counters& tot = *total_counters_ptr();
     for (int h = 0; h < hkv; ++h) {
       float* c_state = token_scores(seq, h);
@@ -146,29 +152,37 @@ class decode_layer<P, host_backend> {
         store_compressed_key(seq, h, w, sum);
         compressed_scores(seq, h)[w] = csum / static_cast<float>(sel.window);
       }
-      // Blocks to the pool (the offload store keeps a partial tail in a slot instead); shared blocks are there.
-      for (int m = share.blocks; m < full_blocks; ++m) {
+      // Blocks to the pool, a quantized format's complete ones quantised here; shared blocks are there.
+      for (int m = share.blocks; m < pool_blocks; ++m) {
         const int first = m * sel.block_size;
         const int rows = std::min(sel.block_size, length - first);
-        element_type* pk = page_keys(table[m], h);
-        element_type* pv = page_values(table[m], h);
-        for (int r = 0; r < rows; ++r) {
-          copy_row(&prompt.k(first + r, h, 0), pk + std::size_t(r) * head_dim);
-          copy_row(&prompt.v(first + r, h, 0), pv + std::size_t(r) * head_dim);
+        if constexpr (quantized) {
+          *page_scale(table[m], h, kv_half::keys) =
+              quantize_block([&](int r) { return &prompt.k(first + r, h, 0); }, page_keys(table[m], h));
+          *page_scale(table[m], h, kv_half::values) =
+              quantize_block([&](int r) { return &prompt.v(first + r, h, 0); }, page_values(table[m], h));
+          if (offloads) tot.bytes_d2h += 2 * block_bytes();
+        } else {
+          element_type* pk = page_keys(table[m], h);
+          element_type* pv = page_values(table[m], h);
+          for (int r = 0; r < rows; ++r) {
+            copy_row(&prompt.k(first + r, h, 0), pk + std::size_t(r) * head_dim);
+            copy_row(&prompt.v(first + r, h, 0), pv + std::size_t(r) * head_dim);
+          }
+          if (offloads) tot.bytes_d2h += 2 * std::uint64_t(rows) * head_dim * sizeof(element_type);
         }
-        if (offloads) tot.bytes_d2h += 2 * std::uint64_t(rows) * head_dim * sizeof(element_type);
       }
       if constexpr (offloads) {
         std::fill_n(slot_map(seq, h), layout_.slots, -1);
         std::fill_n(block_slot(seq, h), layout_.max_blocks, -1);
-        if (length % sel.block_size != 0) {
-          const int tail = length / sel.block_size;
-          const int slot = claim_free_slot(seq, h, tail);
-          for (int t = tail * sel.block_size; t < length; ++t) {
-            const std::size_t r = std::size_t(t - tail * sel.block_size) * head_dim;
-            copy_row(&prompt.k(t, h, 0), slot_keys(seq, h, slot) + r);
-            copy_row(&prompt.v(t, h, 0), slot_values(seq, h, slot) + r);
-          }
+      }
+      if ((offloads || quantized) && length % sel.block_size != 0) {
+        const int tail = length / sel.block_size;
+        if constexpr (offloads) claim_free_slot(seq, h, tail);
+        for (int t = tail * sel.block_size; t < length; ++t) {
+          const std::size_t r = std::size_t(t - tail * sel.block_size) * head_dim;
+          copy_row(&prompt.k(t, h, 0), tail_keys_of(seq, h, tail) + r);
+          copy_row(&prompt.v(t, h, 0), tail_values_of(seq, h, tail) + r);
         }
       }
       selection_counts()[seq * hkv + h] = 0;
@@ -259,26 +273,27 @@ class decode_layer<P, host_backend> {
         if constexpr (P::dense) {
           step_count.hits += block_count(length, sel);
           for (int g = 0; g < group; ++g) attend(seq, h, length, q[g], &args.o(b, h * group + g, 0));
-          continue;
-        }
-        score_blocks(seq, h, length, q);
-        const int n = select(seq, h, length, /*have_query=*/true, /*with_budget=*/true);
-        selection_counts()[seq * hkv + h] = n;
-        int misses = 0;
-        if constexpr (offloads) {
-          const load_result loaded = load_selection(seq, h);
-          misses = loaded.misses;
-          step_count.hits += loaded.hits;
-          step_count.misses += loaded.misses;
-          step_count.bytes_h2d += loaded.misses * 2 * block_bytes();
         } else {
-          step_count.hits += n;
+          score_blocks(seq, h, length, q);
+          const int n = select(seq, h, length, /*have_query=*/true, /*with_budget=*/true);
+          selection_counts()[seq * hkv + h] = n;
+          int misses = 0;
+          if constexpr (offloads) {
+            const load_result loaded = load_selection(seq, h);
+            misses = loaded.misses;
+            step_count.hits += loaded.hits;
+            step_count.misses += loaded.misses;
+            step_count.bytes_h2d += loaded.misses * 2 * block_bytes();
+          } else {
+            step_count.hits += n;
+          }
+          step_miss_counts()[seq * hkv + h] = misses;
+          for (int g = 0; g < group; ++g) attend(seq, h, length, q[g], &args.o(b, h * group + g, 0));
         }
-        step_miss_counts()[seq * hkv + h] = misses;
-        for (int g = 0; g < group; ++g) attend(seq, h, length, q[g], &args.o(b, h * group + g, 0));
-        if (offloads && length % sel.block_size == 0) {
+        // The block this token completed was attended in the element type; now it is stored for good.
+        if ((offloads || quantized) && length % sel.block_size == 0) {
           write_back(seq, h, t / sel.block_size);
-          step_count.bytes_d2h += 2 * block_bytes();
+          if (offloads) step_count.bytes_d2h += 2 * block_bytes();
         }
       }
       lengths()[seq] = length;
@@ -340,6 +355,24 @@ class decode_layer<P, host_backend> {
   static constexpr bool offloads = P::store::offloads;
   static constexpr bool query_agnostic = P::query_agnostic::enabled;
   using attention = typename P::attention;
+  using kv_format = typename P::store::kv_format;
+  /// Complete blocks are stored as codes plus a scale; the tail block stays in the element type.
+  static constexpr bool quantized = kv_format::quantized;
+  /// One value of a stored (complete) block: the element type, or the format's code.
+  using value_type = typename kv_format::template value_type<element_type>;
+
+  /// Which half of a page, K or V (the page layout is `[2][H_kv][b_s][D]`).
+  enum class kv_half : int { keys = 0, values = 1 };
+
+  /// One block of one KV head as attention reads it: K and V rows of `T` (the element type, or the codes
+  /// of a quantized format with their scales).
+  template <class T>
+  struct block_view {
+    const T* keys;   // [b_s][D]
+    const T* values; // [b_s][D]
+    float key_scale = 1.0f;
+    float value_scale = 1.0f;
+  };
 
   struct load_result {
     std::uint64_t hits = 0;
@@ -396,21 +429,38 @@ class decode_layer<P, host_backend> {
   std::int32_t* block_marks(int seq, int h) const noexcept {
     return dev<std::int32_t>(layout_.block_mark) + sh(seq, h) * layout_.max_blocks;
   }
-  element_type* slot_keys(int seq, int h, int slot) const noexcept {
-    return dev<element_type>(layout_.slot_keys) + (sh(seq, h) * layout_.slots + slot) * layout_.block_elements();
+  value_type* slot_keys(int seq, int h, int slot) const noexcept {
+    return dev<value_type>(layout_.slot_keys) + (sh(seq, h) * layout_.slots + slot) * layout_.block_elements();
   }
-  element_type* slot_values(int seq, int h, int slot) const noexcept {
-    return dev<element_type>(layout_.slot_values) + (sh(seq, h) * layout_.slots + slot) * layout_.block_elements();
+  value_type* slot_values(int seq, int h, int slot) const noexcept {
+    return dev<value_type>(layout_.slot_values) + (sh(seq, h) * layout_.slots + slot) * layout_.block_elements();
   }
-  element_type* pool() const noexcept {
-    return offloads ? hst<element_type>(layout_.host_pool) : dev<element_type>(layout_.device_pool);
+  /// Quantized format: the scale of slot `slot`'s K or V.
+  float* slot_scale(int seq, int h, int slot, kv_half half) const noexcept {
+    const std::size_t at = half == kv_half::keys ? layout_.slot_key_scales : layout_.slot_value_scales;
+    return dev<float>(at) + sh(seq, h) * layout_.slots + slot;
   }
-  element_type* page_keys(int page, int h) const noexcept {
+  /// Quantized format: the current block of (seq, h) in the element type, K and V.
+  element_type* tail_keys(int seq, int h) const noexcept {
+    return dev<element_type>(layout_.tail_keys) + sh(seq, h) * layout_.block_elements();
+  }
+  element_type* tail_values(int seq, int h) const noexcept {
+    return dev<element_type>(layout_.tail_values) + sh(seq, h) * layout_.block_elements();
+  }
+  value_type* pool() const noexcept {
+    return offloads ? hst<value_type>(layout_.host_pool) : dev<value_type>(layout_.device_pool);
+  }
+  value_type* page_keys(int page, int h) const noexcept {
     return pool() + std::size_t(page) * layout_.page_elements() + std::size_t(h) * layout_.block_elements();
   }
-  element_type* page_values(int page, int h) const noexcept {
+  value_type* page_values(int page, int h) const noexcept {
     return pool() + std::size_t(page) * layout_.page_elements() +
            std::size_t(config_.num_kv_heads + h) * layout_.block_elements();
+  }
+  /// Quantized format: the scale of page `page`'s K or V of head h (`[P][2][H_kv]`, beside the pool).
+  float* page_scale(int page, int h, kv_half half) const noexcept {
+    float* scales = offloads ? hst<float>(layout_.host_pool_scales) : dev<float>(layout_.device_pool_scales);
+    return scales + (std::size_t(page) * 2 + static_cast<int>(half)) * config_.num_kv_heads + h;
   }
   counters* total_counters_ptr() const noexcept { return dev<counters>(layout_.totals); }
   counters* last_step_counters_ptr() const noexcept { return dev<counters>(layout_.last_step); }
@@ -418,21 +468,65 @@ class decode_layer<P, host_backend> {
   page_pool::sequence_rows plan_rows() const noexcept {
     return {live_flags(), lengths(), block_table(0), layout_.max_blocks};
   }
-  std::uint64_t block_bytes() const noexcept { return layout_.block_elements() * sizeof(element_type); }
+  /// Bytes of one block-head of K or V as counted when it moves: its values plus a quantized format's scale.
+  std::uint64_t block_bytes() const noexcept { return layout_.block_bytes(); }
+  /// Bytes of the values alone of one stored block-head of K or V.
+  std::size_t block_value_bytes() const noexcept { return layout_.block_elements() * sizeof(value_type); }
 
-  /// Keys (or values) of block m of (seq, h), wherever the store keeps it.
-  element_type* block_keys(int seq, int h, int m) const noexcept {
+  /// Keys (or values) of stored block m of (seq, h), wherever the store keeps it.
+  value_type* block_keys(int seq, int h, int m) const noexcept {
     if constexpr (offloads) {
       return slot_keys(seq, h, block_slot(seq, h)[m]);
     } else {
       return page_keys(block_table(seq)[m], h);
     }
   }
-  element_type* block_values(int seq, int h, int m) const noexcept {
+  value_type* block_values(int seq, int h, int m) const noexcept {
     if constexpr (offloads) {
       return slot_values(seq, h, block_slot(seq, h)[m]);
     } else {
       return page_values(block_table(seq)[m], h);
+    }
+  }
+  /// Where the rows of the current block `m` of (seq, h) are written: its tail buffer with a quantized
+  /// format, else the block itself (its slot or its page).
+  element_type* tail_keys_of(int seq, int h, int m) const noexcept {
+    if constexpr (quantized) {
+      return tail_keys(seq, h);
+    } else {
+      return block_keys(seq, h, m);
+    }
+  }
+  element_type* tail_values_of(int seq, int h, int m) const noexcept {
+    if constexpr (quantized) {
+      return tail_values(seq, h);
+    } else {
+      return block_values(seq, h, m);
+    }
+  }
+  /// Stored block m of (seq, h) as attention reads it.
+  block_view<value_type> stored_block(int seq, int h, int m) const noexcept {
+    block_view<value_type> b{block_keys(seq, h, m), block_values(seq, h, m)};
+    if constexpr (quantized) {
+      if constexpr (offloads) {
+        const int slot = block_slot(seq, h)[m];
+        b.key_scale = *slot_scale(seq, h, slot, kv_half::keys);
+        b.value_scale = *slot_scale(seq, h, slot, kv_half::values);
+      } else {
+        const int page = block_table(seq)[m];
+        b.key_scale = *page_scale(page, h, kv_half::keys);
+        b.value_scale = *page_scale(page, h, kv_half::values);
+      }
+    }
+    return b;
+  }
+  /// One value as attention reads it: the element converted to fp32, or a code times its block's scale.
+  template <class T>
+  static float read_value(T x, float scale) noexcept {
+    if constexpr (std::is_same_v<T, element_type>) {
+      return to_float(x);
+    } else {
+      return kv_format::decode(x, scale);
     }
   }
 
@@ -535,8 +629,8 @@ class decode_layer<P, host_backend> {
     if constexpr (offloads) {
       if (t % sel.block_size == 0) claim_free_slot(seq, h, block);
     }
-    copy_row(k, block_keys(seq, h, block) + row);
-    copy_row(v, block_values(seq, h, block) + row);
+    copy_row(k, tail_keys_of(seq, h, block) + row);
+    copy_row(v, tail_values_of(seq, h, block) + row);
     float* c_state = token_scores(seq, h);
     c_state[t] = c;
     if constexpr (P::dense) return;  // no compressed state
@@ -658,8 +752,12 @@ class decode_layer<P, host_backend> {
       map[slot] = b;
       where[b] = slot;
       const int page = block_table(seq)[b];
-      std::memcpy(slot_keys(seq, h, slot), page_keys(page, h), block_bytes());
-      std::memcpy(slot_values(seq, h, slot), page_values(page, h), block_bytes());
+      std::memcpy(slot_keys(seq, h, slot), page_keys(page, h), block_value_bytes());
+      std::memcpy(slot_values(seq, h, slot), page_values(page, h), block_value_bytes());
+      if constexpr (quantized) {
+        *slot_scale(seq, h, slot, kv_half::keys) = *page_scale(page, h, kv_half::keys);
+        *slot_scale(seq, h, slot, kv_half::values) = *page_scale(page, h, kv_half::values);
+      }
       ++r.misses;
     }
     const std::int32_t clock = length_clock(seq);
@@ -671,36 +769,29 @@ class decode_layer<P, host_backend> {
   }
 
   /// Attend: softmax over the tokens of the selected blocks with the policy's bias, one block at a time,
-  /// each block's partial softmax merged into the running one by log-sum-exp.
+  /// each block's partial softmax merged into the running one by log-sum-exp. With a quantized format the
+  /// current block is read from its tail buffer in the element type and every other block as its codes
+  /// times its scale.
   template <storage_element Out>
   void attend(int seq, int h, int length, const float* q, Out* o) noexcept {
     const selection_params& sel = config_.selection;
-    const float scale = softmax_scale(head_dim);
     const std::int32_t* chosen = selection_ptr(seq, h);
     // Full attention reads every block in index order; sparse attention the selection in rank order.
     const int n = P::dense ? block_count(length, sel) : selection_counts()[sh(seq, h)];
-    const float* c_state = token_scores(seq, h);
-    float* logits = dev<float>(layout_.logit_scratch);
+    const int tail = (length - 1) / sel.block_size;
     softmax_partial total;
     float acc[head_dim] = {};
     for (int i = 0; i < n; ++i) {
       const int m = P::dense ? i : chosen[i];
       const int first = m * sel.block_size;
       const int rows = std::min(sel.block_size, length - first);
-      const element_type* keys = block_keys(seq, h, m);
-      const element_type* values = block_values(seq, h, m);
       softmax_partial part;
-      for (int r = 0; r < rows; ++r) {
-        float d = 0.0f;
-        for (int j = 0; j < head_dim; ++j) d += q[j] * to_float(keys[std::size_t(r) * head_dim + j]);
-        logits[r] = attention::logit(d, c_state[first + r], scale);
-        part.max = max_keep_left(part.max, logits[r]);
-      }
       float block_acc[head_dim] = {};
-      for (int r = 0; r < rows; ++r) {
-        const float p = part.max == negative_infinity ? 0.0f : std::exp(logits[r] - part.max);
-        part.sum += p;
-        for (int j = 0; j < head_dim; ++j) block_acc[j] += p * to_float(values[std::size_t(r) * head_dim + j]);
+      if (quantized && m == tail) {
+        attend_block(block_view<element_type>{tail_keys(seq, h), tail_values(seq, h)}, seq, h, first, rows, q, part,
+                     block_acc);
+      } else {
+        attend_block(stored_block(seq, h, m), seq, h, first, rows, q, part, block_acc);
       }
       float total_scale = 0.0f, part_scale = 0.0f;
       const float merged_max = total.merge_factors(part, total_scale, part_scale);
@@ -712,11 +803,73 @@ class decode_layer<P, host_backend> {
     for (int j = 0; j < head_dim; ++j) o[j] = from_float<Out>(acc[j] * inv);
   }
 
-  /// Write-back: the completed tail block goes from its slot to its reserved page; it stays resident.
+  /// The partial softmax of one block's first `rows` tokens (positions from `first`) and its weighted V sum.
+  template <class T>
+  void attend_block(const block_view<T>& block, int seq, int h, int first, int rows, const float* q,
+                    softmax_partial& part, float* block_acc) noexcept {
+    const float scale = softmax_scale(head_dim);
+    const float* c_state = token_scores(seq, h);
+    float* logits = dev<float>(layout_.logit_scratch);
+    for (int r = 0; r < rows; ++r) {
+      float d = 0.0f;
+      const T* key = block.keys + std::size_t(r) * head_dim;
+      for (int j = 0; j < head_dim; ++j) d += q[j] * read_value(key[j], block.key_scale);
+      logits[r] = attention::logit(d, c_state[first + r], scale);
+      part.max = max_keep_left(part.max, logits[r]);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float p = part.max == negative_infinity ? 0.0f : std::exp(logits[r] - part.max);
+      part.sum += p;
+      for (int j = 0; j < head_dim; ++j) {
+        block_acc[j] += p * read_value(block.values[std::size_t(r) * head_dim + j], block.value_scale);
+      }
+    }
+  }
+
+  /// Quantises one complete block of one KV head, K or V (`b_s` rows of D values, row r at `row(r)`), into
+  /// `codes` and returns its scale: the only place a block is quantised (spec §6b).
+  template <class Row>
+  float quantize_block(Row&& row, value_type* codes) const noexcept {
+    const int rows = config_.selection.block_size;
+    float amax = 0.0f;
+    for (int r = 0; r < rows; ++r) {
+      const element_type* x = row(r);
+      for (int d = 0; d < head_dim; ++d) amax = max_keep_left(amax, std::fabs(to_float(x[d])));
+    }
+    const float multiplier = kv_format::multiplier(amax);
+    for (int r = 0; r < rows; ++r) {
+      const element_type* x = row(r);
+      for (int d = 0; d < head_dim; ++d) {
+        codes[std::size_t(r) * head_dim + d] = kv_format::encode(to_float(x[d]), multiplier);
+      }
+    }
+    return kv_format::scale(amax);
+  }
+
+  /// Write-back of block `block`, which the step's token completed. Offload store: the block goes from its
+  /// slot to its reserved page and stays resident. Quantized format: the block is quantised from its tail
+  /// buffer, once, into its slot (then copied to its page) or, resident store, into its page.
   void write_back(int seq, int h, int block) noexcept {
     const int page = block_table(seq)[block];
-    std::memcpy(page_keys(page, h), block_keys(seq, h, block), block_bytes());
-    std::memcpy(page_values(page, h), block_values(seq, h, block), block_bytes());
+    if constexpr (quantized) {
+      const element_type* tk = tail_keys(seq, h);
+      const element_type* tv = tail_values(seq, h);
+      const auto key_row = [&](int r) { return tk + std::size_t(r) * head_dim; };
+      const auto value_row = [&](int r) { return tv + std::size_t(r) * head_dim; };
+      if constexpr (!offloads) {
+        *page_scale(page, h, kv_half::keys) = quantize_block(key_row, page_keys(page, h));
+        *page_scale(page, h, kv_half::values) = quantize_block(value_row, page_values(page, h));
+        return;
+      } else {
+        const int slot = block_slot(seq, h)[block];
+        *slot_scale(seq, h, slot, kv_half::keys) = quantize_block(key_row, slot_keys(seq, h, slot));
+        *slot_scale(seq, h, slot, kv_half::values) = quantize_block(value_row, slot_values(seq, h, slot));
+        *page_scale(page, h, kv_half::keys) = *slot_scale(seq, h, slot, kv_half::keys);
+        *page_scale(page, h, kv_half::values) = *slot_scale(seq, h, slot, kv_half::values);
+      }
+    }
+    std::memcpy(page_keys(page, h), block_keys(seq, h, block), block_value_bytes());
+    std::memcpy(page_values(page, h), block_values(seq, h, block), block_value_bytes());
   }
 };
 
