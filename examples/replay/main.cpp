@@ -120,7 +120,8 @@ int run(int argc, const char* const* argv) {
   const nosa::counters& c = out.totals;
   std::cout << "nosa-replay: " << in.steps << " steps, " << in.batch << " sequences ("
             << variant_name(opt.variant) << ", " << nosa::to_string(opt.element) << ", D=" << in.head_dim
-            << ", bias " << bias_name(opt.bias) << ", " << store_name(opt.store) << "): hits " << c.hits
+            << ", bias " << bias_name(opt.bias) << ", " << store_name(opt.store)
+            << (opt.kv_format == kv_format_kind::fp8 ? ", kv fp8" : "") << "): hits " << c.hits
             << ", misses " << c.misses << ", bytes h2d " << c.bytes_h2d << ", bytes d2h " << c.bytes_d2h
             << '\n';
   return 0;

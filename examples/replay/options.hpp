@@ -42,6 +42,9 @@ options (defaults are the paper's):
   --variant NAME        nosa | infllmv2                         (nosa)
   --dtype NAME          fp32 | fp16 | bf16 storage of q, K, V   (fp32)
   --store NAME          offload | resident                      (offload)
+  --kv-format NAME      fp8 | the --dtype name                  (--dtype)
+                        complete K and V blocks in FP8 E4M3, a scale
+                        per block and head, or in the storage type
   --backend NAME        host | cuda (CUDA builds, with a GPU)   (host)
   --help                print this text and exit
 
@@ -102,6 +105,9 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
   const auto fail = [](std::string message) {
     return parse_result{parse_result::action::fail, std::move(message)};
   };
+  // `--kv-format` names the storage type or fp8; the storage type is known once every flag is read.
+  bool kv_named = false;  // --kv-format named a storage type, `kv_element`
+  nosa::dtype kv_element = nosa::dtype::fp32;
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
     if (arg == "--help" || arg == "-h") return {parse_result::action::help, {}};
@@ -150,7 +156,7 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
       // Negative values are the library's "no budget" sentinel and not meant to be typed.
       problem = expect_int(sel.max_new_blocks, true);
     } else if (name == "--in" || name == "--out" || name == "--bias" || name == "--variant" ||
-               name == "--dtype" || name == "--store" || name == "--backend") {
+               name == "--dtype" || name == "--store" || name == "--backend" || name == "--kv-format") {
       const auto text = take_value();
       if (!text) return fail(std::string(name) + " needs a value");
       const auto bad_choice = [&](std::string_view allowed) {
@@ -186,6 +192,19 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
         const auto v = detail::parse_choice(*text, names, values);
         if (!v) return bad_choice("offload or resident");
         opt.store = *v;
+      } else if (name == "--kv-format") {
+        static constexpr std::string_view names[] = {"fp32", "fp16", "bf16"};
+        static constexpr nosa::dtype values[] = {nosa::dtype::fp32, nosa::dtype::fp16, nosa::dtype::bf16};
+        if (*text == "fp8") {
+          opt.kv_format = kv_format_kind::fp8;
+          kv_named = false;
+        } else if (const auto v = detail::parse_choice(*text, names, values)) {
+          opt.kv_format = kv_format_kind::element;
+          kv_named = true;
+          kv_element = *v;
+        } else {
+          return bad_choice("the --dtype name or fp8");
+        }
       } else {
         static constexpr std::string_view names[] = {"host", "cuda"};
         static constexpr backend_kind values[] = {backend_kind::host, backend_kind::cuda};
@@ -200,10 +219,23 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
   }
   if (opt.in_dir.empty()) return fail("--in DIR is required (see --help)");
   if (opt.out_dir.empty()) return fail("--out DIR is required (see --help)");
+  if (kv_named && kv_element != opt.element) {
+    return fail("--kv-format: '" + std::string(nosa::to_string(kv_element)) + "' is not the storage type (--dtype " +
+                std::string(nosa::to_string(opt.element)) + "); expected " +
+                std::string(nosa::to_string(opt.element)) + " or fp8");
+  }
+  if (opt.kv_format == kv_format_kind::fp8 && opt.bias != standard_bias(opt.variant)) {
+    return fail("--kv-format fp8 builds --variant " + std::string(variant_name(opt.variant)) + " with --bias " +
+                std::string(bias_name(standard_bias(opt.variant))) + " only (got --bias " +
+                std::string(bias_name(opt.bias)) + ")");
+  }
   // The backend checks come last so that every other mistake on the command line is reported first.
   // Whether a GPU is present is a run-time question that the caller asks next.
   if (opt.backend == backend_kind::cuda) {
     if (!cuda_in_build) return fail("backend 'cuda' is not available in this build");
+    if (opt.kv_format == kv_format_kind::fp8) {
+      return fail("--backend cuda does not support --kv-format fp8 yet (the host backend does)");
+    }
     if (opt.bias != cuda_bias(opt.variant)) {
       return fail("--backend cuda builds --variant " + std::string(variant_name(opt.variant)) +
                   " with --bias " + std::string(bias_name(cuda_bias(opt.variant))) + " only (got --bias " +

@@ -3,11 +3,13 @@
 /// The part of `nosa-replay` that runs the library: options, the loaded inputs as plain pointers, the
 /// outputs, `run_replay` (host backend) and `run_replay_cuda` (CUDA backend).
 ///
-/// The 108 host pipelines (3 storage elements x 3 head dims x 3 bias modes x 2 variants x 2 stores) are
-/// instantiated in nine translation units, one per (element, head dim), under `instances/`: each stays
-/// quick to compile and a parallel build spreads them over the cores. A CUDA build adds 36 CUDA pipelines
-/// (3 elements x 3 head dims x 2 variants x 2 stores, each variant with one bias mode, see `cuda_bias`) in
-/// nine CUDA sources under `cuda/`. This header stays plain C++: only those sources include CUDA headers.
+/// The 144 host pipelines (3 storage elements x 3 head dims x 2 variants x 2 stores, with complete blocks in
+/// the element type under each of the 3 bias modes, or in FP8 under the variant's standard bias, see
+/// `standard_bias`) are instantiated in nine translation units, one per (element, head dim), under
+/// `instances/`: each stays quick to compile and a parallel build spreads them over the cores. A CUDA build
+/// adds 36 CUDA pipelines (3 elements x 3 head dims x 2 variants x 2 stores, each variant with its standard
+/// bias, blocks in the element type) in nine CUDA sources under `cuda/`. This header stays plain C++: only
+/// those sources include CUDA headers.
 
 #include <nosa/core/numeric.hpp>
 #include <nosa/core/params.hpp>
@@ -30,6 +32,10 @@ enum class store_kind : unsigned char { offload, resident };
 /// The executor the layer runs on.
 enum class backend_kind : unsigned char { host, cuda };
 
+/// How complete blocks of K and V are stored: in the storage type (`--dtype`), or in FP8 E4M3 with one
+/// scale per block and KV head (spec §6b).
+enum class kv_format_kind : unsigned char { element, fp8 };
+
 /// True when this build contains the CUDA replay (the sources under `cuda/`, compiled when CMake enables
 /// the CUDA language; they define `NOSA_REPLAY_CUDA` for the whole program).
 #ifdef NOSA_REPLAY_CUDA
@@ -38,12 +44,15 @@ inline constexpr bool cuda_in_build = true;
 inline constexpr bool cuda_in_build = false;
 #endif
 
-/// The one bias mode the CUDA replay compiles for each variant: the library's `nosa_pipeline` (the trained
-/// `after_scale`) and `infllmv2_pipeline` (no bias). Compiling every bias mode for CUDA would triple the
-/// build time of the CUDA sources.
-constexpr nosa::bias_mode cuda_bias(variant_kind v) noexcept {
+/// The standard bias mode of each variant: that of the library's `nosa_pipeline` (the trained
+/// `after_scale`) and `infllmv2_pipeline` (no bias). The CUDA replay and the FP8 KV format are compiled for
+/// these only: every bias mode would triple their build time.
+constexpr nosa::bias_mode standard_bias(variant_kind v) noexcept {
   return v == variant_kind::nosa ? nosa::bias_mode::after_scale : nosa::bias_mode::none;
 }
+
+/// The one bias mode the CUDA replay compiles for each variant (`standard_bias`).
+constexpr nosa::bias_mode cuda_bias(variant_kind v) noexcept { return standard_bias(v); }
 
 /// Everything the command line chooses. Defaults are the paper's.
 struct options {
@@ -55,6 +64,7 @@ struct options {
   nosa::dtype element = nosa::dtype::fp32;  ///< storage type of q, K, V inside the library
   store_kind store = store_kind::offload;
   backend_kind backend = backend_kind::host;
+  kv_format_kind kv_format = kv_format_kind::element;  ///< complete blocks in the storage type, or FP8
 };
 
 /// The recorded inputs, validated against each other. Every pointer refers to a contiguous row-major

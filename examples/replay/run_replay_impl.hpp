@@ -184,8 +184,24 @@ template <variant_kind Variant>
 using query_agnostic_of =
     std::conditional_t<Variant == variant_kind::nosa, nosa::eviction_score_pooling, nosa::no_query_agnostic>;
 
-template <store_kind Store>
-using store_of = std::conditional_t<Store == store_kind::offload, nosa::offload_store, nosa::resident_store>;
+template <store_kind Store, kv_format_kind Format>
+using store_of = std::conditional_t<
+    Format == kv_format_kind::fp8,
+    std::conditional_t<Store == store_kind::offload, nosa::fp8_offload_store, nosa::fp8_resident_store>,
+    std::conditional_t<Store == store_kind::offload, nosa::offload_store, nosa::resident_store>>;
+
+/// Runs the pipeline of `opt` whose variant, bias and KV format are fixed here (the store is dispatched).
+template <nosa::storage_element Element, int HeadDim, variant_kind Variant, nosa::bias_mode Bias,
+          kv_format_kind Format>
+nosa::status run_store(const options& opt, const replay_inputs& in, replay_outputs& out, replay_status& result) {
+  return nosa::dispatch_value<store_kind::offload, store_kind::resident>(opt.store, [&](auto store) {
+    using store_type = store_of<decltype(store)::value, Format>;
+    using pipeline =
+        nosa::pipeline<Element, HeadDim, query_agnostic_of<Variant>, store_type, nosa::sparse_attention<Bias>>;
+    result = run_pipeline<pipeline, nosa::host_backend>(opt, in, out);
+    return result.status;
+  });
+}
 
 }  // namespace detail
 
@@ -193,18 +209,20 @@ template <nosa::storage_element Element, int HeadDim>
 replay_status run_replay(const options& opt, const replay_inputs& in, replay_outputs& out) {
   using nosa::bias_mode;
   replay_status result;
-  const nosa::status dispatched = nosa::dispatch_value<bias_mode::after_scale, bias_mode::before_scale,
-                                                       bias_mode::none>(opt.bias, [&](auto bias) {
-    return nosa::dispatch_value<variant_kind::nosa, variant_kind::infllmv2>(opt.variant, [&](auto variant) {
-      return nosa::dispatch_value<store_kind::offload, store_kind::resident>(opt.store, [&](auto store) {
-        using pipeline = nosa::pipeline<Element, HeadDim, detail::query_agnostic_of<decltype(variant)::value>,
-                                        detail::store_of<decltype(store)::value>,
-                                        nosa::sparse_attention<decltype(bias)::value>>;
-        result = detail::run_pipeline<pipeline, nosa::host_backend>(opt, in, out);
-        return result.status;
+  const nosa::status dispatched =
+      nosa::dispatch_value<variant_kind::nosa, variant_kind::infllmv2>(opt.variant, [&](auto variant) {
+        constexpr variant_kind v = decltype(variant)::value;
+        if (opt.kv_format == kv_format_kind::fp8) {
+          // FP8 is compiled with the variant's standard bias only (parse_options refuses the others).
+          if (opt.bias != standard_bias(v)) return nosa::status::not_supported;
+          return detail::run_store<Element, HeadDim, v, standard_bias(v), kv_format_kind::fp8>(opt, in, out, result);
+        }
+        return nosa::dispatch_value<bias_mode::after_scale, bias_mode::before_scale, bias_mode::none>(
+            opt.bias, [&](auto bias) {
+              constexpr bias_mode b = decltype(bias)::value;
+              return detail::run_store<Element, HeadDim, v, b, kv_format_kind::element>(opt, in, out, result);
+            });
       });
-    });
-  });
   // A value outside the compiled lists never reached a pipeline.
   if (!nosa::ok(dispatched) && nosa::ok(result.status)) result = {dispatched, "dispatch"};
   return result;

@@ -20,6 +20,7 @@
 #include <iterator>
 #include <numeric>
 #include <random>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -219,6 +220,13 @@ bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
          (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
+/// The byte counters of a summary line: {bytes h2d, bytes d2h}.
+std::vector<std::uint64_t> summary_bytes(const std::string& line) {
+  std::smatch m;
+  REQUIRE(std::regex_search(line, m, std::regex("bytes h2d ([0-9]+), bytes d2h ([0-9]+)")));
+  return {std::stoull(m[1].str()), std::stoull(m[2].str())};
+}
+
 /// Number of lines in `s` (a final line without '\n' counts).
 int line_count(const std::string& s) {
   const auto n = static_cast<int>(std::count(s.begin(), s.end(), '\n'));
@@ -302,6 +310,51 @@ TEST_CASE("nosa-replay matches the library on a ragged batch") {
     CHECK(bitwise_equal(load_output<float>(scratch.path / "resident" / "o.npy", {T, B, in.hq, in.D}), o));
     CHECK(load_output<std::int32_t>(scratch.path / "resident" / "selected.npy", {T, B, hkv, top_k}) ==
           selected);
+  }
+
+  SUBCASE("--kv-format fp8 is the library's FP8 store: bf16's selections and misses, half the bytes") {
+    const run_result bf = run_replay(scratch, in_dir, scratch.path / "bf16", small_flags + " --dtype bf16");
+    REQUIRE_MESSAGE(bf.exit_status == 0, bf.err);
+    const run_result f8 =
+        run_replay(scratch, in_dir, scratch.path / "fp8", small_flags + " --dtype bf16 --kv-format fp8");
+    REQUIRE_MESSAGE(f8.exit_status == 0, f8.err);
+    CHECK(f8.out.find("(nosa, bf16, D=64, bias after_scale, offload, kv fp8)") != std::string::npos);
+    const auto o8 = load_output<float>(scratch.path / "fp8" / "o.npy", {T, B, in.hq, in.D});
+    const auto selected8 = load_output<std::int32_t>(scratch.path / "fp8" / "selected.npy", {T, B, hkv, top_k});
+    const auto misses8 = load_output<std::int32_t>(scratch.path / "fp8" / "misses.npy", {T, B, hkv});
+    const library_outputs lib =
+        replay_directly<nosa::nosa_pipeline<nosa::bf16, 64, nosa::fp8_offload_store>>(in, sel);
+    CHECK(bitwise_equal(o8, lib.o));
+    CHECK(selected8 == lib.selected);
+    CHECK(misses8 == lib.misses);
+    // The compressed keys come from the keys as given: the selections and misses are bf16's.
+    CHECK(selected8 == load_output<std::int32_t>(scratch.path / "bf16" / "selected.npy", {T, B, hkv, top_k}));
+    CHECK(misses8 == load_output<std::int32_t>(scratch.path / "bf16" / "misses.npy", {T, B, hkv}));
+    CHECK_FALSE(bitwise_equal(o8, load_output<float>(scratch.path / "bf16" / "o.npy", {T, B, in.hq, in.D})));
+    // Every block moved, either way, is b_s*D + 4 bytes in FP8 against 2*b_s*D in bf16.
+    const auto bytes_bf = summary_bytes(bf.out), bytes_f8 = summary_bytes(f8.out);
+    const std::uint64_t block = std::uint64_t(sel.block_size) * in.D;
+    CHECK(bytes_f8[0] * (2 * block) == bytes_bf[0] * (block + 4));
+    CHECK(bytes_f8[1] * (2 * block) == bytes_bf[1] * (block + 4));
+    CHECK(bytes_f8[1] > 0);
+    // Naming the storage type is the default.
+    const run_result named =
+        run_replay(scratch, in_dir, scratch.path / "named", small_flags + " --dtype bf16 --kv-format bf16");
+    REQUIRE_MESSAGE(named.exit_status == 0, named.err);
+    CHECK(named.out == bf.out);
+    CHECK(bitwise_equal(load_output<float>(scratch.path / "named" / "o.npy", {T, B, in.hq, in.D}),
+                        load_output<float>(scratch.path / "bf16" / "o.npy", {T, B, in.hq, in.D})));
+  }
+
+  SUBCASE("--kv-format fp8 with InfLLMv2 and the resident store") {
+    const run_result res =
+        run_replay(scratch, in_dir, scratch.path / "fp8r",
+                   small_flags + " --variant infllmv2 --bias none --store resident --kv-format fp8");
+    REQUIRE_MESSAGE(res.exit_status == 0, res.err);
+    using pipeline = nosa::infllmv2_pipeline<float, 64, nosa::fp8_resident_store>;
+    const library_outputs lib = replay_directly<pipeline>(in, sel);
+    CHECK(bitwise_equal(load_output<float>(scratch.path / "fp8r" / "o.npy", {T, B, in.hq, in.D}), lib.o));
+    CHECK(load_output<std::int32_t>(scratch.path / "fp8r" / "selected.npy", {T, B, hkv, top_k}) == lib.selected);
   }
 
   SUBCASE("bf16 storage rounds the inputs as the library's own conversion does") {
@@ -407,6 +460,13 @@ TEST_CASE("nosa-replay command line") {
     expect_error("--frobnicate 1", "unknown option '--frobnicate' (see --help)");
     expect_error("--topk", "--topk needs a value");
     expect_error("--backend gpu", "--backend: unknown value 'gpu' (expected host or cuda)");
+    expect_error("--kv-format fp4", "--kv-format: unknown value 'fp4' (expected the --dtype name or fp8)");
+    expect_error("--kv-format bf16",
+                 "--kv-format: 'bf16' is not the storage type (--dtype fp32); expected fp32 or fp8");
+    expect_error("--kv-format fp8 --bias before_scale",
+                 "--kv-format fp8 builds --variant nosa with --bias after_scale only (got --bias before_scale)");
+    expect_error("--variant infllmv2 --kv-format fp8",
+                 "--kv-format fp8 builds --variant infllmv2 with --bias none only (got --bias after_scale)");
   }
   SUBCASE("a library status names the call") {
     expect_error("--topk-qa 70 --topk 64", "create: invalid selection configuration");
@@ -441,6 +501,18 @@ TEST_CASE("nosa-replay --backend cuda runs on a GPU or says in one line why it c
     const bool refused =
         r.err == "nosa-replay: --backend cuda builds --variant infllmv2 with --bias none only (got --bias "
                  "after_scale)\n";
+    const bool not_built = r.err == "nosa-replay: backend 'cuda' is not available in this build\n";
+    CHECK((refused || not_built));
+  }
+
+  SUBCASE("the FP8 KV format is refused up front: the CUDA backend has no FP8 kernels yet") {
+    const run_result r =
+        run_replay(scratch, in_dir, scratch.path / "out", small_flags + " --backend cuda --kv-format fp8");
+    CAPTURE(r.err);
+    CHECK(r.exit_status == 2);
+    CHECK(r.out.empty());
+    const bool refused = r.err == "nosa-replay: --backend cuda does not support --kv-format fp8 yet (the host "
+                                  "backend does)\n";
     const bool not_built = r.err == "nosa-replay: backend 'cuda' is not available in this build\n";
     CHECK((refused || not_built));
   }

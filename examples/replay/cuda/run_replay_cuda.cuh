@@ -110,13 +110,15 @@ replay_status run_replay_cuda(const options& opt, const replay_inputs& in, repla
   const nosa::status dispatched =
       nosa::dispatch_value<variant_kind::nosa, variant_kind::infllmv2>(opt.variant, [&](auto variant) {
         return nosa::dispatch_value<store_kind::offload, store_kind::resident>(opt.store, [&](auto store) {
-          using store_type = detail::store_of<decltype(store)::value>;
+          using store_type = detail::store_of<decltype(store)::value, kv_format_kind::element>;
           using pipeline = std::conditional_t<decltype(variant)::value == variant_kind::nosa,
                                               nosa::nosa_pipeline<Element, HeadDim, store_type>,
                                               nosa::infllmv2_pipeline<Element, HeadDim, store_type>>;
           static_assert(pipeline::attention::bias == cuda_bias(decltype(variant)::value));
-          // parse_options refuses any other bias for the cuda backend.
-          if (opt.bias != cuda_bias(opt.variant)) return nosa::status::not_supported;
+          // parse_options refuses any other bias, and the FP8 KV format, for the cuda backend.
+          if (opt.bias != cuda_bias(opt.variant) || opt.kv_format != kv_format_kind::element) {
+            return nosa::status::not_supported;
+          }
           result = detail::run_pipeline<pipeline, nosa::cuda_backend>(opt, in, out);
           return result.status;
         });

@@ -1,5 +1,5 @@
-// The 12 pipelines of nosa-replay with fp16 storage and head dimension 64 (3 bias modes x 2 variants x
-// 2 stores).
+// The 16 pipelines of nosa-replay with fp16 storage and head dimension 64: 2 variants x 2 stores, with
+// complete blocks in fp16 under each of the 3 bias modes, or in FP8 under the variant's standard bias.
 #include "../run_replay_impl.hpp"
 
 namespace replay {
