@@ -104,8 +104,8 @@ struct counters {
   std::uint64_t steps = 0;       ///< decode steps run (per layer)
   std::uint64_t hits = 0;        ///< selected blocks already resident, summed over (sequence, KV head)
   std::uint64_t misses = 0;      ///< selected blocks loaded from the pool
-  std::uint64_t bytes_h2d = 0;   ///< bytes gathered host -> device (K and V)
-  std::uint64_t bytes_d2h = 0;   ///< bytes written back device -> host (K and V)
+  std::uint64_t bytes_h2d = 0;   ///< bytes gathered host -> device (K and V; with FP8, codes and scales)
+  std::uint64_t bytes_d2h = 0;   ///< bytes written back device -> host (K and V; with FP8, codes and scales)
 };
 
 /// Sizes of the two caller-owned arenas a layer needs. The device arena holds every per-step structure
