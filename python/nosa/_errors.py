@@ -12,3 +12,6 @@ class Error(ValueError):
     def __init__(self, status: str, message: str):
         super().__init__(message)
         self.status = status
+
+
+Error.__module__ = "nosa"  # shown as nosa.Error, where users catch it

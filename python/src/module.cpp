@@ -271,6 +271,9 @@ std::unique_ptr<layer_base> create_layer(const std::string& backend, const std::
 NB_MODULE(_core, m) {
   using namespace nosa_python;
   m.doc() = "nosa's extension module; use the nosa package, which wraps it.";
+  // Layers that are still referenced when the interpreter exits (say, from a framework's global registry of
+  // attention functions) are not leaks of the binding, and the package prints nothing of its own.
+  nb::set_leak_warnings(false);
 
   nb::class_<layer_base>(m, "Layer", "One decode layer of a compiled pipeline (created by nosa.DecodeLayer).")
       .def(
