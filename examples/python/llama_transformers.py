@@ -43,18 +43,38 @@ class NosaAttention:
     `decode(slots)` routes the next forward passes (one token per sequence) to `DecodeLayer.step`.
     """
 
-    def __init__(self, config: transformers.LlamaConfig, *, device: str, dtype: str, max_sequences: int,
-                 max_tokens: int, variant: str = "nosa", block: int = 64, topk: int = 64, topk_qa: int = 33):
+    def __init__(
+        self,
+        config: transformers.LlamaConfig,
+        *,
+        device: str,
+        dtype: str,
+        max_sequences: int,
+        max_tokens: int,
+        variant: str = "nosa",
+        block: int = 64,
+        topk: int = 64,
+        topk_qa: int = 33,
+    ):
         self.head_dim = config.head_dim
         self.num_kv_heads = config.num_key_value_heads
         self.device = torch.device(device)
         blocks = (max_tokens + block - 1) // block + 1
         self.layers = [
             nosa.DecodeLayer(
-                num_q_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
-                head_dim=config.head_dim, dtype=dtype, variant=variant, block=block, topk=topk, topk_qa=topk_qa,
-                max_sequences=max_sequences, max_blocks_per_sequence=blocks, pool_pages=max_sequences * blocks,
-                device=device)
+                num_q_heads=config.num_attention_heads,
+                num_kv_heads=config.num_key_value_heads,
+                head_dim=config.head_dim,
+                dtype=dtype,
+                variant=variant,
+                block=block,
+                topk=topk,
+                topk_qa=topk_qa,
+                max_sequences=max_sequences,
+                max_blocks_per_sequence=blocks,
+                pool_pages=max_sequences * blocks,
+                device=device,
+            )
             for _ in range(config.num_hidden_layers)
         ]
         self.topk = topk
@@ -82,12 +102,17 @@ class NosaAttention:
         assert scaling is None or abs(scaling - self.head_dim**-0.5) < 1e-12, "nosa scales logits by 1/sqrt(D)"
         layer = self.layers[module.layer_idx]
         if self._admitting is not None:
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                            scaling=scaling, **kwargs)
+            out, _ = sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
             prompt = key.shape[2]
             # [1, H_kv, P, D] -> [P, H_kv, D]: a transposed view (innermost stride 1), read in place.
-            layer.add_sequence(self._admitting, key[0].transpose(0, 1), value[0].transpose(0, 1),
-                               torch.zeros(prompt, self.num_kv_heads, dtype=torch.float32, device=self.device))
+            layer.add_sequence(
+                self._admitting,
+                key[0].transpose(0, 1),
+                value[0].transpose(0, 1),
+                torch.zeros(prompt, self.num_kv_heads, dtype=torch.float32, device=self.device),
+            )
             return out, None
         assert query.shape[2] == 1, "decode passes one token per sequence"
         o = layer.step(self._sequences, query[:, :, 0], key[:, :, 0], value[:, :, 0], self._scores)
@@ -96,11 +121,20 @@ class NosaAttention:
 
 def build_model(args) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.heads * args.head_dim, intermediate_size=4 * args.heads * args.head_dim,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim, max_position_embeddings=8192, initializer_range=args.init_range,
+        vocab_size=args.vocab,
+        hidden_size=args.heads * args.head_dim,
+        intermediate_size=4 * args.heads * args.head_dim,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=8192,
+        initializer_range=args.init_range,
         # No end-of-sequence token: both generations run the full number of tokens.
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     torch.manual_seed(args.seed)
     model = transformers.LlamaForCausalLM(config).to(device=args.device, dtype=TORCH_DTYPES[args.dtype])
     return model.eval()
@@ -115,7 +149,7 @@ def generate_with_model(model, prompts: list[list[int]], new_tokens: int) -> lis
         ids = torch.tensor([prompt], device=model.device)
         tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
         assert tokens.shape[1] == len(prompt) + new_tokens
-        out.append(tokens[0, len(prompt):].tolist())
+        out.append(tokens[0, len(prompt) :].tolist())
     return out
 
 
@@ -167,9 +201,17 @@ def main(argv=None) -> int:
         return 2
     model = build_model(args)
     max_tokens = args.context + args.new_tokens
-    attention = NosaAttention(model.config, device=args.device, dtype=args.dtype, max_sequences=args.batch,
-                              max_tokens=max_tokens, variant=args.variant, block=args.block, topk=args.topk,
-                              topk_qa=min(33, args.topk))
+    attention = NosaAttention(
+        model.config,
+        device=args.device,
+        dtype=args.dtype,
+        max_sequences=args.batch,
+        max_tokens=max_tokens,
+        variant=args.variant,
+        block=args.block,
+        topk=args.topk,
+        topk_qa=min(33, args.topk),
+    )
     transformers.AttentionInterface.register("nosa", attention)
 
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -186,10 +228,14 @@ def main(argv=None) -> int:
     within_k = all(-(-(n + args.new_tokens) // args.block) <= args.topk for n in lengths)
     same = got == expected
     counters = attention.layers[0].counters()
-    print(f"llama_transformers: {args.layers} layers, {args.heads} heads ({args.kv_heads} KV), head dim "
-          f"{args.head_dim}, {args.dtype} on {args.device}; nosa {args.variant}, block {args.block}, k {args.topk}")
-    print(f"  prompts of {lengths} tokens, {args.new_tokens} new tokens each "
-          f"(model's attention {dense_seconds:.2f} s, nosa {nosa_seconds:.2f} s)")
+    print(
+        f"llama_transformers: {args.layers} layers, {args.heads} heads ({args.kv_heads} KV), head dim "
+        f"{args.head_dim}, {args.dtype} on {args.device}; nosa {args.variant}, block {args.block}, k {args.topk}"
+    )
+    print(
+        f"  prompts of {lengths} tokens, {args.new_tokens} new tokens each "
+        f"(model's attention {dense_seconds:.2f} s, nosa {nosa_seconds:.2f} s)"
+    )
     print(f"  layer 0: {counters['steps']} steps, {counters['hits']} hits, {counters['misses']} misses")
     for i, (a, b) in enumerate(zip(got, expected)):
         agree = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
@@ -200,8 +246,10 @@ def main(argv=None) -> int:
     if args.dtype != "fp32":
         # nosa accumulates in fp32 and rounds its output once; the model's 16-bit attention rounds along the way.
         # A logit near-tie can then flip a token, after which the two generations part.
-        print("  every context within k blocks, 16-bit: the tokens agree up to a rounding near-tie:",
-              "all of them" if same else "until one")
+        print(
+            "  every context within k blocks, 16-bit: the tokens agree up to a rounding near-tie:",
+            "all of them" if same else "until one",
+        )
         return 0
     print("  every context within k blocks: the tokens must match:", "yes" if same else "NO")
     return 0 if same else 1

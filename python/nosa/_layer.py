@@ -41,7 +41,9 @@ def _parse_device(device: Any) -> tuple[str, int]:
     elif isinstance(device, str):
         text = device
     else:
-        raise Error("invalid_argument", f"DecodeLayer: invalid_argument: device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        raise Error(
+            "invalid_argument", f"DecodeLayer: invalid_argument: device must be 'cpu' or 'cuda[:N]', got {device!r}"
+        )
     if text == "cpu":
         return "cpu", 0
     if text == "cuda":
@@ -51,7 +53,9 @@ def _parse_device(device: Any) -> tuple[str, int]:
         return "cuda", 0
     if text.startswith("cuda:") and text[5:].isdigit():
         return "cuda", int(text[5:])
-    raise Error("invalid_argument", f"DecodeLayer: invalid_argument: device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    raise Error(
+        "invalid_argument", f"DecodeLayer: invalid_argument: device must be 'cpu' or 'cuda[:N]', got {device!r}"
+    )
 
 
 class DecodeLayer:
@@ -130,7 +134,9 @@ class DecodeLayer:
         else:
             budget_value = _int(call, "budget", budget)
             if budget_value < 0:
-                raise Error("invalid_config", f"{call}: invalid_config: budget must be None or >= 0, got {budget_value}")
+                raise Error(
+                    "invalid_config", f"{call}: invalid_config: budget must be None or >= 0, got {budget_value}"
+                )
         for name, value in (("dtype", dtype), ("variant", variant), ("store", store), ("bias", bias)):
             if not isinstance(value, str):
                 raise Error("invalid_argument", f"{call}: invalid_argument: {name} must be a string, got {value!r}")
@@ -225,7 +231,9 @@ class DecodeLayer:
 
     # ---- plan calls ----------------------------------------------------------------------------------------
 
-    def add_sequence(self, slot: int, k: Any, v: Any, c: Any = None, last_query: Any = None, *, stream: Any = None) -> None:
+    def add_sequence(
+        self, slot: int, k: Any, v: Any, c: Any = None, last_query: Any = None, *, stream: Any = None
+    ) -> None:
         """Admits a sequence into ``slot`` with its prompt (the K, V and eviction scores of the engine's prefill).
 
         Args:
@@ -265,7 +273,9 @@ class DecodeLayer:
 
     # ---- the step ------------------------------------------------------------------------------------------
 
-    def step(self, sequences: Any, q: Any, k: Any, v: Any, c: Any = None, *, out: Any = None, stream: Any = None) -> Any:
+    def step(
+        self, sequences: Any, q: Any, k: Any, v: Any, c: Any = None, *, out: Any = None, stream: Any = None
+    ) -> Any:
         """One decode step of this layer for a batch of live sequences; returns the attention output.
 
         Args:
@@ -398,4 +408,6 @@ def _export(array: Any) -> Any:
                 return array.__dlpack__(stream=-1)
         return array.__dlpack__(stream=-1)
     except (BufferError, RuntimeError, TypeError) as e:
-        raise Error("invalid_argument", f"invalid_argument: a tensor could not be exported through DLPack: {e}") from None
+        raise Error(
+            "invalid_argument", f"invalid_argument: a tensor could not be exported through DLPack: {e}"
+        ) from None

@@ -61,7 +61,8 @@ struct backend_glue<nosa::cuda_backend> {
     device_scope& operator=(const device_scope&) = delete;
 
     problem result() const {
-      if (error_) return fail(nosa::status::backend_error, "the CUDA runtime could not select the layer's device");
+      if (error_)
+        return fail(nosa::status::backend_error, "the CUDA runtime could not select the layer's device");
       return {};
     }
 

@@ -25,12 +25,14 @@ struct backend_glue<nosa::host_backend> {
   static nosa::host_backend::stream_type stream(std::uintptr_t) noexcept { return {}; }
 
   static problem check_memory(const array_ref& a, std::string_view name, int) {
-    if (a.memory == memory_kind::cpu || a.memory == memory_kind::cuda_host || a.memory == memory_kind::cuda_managed) {
+    if (a.memory == memory_kind::cpu || a.memory == memory_kind::cuda_host ||
+        a.memory == memory_kind::cuda_managed) {
       return {};
     }
     return fail(nosa::status::invalid_argument,
-                std::string(name) + " is not in host memory; a layer on device \"cpu\" reads host arrays (NumPy, "
-                                    "CPU tensors)");
+                std::string(name) +
+                    " is not in host memory; a layer on device \"cpu\" reads host arrays (NumPy, "
+                    "CPU tensors)");
   }
 
   /// Nothing to select on the host.

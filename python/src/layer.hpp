@@ -34,15 +34,15 @@ inline constexpr int max_rank = 4;
 /// One caller array as DLPack describes it. Only the description crosses the seam: the data stay where the
 /// caller put them and are never copied.
 struct array_ref {
-  bool present = false;              ///< false for an optional argument left out
-  void* data = nullptr;              ///< element (0, ..., 0)
+  bool present = false;  ///< false for an optional argument left out
+  void* data = nullptr;  ///< element (0, ..., 0)
   element_kind element = element_kind::other;
-  std::string dtype_name;            ///< the DLPack dtype, for messages ("float32", "bfloat16", ...)
+  std::string dtype_name;  ///< the DLPack dtype, for messages ("float32", "bfloat16", ...)
   int rank = 0;
   std::int64_t shape[max_rank] = {};
   std::int64_t strides[max_rank] = {};  ///< in elements
   memory_kind memory = memory_kind::other;
-  int device_id = 0;                 ///< the CUDA device of `cuda` and `cuda_managed` arrays
+  int device_id = 0;  ///< the CUDA device of `cuda` and `cuda_managed` arrays
 };
 
 /// The outcome of a call: a status and, when it failed, what exactly was wrong.

@@ -64,8 +64,8 @@ inline std::string shape_string(const std::int64_t* extents, int rank) {
 /// Checks `a` against what the layer needs and, when it passes, points `out` at its data. `expected`
 /// holds the extents; `dims` names them for messages ("[B, H_q, D]").
 template <class Backend, class T, int Rank>
-problem view_of(const array_ref& a, std::string_view name, std::string_view dims, const std::int64_t (&expected)[Rank],
-                int device, nosa::tensor_view<T, Rank>& out) {
+problem view_of(const array_ref& a, std::string_view name, std::string_view dims,
+                const std::int64_t (&expected)[Rank], int device, nosa::tensor_view<T, Rank>& out) {
   using element = std::remove_const_t<T>;
   const std::string arg(name);
   if (!a.present) return fail(nosa::status::invalid_argument, arg + " is required");
@@ -75,8 +75,9 @@ problem view_of(const array_ref& a, std::string_view name, std::string_view dims
                                                     std::string(element_name(element_of<element>())));
   }
   if (a.rank != Rank) {
-    return fail(nosa::status::shape_mismatch, arg + " has " + std::to_string(a.rank) + " dimensions; expected " +
-                                                  std::to_string(Rank) + " " + std::string(dims));
+    return fail(nosa::status::shape_mismatch, arg + " has " + std::to_string(a.rank) +
+                                                  " dimensions; expected " + std::to_string(Rank) + " " +
+                                                  std::string(dims));
   }
   nosa::tensor_view<T, Rank> v;
   v.data = static_cast<T*>(a.data);
@@ -85,29 +86,27 @@ problem view_of(const array_ref& a, std::string_view name, std::string_view dims
     v.strides[d] = a.strides[d];
   }
   switch (const nosa::status s = nosa::check_view(v, expected)) {
-    case nosa::status::success:
-      out = v;
-      return {};
+    case nosa::status::success: out = v; return {};
     case nosa::status::shape_mismatch:
-      return fail(s, arg + " has shape " + shape_string(a.shape, Rank) + "; expected " + std::string(dims) + " = " +
-                         shape_string(expected, Rank));
+      return fail(s, arg + " has shape " + shape_string(a.shape, Rank) + "; expected " + std::string(dims) +
+                         " = " + shape_string(expected, Rank));
     case nosa::status::bad_layout:
       return fail(s, arg + " has strides " + shape_string(a.strides, Rank) +
                          " (in elements); the last must be 1 and none negative");
     case nosa::status::null_pointer: return fail(s, arg + " has no data");
     case nosa::status::misaligned_pointer:
-      return fail(s, arg + "'s data is not aligned to its " + std::string(element_name(element_of<element>())) +
-                         " elements");
+      return fail(s, arg + "'s data is not aligned to its " +
+                         std::string(element_name(element_of<element>())) + " elements");
     default: return fail(s, arg + " was rejected");
   }
 }
 
 /// Runs `expr` (a `problem`) and returns it from the enclosing function when it failed.
-#define NOSA_PYTHON_TRY(expr)                                                      \
-  do {                                                                             \
-    if (::nosa_python::problem nosa_python_p_ = (expr); nosa_python_p_.failed()) { \
-      return nosa_python_p_;                                                       \
-    }                                                                              \
+#define NOSA_PYTHON_TRY(expr)                                                                                \
+  do {                                                                                                       \
+    if (::nosa_python::problem nosa_python_p_ = (expr); nosa_python_p_.failed()) {                           \
+      return nosa_python_p_;                                                                                 \
+    }                                                                                                        \
   } while (0)
 
 /// Why `create` refused `config`: the library's status names the class of problem, this names the value.
@@ -116,25 +115,30 @@ inline std::string explain_config(nosa::status s, const nosa::layer_config& c, s
   const nosa::selection_params& p = c.selection;
   switch (s) {
     case nosa::status::invalid_config:
-      if (p.block_size <= 0 || p.window <= 0 || p.stride <= 0) return "block, window and stride must be positive";
+      if (p.block_size <= 0 || p.window <= 0 || p.stride <= 0)
+        return "block, window and stride must be positive";
       if (p.top_k <= 0 || p.top_k_query_aware < 0 || p.n_init < 0 || p.n_local < 0) {
         return "topk must be positive and topk_qa, init and local non-negative";
       }
       if (p.top_k_query_aware > p.top_k) {
-        return "topk_qa (" + std::to_string(p.top_k_query_aware) + ") exceeds topk (" + std::to_string(p.top_k) + ")";
+        return "topk_qa (" + std::to_string(p.top_k_query_aware) + ") exceeds topk (" +
+               std::to_string(p.top_k) + ")";
       }
       if (p.top_k < p.forced_blocks()) {
-        return "topk (" + std::to_string(p.top_k) + ") is below the forced blocks init + local + 1 = " +
-               std::to_string(p.forced_blocks());
+        return "topk (" + std::to_string(p.top_k) +
+               ") is below the forced blocks init + local + 1 = " + std::to_string(p.forced_blocks());
       }
       return "budget must be None or >= 0";
     case nosa::status::invalid_argument:
-      return "num_q_heads must be a positive multiple of num_kv_heads; max_sequences, max_blocks_per_sequence and "
-             "pool_pages positive; cache_slots in [0, 2^20]; max_blocks_per_sequence * block at most 2^30 tokens";
+      return "num_q_heads must be a positive multiple of num_kv_heads; max_sequences, "
+             "max_blocks_per_sequence and "
+             "pool_pages positive; cache_slots in [0, 2^20]; max_blocks_per_sequence * block at most 2^30 "
+             "tokens";
     case nosa::status::not_supported:
       return std::string("the ") + std::string(backend) + " backend supports GQA groups up to " +
              std::to_string(max_group) + (max_top_k > 0 ? ", topk up to " + std::to_string(max_top_k) : "") +
-             (backend == "CUDA" ? ", blocks that are a multiple of 8 tokens and topk + 1 + cache_slots <= 288" : "");
+             (backend == "CUDA" ? ", blocks that are a multiple of 8 tokens and topk + 1 + cache_slots <= 288"
+                                : "");
     case nosa::status::insufficient_memory: return "allocating the layer's memory failed";
     default: return "the backend failed to create the layer";
   }
@@ -265,7 +269,8 @@ class layer_impl final : public layer_base {
     typename glue::device_scope scope(device_);
     NOSA_PYTHON_TRY(scope.result());
     NOSA_PYTHON_TRY(live(seq, stream));
-    for (int h = 0; h < config().num_kv_heads; ++h) out[h] = layer_->step_misses(seq, h, glue::stream(stream));
+    for (int h = 0; h < config().num_kv_heads; ++h)
+      out[h] = layer_->step_misses(seq, h, glue::stream(stream));
     return {};
   }
 
@@ -286,7 +291,8 @@ class layer_impl final : public layer_base {
   problem counters(bool last_step, nosa::counters& out, std::uintptr_t stream) override {
     typename glue::device_scope scope(device_);
     NOSA_PYTHON_TRY(scope.result());
-    out = last_step ? layer_->last_step_counters(glue::stream(stream)) : layer_->total_counters(glue::stream(stream));
+    out = last_step ? layer_->last_step_counters(glue::stream(stream))
+                    : layer_->total_counters(glue::stream(stream));
     return {};
   }
 
@@ -308,8 +314,8 @@ class layer_impl final : public layer_base {
   const nosa::layer_config& config() const { return layer_->config(); }
 
   template <class T, int Rank>
-  problem view(const array_ref& a, std::string_view name, std::string_view dims, const std::int64_t (&expected)[Rank],
-               nosa::tensor_view<T, Rank>& out) const {
+  problem view(const array_ref& a, std::string_view name, std::string_view dims,
+               const std::int64_t (&expected)[Rank], nosa::tensor_view<T, Rank>& out) const {
     return detail::view_of<Backend>(a, name, dims, expected, device_, out);
   }
 
@@ -340,10 +346,11 @@ class layer_impl final : public layer_base {
     switch (s) {
       case nosa::status::unknown_sequence:
         return seq < 0 || seq >= c.limits.max_sequences
-                   ? "slot " + std::to_string(seq) + " is outside [0, max_sequences = " +
-                         std::to_string(c.limits.max_sequences) + ")"
+                   ? "slot " + std::to_string(seq) +
+                         " is outside [0, max_sequences = " + std::to_string(c.limits.max_sequences) + ")"
                    : "slot " + std::to_string(seq) + " holds no live sequence";
-      case nosa::status::sequence_exists: return "slot " + std::to_string(seq) + " already holds a live sequence";
+      case nosa::status::sequence_exists:
+        return "slot " + std::to_string(seq) + " already holds a live sequence";
       case nosa::status::sequence_full:
         return "a sequence would exceed max_blocks_per_sequence * block = " + std::to_string(c.max_tokens()) +
                " tokens (" + std::to_string(count) + " asked)";
@@ -365,7 +372,8 @@ class layer_impl final : public layer_base {
         const int seq = sequences(b);
         const bool in_range = seq >= 0 && seq < slots;
         if (s == nosa::status::unknown_sequence && (!in_range || !layer_->is_live(seq))) {
-          return "row " + std::to_string(b) + " names slot " + std::to_string(seq) + ", which holds no live sequence";
+          return "row " + std::to_string(b) + " names slot " + std::to_string(seq) +
+                 ", which holds no live sequence";
         }
         if (s == nosa::status::duplicate_sequence) {
           for (std::int64_t a = 0; a < b; ++a) {
@@ -378,7 +386,8 @@ class layer_impl final : public layer_base {
       }
     }
     if (s == nosa::status::not_reserved) return why + ": call reserve() before the step";
-    if (s == nosa::status::sequence_full) return why + ": a sequence reached max_blocks_per_sequence * block tokens";
+    if (s == nosa::status::sequence_full)
+      return why + ": a sequence reached max_blocks_per_sequence * block tokens";
     return why;
   }
 

@@ -107,7 +107,8 @@ nb::object bfloat16_bits(nb::handle h) {
   try {
     const nb::object dtype = h.attr("dtype");
     if (!nb::hasattr(dtype, "name") || !nb::hasattr(dtype, "itemsize")) return {};
-    if (text_of(nb::object(dtype.attr("name"))) != "bfloat16" || text_of(nb::object(dtype.attr("itemsize"))) != "2") {
+    if (text_of(nb::object(dtype.attr("name"))) != "bfloat16" ||
+        text_of(nb::object(dtype.attr("itemsize"))) != "2") {
       return {};
     }
     return h.attr("view")("uint16");
@@ -126,8 +127,8 @@ std::string unimportable(std::string_view name, nb::handle h) {
   return s + " is not an array (DLPack or the buffer protocol): got " + text_of(nb::type_name(h.type()));
 }
 
-/// Imports `h` without conversion (nb::ndarray<> has no dtype or order to convert to), as a read-only input or
-/// as a writable output.
+/// Imports `h` without conversion (nb::ndarray<> has no dtype or order to convert to), as a read-only input
+/// or as a writable output.
 caller_array import_array(std::string_view call, std::string_view name, nb::handle h, bool writable) {
   caller_array a;
   if (h.is_none()) return a;
@@ -171,17 +172,17 @@ caller_array import_array(std::string_view call, std::string_view name, nb::hand
     a.input = std::move(nd);
   }
   if (a.ref.rank > max_rank) {
-    raise(call, fail(nosa::status::shape_mismatch,
-                     std::string(name) + " has " + std::to_string(a.ref.rank) + " dimensions; at most " +
-                         std::to_string(max_rank) + " are ever expected"));
+    raise(call, fail(nosa::status::shape_mismatch, std::string(name) + " has " + std::to_string(a.ref.rank) +
+                                                       " dimensions; at most " + std::to_string(max_rank) +
+                                                       " are ever expected"));
   }
   return a;
 }
 
 /// A new NumPy int32 array of the given shape, filled by `fill` (called without the GIL).
 template <class Fill>
-nb::ndarray<nb::numpy, std::int32_t> int32_array(std::string_view call, std::size_t rows, std::size_t cols, int rank,
-                                                 Fill&& fill) {
+nb::ndarray<nb::numpy, std::int32_t> int32_array(std::string_view call, std::size_t rows, std::size_t cols,
+                                                 int rank, Fill&& fill) {
   const std::size_t n = rows * cols;
   auto* data = new std::int32_t[n > 0 ? n : 1];
   nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<std::int32_t*>(p); });
@@ -196,7 +197,8 @@ nb::ndarray<nb::numpy, std::int32_t> int32_array(std::string_view call, std::siz
 }
 
 template <class E>
-E parse(std::string_view what, const std::string& value, std::initializer_list<std::pair<std::string_view, E>> names) {
+E parse(std::string_view what, const std::string& value,
+        std::initializer_list<std::pair<std::string_view, E>> names) {
   std::string options;
   for (const auto& [name, e] : names) {
     if (name == value) return e;
@@ -216,23 +218,27 @@ nb::list describe_choices(const std::vector<pipeline_choice>& list) {
 }
 
 std::unique_ptr<layer_base> create_layer(const std::string& backend, const std::string& variant,
-                                         const std::string& store, const std::string& bias, const std::string& dtype,
-                                         int head_dim, int num_q_heads, int num_kv_heads, int block, int window,
-                                         int stride, int topk, int topk_qa, int init, int local, int budget,
-                                         int cache_slots, int max_sequences, int max_blocks_per_sequence,
-                                         int pool_pages, int device) {
+                                         const std::string& store, const std::string& bias,
+                                         const std::string& dtype, int head_dim, int num_q_heads,
+                                         int num_kv_heads, int block, int window, int stride, int topk,
+                                         int topk_qa, int init, int local, int budget, int cache_slots,
+                                         int max_sequences, int max_blocks_per_sequence, int pool_pages,
+                                         int device) {
   layer_spec spec;
-  spec.backend = parse<backend_kind>("device", backend, {{"cpu", backend_kind::host}, {"cuda", backend_kind::cuda}});
+  spec.backend =
+      parse<backend_kind>("device", backend, {{"cpu", backend_kind::host}, {"cuda", backend_kind::cuda}});
   spec.variant = parse<variant_kind>(
       "variant", variant,
       {{"nosa", variant_kind::nosa}, {"infllmv2", variant_kind::infllmv2}, {"full", variant_kind::full}});
-  spec.store = parse<store_kind>("store", store, {{"offload", store_kind::offload}, {"resident", store_kind::resident}});
+  spec.store = parse<store_kind>("store", store,
+                                 {{"offload", store_kind::offload}, {"resident", store_kind::resident}});
   spec.bias = parse<nosa::bias_mode>("bias", bias,
                                      {{"after_scale", nosa::bias_mode::after_scale},
                                       {"before_scale", nosa::bias_mode::before_scale},
                                       {"none", nosa::bias_mode::none}});
   spec.element = parse<nosa::dtype>(
-      "dtype", dtype, {{"fp32", nosa::dtype::fp32}, {"bf16", nosa::dtype::bf16}, {"fp16", nosa::dtype::fp16}});
+      "dtype", dtype,
+      {{"fp32", nosa::dtype::fp32}, {"bf16", nosa::dtype::bf16}, {"fp16", nosa::dtype::fp16}});
   if (spec.variant == variant_kind::full && spec.store == store_kind::offload) {
     raise("DecodeLayer", fail(nosa::status::invalid_argument,
                               "full attention keeps every block in device memory: use store='resident'"));
@@ -365,7 +371,8 @@ NB_MODULE(_core, m) {
           [](layer_base& l, int seq, std::uintptr_t stream) {
             const auto kv_heads = static_cast<std::size_t>(l.kv_heads());
             const std::size_t width = static_cast<std::size_t>(l.slot_count());
-            return int32_array("slots", kv_heads, width, 2, [&](std::int32_t* out) { return l.slots(seq, out, stream); });
+            return int32_array("slots", kv_heads, width, 2,
+                               [&](std::int32_t* out) { return l.slots(seq, out, stream); });
           },
           "seq"_a, "stream"_a)
       .def(
@@ -404,10 +411,11 @@ NB_MODULE(_core, m) {
 
   m.def("create_layer", &create_layer, "backend"_a, "variant"_a, "store"_a, "bias"_a, "dtype"_a, "head_dim"_a,
         "num_q_heads"_a, "num_kv_heads"_a, "block"_a, "window"_a, "stride"_a, "topk"_a, "topk_qa"_a, "init"_a,
-        "local"_a, "budget"_a, "cache_slots"_a, "max_sequences"_a, "max_blocks_per_sequence"_a, "pool_pages"_a,
-        "device"_a);
+        "local"_a, "budget"_a, "cache_slots"_a, "max_sequences"_a, "max_blocks_per_sequence"_a,
+        "pool_pages"_a, "device"_a);
   m.def("cuda_built", &cuda_built, "True when this build contains the CUDA backend.");
-  m.def("cuda_device_count", &cuda_device_count, "CUDA devices the runtime sees (0 without a GPU or driver).");
+  m.def("cuda_device_count", &cuda_device_count,
+        "CUDA devices the runtime sees (0 without a GPU or driver).");
   m.def(
       "pipelines",
       [](const std::string& backend) {
@@ -415,7 +423,8 @@ NB_MODULE(_core, m) {
         if (backend == "cuda") {
           return cuda_built() ? describe_choices(choices(cuda_pipelines<float, 64>{})) : nb::list();
         }
-        raise("pipelines", fail(nosa::status::invalid_argument, "device '" + backend + "' is not one of cpu, cuda"));
+        raise("pipelines",
+              fail(nosa::status::invalid_argument, "device '" + backend + "' is not one of cpu, cuda"));
       },
       "backend"_a);
   m.attr("dtypes") = nb::make_tuple("fp32", "fp16", "bf16");

@@ -53,11 +53,11 @@ using host_pipelines = pipeline_list<
 /// Every pipeline the CUDA backend compiles for storage type `E` and head dim `D`: each variant with the
 /// bias it is trained with, which keeps the CUDA build to a third of the host's.
 template <nosa::storage_element E, int D>
-using cuda_pipelines = pipeline_list<nosa::nosa_pipeline<E, D, nosa::offload_store>,
-                                     nosa::nosa_pipeline<E, D, nosa::resident_store>,
-                                     nosa::infllmv2_pipeline<E, D, nosa::offload_store>,
-                                     nosa::infllmv2_pipeline<E, D, nosa::resident_store>,
-                                     nosa::full_attention_pipeline<E, D>>;
+using cuda_pipelines =
+    pipeline_list<nosa::nosa_pipeline<E, D, nosa::offload_store>,
+                  nosa::nosa_pipeline<E, D, nosa::resident_store>,
+                  nosa::infllmv2_pipeline<E, D, nosa::offload_store>,
+                  nosa::infllmv2_pipeline<E, D, nosa::resident_store>, nosa::full_attention_pipeline<E, D>>;
 
 /// The storage types and head dims both backends compile, as one fold each.
 template <class F>
@@ -111,13 +111,14 @@ std::vector<pipeline_choice> choices(pipeline_list<P...>) {
 /// Calls `make.template operator()<P>()` for the pipeline `P` of the list that `spec` chooses; a choice
 /// outside the list is `not_supported`, with the list in the detail.
 template <class Make, class... P>
-problem make_matching(pipeline_list<P...> list, const layer_spec& spec, std::string_view backend, Make&& make) {
+problem make_matching(pipeline_list<P...> list, const layer_spec& spec, std::string_view backend,
+                      Make&& make) {
   problem result;
   const bool found = ((matches<P>(spec) ? (result = make.template operator()<P>(), true) : false) || ...);
   if (!found) {
     return fail(nosa::status::not_supported,
-                std::string(backend) + " backend has no pipeline " + std::string(to_string(spec.variant)) + "/" +
-                    std::string(to_string(spec.store)) + "/" + std::string(bias_name(spec.bias)) +
+                std::string(backend) + " backend has no pipeline " + std::string(to_string(spec.variant)) +
+                    "/" + std::string(to_string(spec.store)) + "/" + std::string(bias_name(spec.bias)) +
                     " (variant/store/bias); it compiles " + describe(list));
   }
   return result;
@@ -144,8 +145,9 @@ problem dispatch_layer(const layer_spec& spec, Make&& make) {
     });
   });
   if (s == nosa::status::not_supported) {
-    return fail(s, "head_dim " + std::to_string(spec.head_dim) + " is not compiled; the package compiles 64, 128 "
-                   "and 256");
+    return fail(s, "head_dim " + std::to_string(spec.head_dim) +
+                       " is not compiled; the package compiles 64, 128 "
+                       "and 256");
   }
   return result;
 }

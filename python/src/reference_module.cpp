@@ -7,8 +7,8 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
-#include <nanobind/stl/string.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
@@ -44,8 +44,8 @@ nosa_ref::key_storage parse_keys(const std::string& s) {
 /// Checks that `a` holds `count` rows of `width` values.
 const double* rows_of(const rows& a, std::size_t count, std::size_t width, const char* name) {
   if (a.size() != count * width) {
-    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(count * width) + " values, got " +
-                                std::to_string(a.size()));
+    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(count * width) +
+                                " values, got " + std::to_string(a.size()));
   }
   return a.data();
 }
@@ -68,8 +68,8 @@ NB_MODULE(_reference, m) {
   nb::class_<nosa_ref::config>(m, "Config")
       .def(
           "__init__",
-          [](nosa_ref::config* c, int block, int window, int stride, int topk, int topk_qa, int n_init, int n_local,
-             int budget, bool query_agnostic, const std::string& bias, int head_dim, int group,
+          [](nosa_ref::config* c, int block, int window, int stride, int topk, int topk_qa, int n_init,
+             int n_local, int budget, bool query_agnostic, const std::string& bias, int head_dim, int group,
              const std::string& compressed_keys) {
             new (c) nosa_ref::config();
             c->block = block;
@@ -111,7 +111,8 @@ NB_MODULE(_reference, m) {
             return std::make_tuple(r.equal, r.equivalent_up_to_near_ties, r.message);
           },
           "got_ascending"_a,
-          "(equal, equivalent up to fp32 near-ties, message) of the library's ascending selection against this one");
+          "(equal, equivalent up to fp32 near-ties, message) of the library's ascending selection against "
+          "this one");
 
   nb::class_<nosa_ref::history>(m, "History", "The token history of one (sequence, KV head).")
       .def(nb::init<const nosa_ref::config&>(), "config"_a)
@@ -120,7 +121,8 @@ NB_MODULE(_reference, m) {
           [](nosa_ref::history& h, const rows& k, const rows& v, const rows& c) {
             const std::size_t n = c.size();
             const std::size_t d = static_cast<std::size_t>(h.head_dim());
-            h.append(rows_of(k, n, d, "k"), rows_of(v, n, d, "v"), rows_of(c, n, 1, "c"), static_cast<int>(n));
+            h.append(rows_of(k, n, d, "k"), rows_of(v, n, d, "v"), rows_of(c, n, 1, "c"),
+                     static_cast<int>(n));
           },
           "k"_a, "v"_a, "c"_a, "Appends tokens: k, v [n, D], c [n].")
       .def_prop_ro("length", &nosa_ref::history::length);
@@ -131,15 +133,17 @@ NB_MODULE(_reference, m) {
          std::optional<std::vector<int>> resident) {
         const std::size_t g = static_cast<std::size_t>(cfg.group), d = static_cast<std::size_t>(cfg.head_dim);
         const double* qp = q ? rows_of(*q, g, d, "q") : nullptr;
-        return nosa_ref::select(cfg, nosa_ref::scores(cfg, h, qp, q.has_value()), resident ? &*resident : nullptr,
-                                q.has_value());
+        return nosa_ref::select(cfg, nosa_ref::scores(cfg, h, qp, q.has_value()),
+                                resident ? &*resident : nullptr, q.has_value());
       },
       "config"_a, "history"_a, "q"_a.none(), "resident"_a.none(),
-      "The selection after the last token of `history` for the queries q [G, D] (None at admission), with the "
+      "The selection after the last token of `history` for the queries q [G, D] (None at admission), with "
+      "the "
       "budget rule over `resident` (the blocks resident before the step's loads; None: no budget rule).");
   m.def(
       "attend",
-      [](const nosa_ref::config& cfg, const nosa_ref::history& h, const rows& q, const std::vector<int>& blocks) {
+      [](const nosa_ref::config& cfg, const nosa_ref::history& h, const rows& q,
+         const std::vector<int>& blocks) {
         const std::size_t g = static_cast<std::size_t>(cfg.group), d = static_cast<std::size_t>(cfg.head_dim);
         std::vector<double> o(g * d);
         nosa_ref::attend(cfg, h, rows_of(q, g, d, "q"), blocks, h.length(), o.data());
@@ -148,6 +152,7 @@ NB_MODULE(_reference, m) {
       "config"_a, "history"_a, "q"_a, "blocks"_a,
       "Dense attention of q [G, D] over exactly the tokens of `blocks` (spec section 5); o [G, D].");
   m.def(
-      "block_count", [](int length, const nosa_ref::config& cfg) { return nosa_ref::block_count(length, cfg); },
-      "length"_a, "config"_a);
+      "block_count",
+      [](int length, const nosa_ref::config& cfg) { return nosa_ref::block_count(length, cfg); }, "length"_a,
+      "config"_a);
 }

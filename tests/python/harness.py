@@ -113,8 +113,15 @@ class ReferenceRun:
     eviction head would.
     """
 
-    def __init__(self, layer: nosa.DecodeLayer, *, seed: int = 1, scores: str = "gaussian",
-                 require_exact: bool = False, pass_scores: bool = True):
+    def __init__(
+        self,
+        layer: nosa.DecodeLayer,
+        *,
+        seed: int = 1,
+        scores: str = "gaussian",
+        require_exact: bool = False,
+        pass_scores: bool = True,
+    ):
         self.layer = layer
         self.source = TokenSource(seed, layer.dtype, scores)
         self.require_exact = require_exact
@@ -227,7 +234,9 @@ class ReferenceRun:
                     if n_blocks > self.cfg.topk and layer.variant == "nosa":
                         forced = forced_block_count(n_blocks, self.cfg)
                         free_qa = self.cfg.topk_qa - forced
-                        self.stats.max_misses_over_bound = max(self.stats.max_misses_over_bound, misses - max(free_qa, 0))
+                        self.stats.max_misses_over_bound = max(
+                            self.stats.max_misses_over_bound, misses - max(free_qa, 0)
+                        )
                     if self.budget is not None:
                         assert misses <= self.budget
                     self.resident[seq][h] = mine

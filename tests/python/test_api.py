@@ -19,22 +19,47 @@ def admit(layer, source, seq, length):
 def test_the_issue_example_runs_on_the_host():
     """The surface as engines call it, with the paper's parameters, on a NumPy bf16 prompt."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    layer = nosa.DecodeLayer(num_q_heads=32, num_kv_heads=2, head_dim=128, dtype="bf16", variant="nosa",
-                             store="offload", bias="after_scale", block=64, window=32, stride=16, topk=64,
-                             topk_qa=33, init=1, local=16, budget=None, cache_slots=0, max_sequences=8,
-                             max_blocks_per_sequence=2048, pool_pages=1024, device="cpu")
+    layer = nosa.DecodeLayer(
+        num_q_heads=32,
+        num_kv_heads=2,
+        head_dim=128,
+        dtype="bf16",
+        variant="nosa",
+        store="offload",
+        bias="after_scale",
+        block=64,
+        window=32,
+        stride=16,
+        topk=64,
+        topk_qa=33,
+        init=1,
+        local=16,
+        budget=None,
+        cache_slots=0,
+        max_sequences=8,
+        max_blocks_per_sequence=2048,
+        pool_pages=1024,
+        device="cpu",
+    )
     rng = np.random.default_rng(0)
     bf16 = ml_dtypes.bfloat16
     prompt = 5000
-    layer.add_sequence(3, rng.standard_normal((prompt, 2, 128)).astype(bf16),
-                       rng.standard_normal((prompt, 2, 128)).astype(bf16),
-                       rng.standard_normal((prompt, 2)).astype(np.float32))
+    layer.add_sequence(
+        3,
+        rng.standard_normal((prompt, 2, 128)).astype(bf16),
+        rng.standard_normal((prompt, 2, 128)).astype(bf16),
+        rng.standard_normal((prompt, 2)).astype(np.float32),
+    )
     sequences = np.array([3], np.int32)
     for _ in range(3):
         layer.reserve(1)
-        o = layer.step(sequences, rng.standard_normal((1, 32, 128)).astype(bf16),
-                       rng.standard_normal((1, 2, 128)).astype(bf16), rng.standard_normal((1, 2, 128)).astype(bf16),
-                       rng.standard_normal((1, 2)).astype(np.float32))
+        o = layer.step(
+            sequences,
+            rng.standard_normal((1, 32, 128)).astype(bf16),
+            rng.standard_normal((1, 2, 128)).astype(bf16),
+            rng.standard_normal((1, 2, 128)).astype(bf16),
+            rng.standard_normal((1, 2)).astype(np.float32),
+        )
         assert o.shape == (1, 32, 128) and o.dtype == np.float32 and np.isfinite(o).all()
     selection = layer.selection(3)
     assert selection.shape == (2, 64) and selection.dtype == np.int32
@@ -67,8 +92,13 @@ def test_arrays_are_read_and_written_in_place():
             layer.reserve(1)
         returned = layers[0].step(sequences, q, k, v, c, out=out)
         assert returned is out
-        expected = layers[1].step(np.ascontiguousarray(sequences), np.ascontiguousarray(q), np.ascontiguousarray(k),
-                                  np.ascontiguousarray(v), np.ascontiguousarray(c))
+        expected = layers[1].step(
+            np.ascontiguousarray(sequences),
+            np.ascontiguousarray(q),
+            np.ascontiguousarray(k),
+            np.ascontiguousarray(v),
+            np.ascontiguousarray(c),
+        )
         np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(layers[0].selection(0), layers[1].selection(0))
 
@@ -124,16 +154,19 @@ def test_slot_cache_keeps_dropped_blocks():
     and never more misses."""
     runs = {}
     for cache_slots in (0, 6):
-        layer = small_layer(dtype="fp32", variant="infllmv2", cache_slots=cache_slots,
-                            max_tokens=900)
+        layer = small_layer(dtype="fp32", variant="infllmv2", cache_slots=cache_slots, max_tokens=900)
         r = ReferenceRun(layer, seed=23)
         for seq, length in enumerate((400, 300, 350)):
             r.admit(seq, length)
         outs = []
         for i in range(80):
             layer.reserve(1)
-            q, k, v, c = (r.source.elements(3, HQ, D), r.source.elements(3, HKV, D), r.source.elements(3, HKV, D),
-                          r.source.eviction_scores(3, HKV))
+            q, k, v, c = (
+                r.source.elements(3, HQ, D),
+                r.source.elements(3, HKV, D),
+                r.source.elements(3, HKV, D),
+                r.source.eviction_scores(3, HKV),
+            )
             outs.append(layer.step(np.arange(3, dtype=np.int32), q, k, v, c))
         assert layer.slots(0).shape == (HKV, layer.config["topk"] + 1 + cache_slots)
         runs[cache_slots] = (outs, layer.counters(), layer.selection(1))

@@ -38,7 +38,12 @@ class Twins:
 
     def tokens(self, batch):
         s = self.source
-        return s.elements(batch, HQ, D), s.elements(batch, HKV, D), s.elements(batch, HKV, D), s.eviction_scores(batch, HKV)
+        return (
+            s.elements(batch, HQ, D),
+            s.elements(batch, HKV, D),
+            s.elements(batch, HKV, D),
+            s.eviction_scores(batch, HKV),
+        )
 
     def step(self, sequences, reserve=True):
         q, k, v, c = self.tokens(len(sequences))
@@ -115,7 +120,16 @@ def test_bad_step_arrays_raise_and_change_nothing(twins):
         args = dict(sequences=seqs, q=q, k=k, v=v, c=c, out=out)
         args.update(bad)
         out_arg = args.pop("out")
-        raises(status, a.step, args.pop("sequences"), args.pop("q"), args.pop("k"), args.pop("v"), args.pop("c"), out=out_arg)
+        raises(
+            status,
+            a.step,
+            args.pop("sequences"),
+            args.pop("q"),
+            args.pop("k"),
+            args.pop("v"),
+            args.pop("c"),
+            out=out_arg,
+        )
         t.check_same()
     # Nothing was written to the output of a rejected step.
     assert not out.any()
@@ -160,14 +174,26 @@ def test_unreserved_and_full_sequences(twins):
     layer.add_sequence(0, source.elements(40, HKV, D), source.elements(40, HKV, D), source.eviction_scores(40, HKV))
     for _ in range(8):
         layer.reserve(1)
-        layer.step(np.array([0], np.int32), source.elements(1, HQ, D), source.elements(1, HKV, D),
-                   source.elements(1, HKV, D), source.eviction_scores(1, HKV))
+        layer.step(
+            np.array([0], np.int32),
+            source.elements(1, HQ, D),
+            source.elements(1, HKV, D),
+            source.elements(1, HKV, D),
+            source.eviction_scores(1, HKV),
+        )
     assert layer.length(0) == 48
     raises("sequence_full", layer.reserve, 1)
     raises("sequence_full", layer.reserve, 0, 1)
     before = layer.counters()
-    raises("sequence_full", layer.step, np.array([0], np.int32), source.elements(1, HQ, D), source.elements(1, HKV, D),
-           source.elements(1, HKV, D), source.eviction_scores(1, HKV))
+    raises(
+        "sequence_full",
+        layer.step,
+        np.array([0], np.int32),
+        source.elements(1, HQ, D),
+        source.elements(1, HKV, D),
+        source.elements(1, HKV, D),
+        source.eviction_scores(1, HKV),
+    )
     assert layer.length(0) == 48 and layer.counters() == before
     layer.reserve(0)  # reserving nothing is always possible
 
@@ -185,8 +211,14 @@ def test_bad_plan_calls_raise_and_change_nothing(twins):
     raises("shape_mismatch", a.add_sequence, 2, k, v, c, s.elements(HQ, D + 1))  # last_query
     raises("invalid_argument", a.add_sequence, 2, k.astype(np.float16), v, c)
     raises("invalid_argument", a.add_sequence, 2, k, v, None)
-    raises("sequence_full", a.add_sequence, 2, s.elements(500, HKV, D), s.elements(500, HKV, D),
-           s.eviction_scores(500, HKV))
+    raises(
+        "sequence_full",
+        a.add_sequence,
+        2,
+        s.elements(500, HKV, D),
+        s.elements(500, HKV, D),
+        s.eviction_scores(500, HKV),
+    )
     raises("invalid_argument", a.add_sequence, "2", k, v, c)
     raises("unknown_sequence", a.remove_sequence, 2)
     raises("unknown_sequence", a.remove_sequence, 17)
@@ -255,8 +287,16 @@ def test_full_pool_reserves_nothing():
     ],
 )
 def test_bad_configurations(status, kwargs):
-    params = dict(SMALL, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="fp32", max_sequences=2,
-                  max_blocks_per_sequence=20, pool_pages=40)
+    params = dict(
+        SMALL,
+        num_q_heads=HQ,
+        num_kv_heads=HKV,
+        head_dim=D,
+        dtype="fp32",
+        max_sequences=2,
+        max_blocks_per_sequence=20,
+        pool_pages=40,
+    )
     params.update(kwargs)
     raises(status, nosa.DecodeLayer, **params)
 

@@ -41,38 +41,60 @@ class Pair:
         self.selections = 0
         self.near_ties = 0
         self.cfg = ref.Config(
-            block=self.host.config["block"], window=self.host.config["window"], stride=self.host.config["stride"],
-            topk=self.host.config["topk"], topk_qa=self.host.config["topk_qa"], n_init=self.host.config["init"],
-            n_local=self.host.config["local"], budget=-1, query_agnostic=self.host.variant == "nosa",
-            bias=self.host.bias, head_dim=self.d, group=self.hq // self.hkv, compressed_keys=self.dtype)
+            block=self.host.config["block"],
+            window=self.host.config["window"],
+            stride=self.host.config["stride"],
+            topk=self.host.config["topk"],
+            topk_qa=self.host.config["topk_qa"],
+            n_init=self.host.config["init"],
+            n_local=self.host.config["local"],
+            budget=-1,
+            query_agnostic=self.host.variant == "nosa",
+            bias=self.host.bias,
+            head_dim=self.d,
+            group=self.hq // self.hkv,
+            compressed_keys=self.dtype,
+        )
         self.history = {}
 
     def admit(self, seq, length):
         s = self.source
-        k, v, c = s.elements(length, self.hkv, self.d), s.elements(length, self.hkv, self.d), s.eviction_scores(length, self.hkv)
+        k, v, c = (
+            s.elements(length, self.hkv, self.d),
+            s.elements(length, self.hkv, self.d),
+            s.eviction_scores(length, self.hkv),
+        )
         self.host.add_sequence(seq, tensor(k, self.dtype), tensor(v, self.dtype), scores(c))
         self.cuda.add_sequence(seq, tensor(k, self.dtype, CUDA), tensor(v, self.dtype, CUDA), scores(c, CUDA))
         self.history[seq] = []
         for h in range(self.hkv):
             hist = ref.History(self.cfg)
-            hist.append(np.ascontiguousarray(k[:, h].astype(np.float64)),
-                        np.ascontiguousarray(v[:, h].astype(np.float64)),
-                        np.ascontiguousarray(c[:, h].astype(np.float64)))
+            hist.append(
+                np.ascontiguousarray(k[:, h].astype(np.float64)),
+                np.ascontiguousarray(v[:, h].astype(np.float64)),
+                np.ascontiguousarray(c[:, h].astype(np.float64)),
+            )
             self.history[seq].append(hist)
         self.compare_selections(seq, None)
 
     def tokens(self, batch):
         s = self.source
-        return (s.elements(batch, self.hq, self.d), s.elements(batch, self.hkv, self.d),
-                s.elements(batch, self.hkv, self.d), s.eviction_scores(batch, self.hkv))
+        return (
+            s.elements(batch, self.hq, self.d),
+            s.elements(batch, self.hkv, self.d),
+            s.elements(batch, self.hkv, self.d),
+            s.eviction_scores(batch, self.hkv),
+        )
 
     def record(self, sequences, q, k, v, c):
         """Appends the step's tokens to the reference histories (to judge near-ties)."""
         for b, seq in enumerate(sequences):
             for h in range(self.hkv):
-                self.history[seq][h].append(np.ascontiguousarray(k[b, h : h + 1].astype(np.float64)),
-                                            np.ascontiguousarray(v[b, h : h + 1].astype(np.float64)),
-                                            np.array([c[b, h]], np.float64))
+                self.history[seq][h].append(
+                    np.ascontiguousarray(k[b, h : h + 1].astype(np.float64)),
+                    np.ascontiguousarray(v[b, h : h + 1].astype(np.float64)),
+                    np.array([c[b, h]], np.float64),
+                )
 
     def compare_selections(self, seq, q_row):
         """The two backends' selections of `seq`: identical, or both the reference's up to an fp32 near-tie."""
@@ -109,12 +131,13 @@ class Pair:
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("variant,store,bias", nosa.pipelines("cuda"))
 def test_cuda_matches_host(variant, store, bias, dtype, head_dim):
-    pair = Pair(variant=variant, store=store, bias=bias, dtype=dtype, head_dim=head_dim, num_q_heads=8,
-                num_kv_heads=2)
+    pair = Pair(variant=variant, store=store, bias=bias, dtype=dtype, head_dim=head_dim, num_q_heads=8, num_kv_heads=2)
     for seq, length in enumerate((37, 100, 5)):
         pair.admit(seq, length)
     sequences = [0, 1, 2]
-    ids_host, ids_cuda = torch.tensor(sequences, dtype=torch.int32), torch.tensor(sequences, dtype=torch.int32, device=CUDA)
+    ids_host, ids_cuda = torch.tensor(sequences, dtype=torch.int32), torch.tensor(
+        sequences, dtype=torch.int32, device=CUDA
+    )
     for i in range(100):
         if i == 60:
             pair.host.remove_sequence(0)
@@ -124,8 +147,9 @@ def test_cuda_matches_host(variant, store, bias, dtype, head_dim):
         pair.host.reserve(1)
         pair.cuda.reserve(1)
         host_out = pair.host.step(ids_host, tensor(q, dtype), tensor(k, dtype), tensor(v, dtype), scores(c))
-        cuda_out = pair.cuda.step(ids_cuda, tensor(q, dtype, CUDA), tensor(k, dtype, CUDA), tensor(v, dtype, CUDA),
-                                  scores(c, CUDA))
+        cuda_out = pair.cuda.step(
+            ids_cuda, tensor(q, dtype, CUDA), tensor(k, dtype, CUDA), tensor(v, dtype, CUDA), scores(c, CUDA)
+        )
         assert cuda_out.device == CUDA and cuda_out.dtype == torch.float32
         pair.cuda.check_step()
         pair.record(sequences, q, k, v, c)
@@ -135,14 +159,23 @@ def test_cuda_matches_host(variant, store, bias, dtype, head_dim):
         assert pair.cuda.counters() == pair.host.counters()
 
 
-@pytest.mark.parametrize("variant,store,dtype", [("nosa", "offload", "bf16"), ("infllmv2", "resident", "fp16"),
-                                                 ("full", "resident", "bf16")])
+@pytest.mark.parametrize(
+    "variant,store,dtype", [("nosa", "offload", "bf16"), ("infllmv2", "resident", "fp16"), ("full", "resident", "bf16")]
+)
 def test_graph_capture_replays_while_sequences_grow(variant, store, dtype):
     """One step captured by torch.cuda.graph, replayed 300 times over fixed buffers while the sequences cross
     block boundaries (the plan call reserve() between replays, outside the capture), with a sequence replaced
     halfway by writing its new slot into the sequences buffer. Every replay matches the host backend."""
-    pair = Pair(variant=variant, store=store, dtype=dtype, head_dim=128, num_q_heads=8, num_kv_heads=2,
-                max_sequences=4, max_tokens=1500)
+    pair = Pair(
+        variant=variant,
+        store=store,
+        dtype=dtype,
+        head_dim=128,
+        num_q_heads=8,
+        num_kv_heads=2,
+        max_sequences=4,
+        max_tokens=1500,
+    )
     for seq, length in enumerate((200, 70, 1000)):
         pair.admit(seq, length)
     tdtype = TORCH_DTYPES[dtype]
@@ -176,8 +209,13 @@ def test_graph_capture_replays_while_sequences_grow(variant, store, dtype):
         v.copy_(tensor(tv, dtype))
         c.copy_(scores(tc))
         graph.replay()
-        host_out = pair.host.step(torch.tensor(sequences, dtype=torch.int32), tensor(tq, dtype), tensor(tk, dtype),
-                                  tensor(tv, dtype), scores(tc))
+        host_out = pair.host.step(
+            torch.tensor(sequences, dtype=torch.int32),
+            tensor(tq, dtype),
+            tensor(tk, dtype),
+            tensor(tv, dtype),
+            scores(tc),
+        )
         pair.record(sequences, tq, tk, tv, tc)
         pair.check_outputs(sequences, tq, host_out, out)
     pair.cuda.check_step()
@@ -197,8 +235,13 @@ def test_streams():
         outs = []
         for _ in range(20):
             tq, tk, tv = source.elements(1, 8, 64), source.elements(1, 2, 64), source.elements(1, 2, 64)
-            args = (torch.zeros(1, dtype=torch.int32, device=CUDA), tensor(tq, "bf16", CUDA), tensor(tk, "bf16", CUDA),
-                    tensor(tv, "bf16", CUDA), torch.zeros(1, 2, device=CUDA))
+            args = (
+                torch.zeros(1, dtype=torch.int32, device=CUDA),
+                tensor(tq, "bf16", CUDA),
+                tensor(tk, "bf16", CUDA),
+                tensor(tv, "bf16", CUDA),
+                torch.zeros(1, 2, device=CUDA),
+            )
             side.wait_stream(torch.cuda.current_stream())
             if mode == "default":
                 layer.reserve(1)
@@ -253,8 +296,13 @@ def test_cuda_bad_input():
     with pytest.raises(nosa.Error) as e:
         layer.check_step()
     assert e.value.status == "unknown_sequence"
-    layer.step(torch.zeros(2, dtype=torch.int32, device=CUDA), q.expand(2, -1, -1), kv.expand(2, -1, -1),
-               kv.expand(2, -1, -1), c.expand(2, -1))
+    layer.step(
+        torch.zeros(2, dtype=torch.int32, device=CUDA),
+        q.expand(2, -1, -1),
+        kv.expand(2, -1, -1),
+        kv.expand(2, -1, -1),
+        c.expand(2, -1),
+    )
     with pytest.raises(nosa.Error) as e:
         layer.check_step()
     assert e.value.status == "duplicate_sequence"

@@ -56,7 +56,11 @@ def test_matches_the_reference(variant, store, bias, dtype):
 def test_head_dims_and_groups(head_dim, num_q_heads, num_kv_heads, dtype):
     for variant, store in (("nosa", "offload"), ("infllmv2", "resident"), ("full", "resident")):
         layer = small_layer(
-            variant=variant, store=store, dtype=dtype, head_dim=head_dim, num_q_heads=num_q_heads,
+            variant=variant,
+            store=store,
+            dtype=dtype,
+            head_dim=head_dim,
+            num_q_heads=num_q_heads,
             num_kv_heads=num_kv_heads,
         )
         run(layer, seed=21, steps=50, replace_at=30)
@@ -67,15 +71,21 @@ def test_exact_ties_are_broken_by_the_lower_block():
     exactly the reference's blocks."""
     for variant, store in (("nosa", "offload"), ("infllmv2", "resident")):
         layer = small_layer(variant=variant, store=store, dtype="fp32")
-        run(layer, seed=41, prompts=(300, 211, 163), steps=40, replace_at=-1, scores="quantized",
-            require_exact=True)
+        run(layer, seed=41, prompts=(300, 211, 163), steps=40, replace_at=-1, scores="quantized", require_exact=True)
 
 
 def test_paper_defaults_cross_k_blocks():
     """Block 64, window 32, stride 16, k 64, k_qa 33: one prompt above k blocks, one crossing k while decoding.
     Misses never exceed the free query-aware picks."""
-    layer = nosa.DecodeLayer(num_q_heads=4, num_kv_heads=2, head_dim=64, dtype="bf16", max_sequences=2,
-                             max_blocks_per_sequence=80, pool_pages=160)
+    layer = nosa.DecodeLayer(
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        dtype="bf16",
+        max_sequences=2,
+        max_blocks_per_sequence=80,
+        pool_pages=160,
+    )
     stats = run(layer, seed=51, prompts=(4100, 2500), steps=70, replace_at=-1)
     assert stats.full_selections > 0
     assert stats.max_misses_over_bound <= 0

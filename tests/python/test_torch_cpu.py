@@ -33,8 +33,13 @@ def test_tensors_give_the_numbers_arrays_give(variant, dtype):
         for layer in (from_numpy, from_torch):
             layer.reserve(1)
         expected = from_numpy.step(np.arange(3, dtype=np.int32), q, k, v, c)
-        got = from_torch.step(torch.arange(3, dtype=torch.int32), to_torch(q, dtype), to_torch(k, dtype),
-                              to_torch(v, dtype), torch.from_numpy(c))
+        got = from_torch.step(
+            torch.arange(3, dtype=torch.int32),
+            to_torch(q, dtype),
+            to_torch(k, dtype),
+            to_torch(v, dtype),
+            torch.from_numpy(c),
+        )
         assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.device.type == "cpu"
         np.testing.assert_array_equal(got.numpy(), expected)
     for seq in range(3):
