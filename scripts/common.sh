@@ -1,7 +1,8 @@
-# Shared by scripts/test.sh and scripts/demo.sh (sourced, not run).
+# Shared by scripts/test.sh, scripts/test-python.sh and scripts/demo.sh (sourced, not run).
 
-# Debian packages needed to configure and build nosa with its tests, examples and benchmarks.
-NOSA_DEBIAN_PACKAGES=(cmake make g++ doctest-dev libbenchmark-dev)
+# Debian packages needed to configure and build nosa with its tests, examples and benchmarks, and the Python
+# package (a Python with its headers and venv; the rest comes from PyPI).
+NOSA_DEBIAN_PACKAGES=(cmake make g++ doctest-dev libbenchmark-dev python3-dev python3-venv)
 
 nosa_log() { printf '\n==> %s\n' "$*"; }
 

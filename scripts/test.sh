@@ -4,6 +4,8 @@
 #   build/       Release build: host tests, CUDA tests (when nvcc is installed; they skip without a GPU),
 #                header self-containment check, packaging tests
 #   build-asan/  Debug build with AddressSanitizer and UBSan: host tests and examples
+#   build-python/  the Python package, built with pip in a virtual environment and tested with pytest
+#                (scripts/test-python.sh)
 #
 # Extra arguments are passed to both configure steps, e.g. scripts/test.sh -DNOSA_WARNINGS_AS_ERRORS=ON
 set -euo pipefail
@@ -45,5 +47,8 @@ step="testing build-asan/"
 nosa_log "$step"
 ctest --test-dir build-asan --output-on-failure --parallel "$jobs" -LE packaging
 
+step="building and testing the Python package"
+scripts/test-python.sh
+
 echo
-echo "nosa: all tests passed (build/ Release, build-asan/ ASan+UBSan)"
+echo "nosa: all tests passed (build/ Release, build-asan/ ASan+UBSan, build-python/ Python package)"
