@@ -33,6 +33,10 @@ if [[ ! -x $venv/bin/python ]]; then
   nosa_log "$step"
   if [[ $offline == 1 ]]; then
     "$python" -m venv --system-site-packages "$venv"
+    # When PYTHON is itself a virtual environment's interpreter, --system-site-packages reaches the base
+    # interpreter's packages, not that environment's: a .pth file adds that environment's site-packages too.
+    "$python" -c 'import site; print("\n".join(site.getsitepackages()))' \
+      >"$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nosa-parent-site.pth"
   else
     "$python" -m venv "$venv"
   fi

@@ -81,6 +81,8 @@ struct state_layout {
   std::size_t miss_list = 0;        // int32 [S][H][k]               scratch: blocks the last diff found missing
   std::size_t partial_acc = 0;      // f32   [X][G][D]               scratch: split attention, weighted V sums
   std::size_t partial_stats = 0;    // f32   [X][G][2]               scratch: split attention, (max, sum)
+  std::size_t attention_done = 0;   // int32 [S][H] + [S]            scratch: attention splits done per batch row, then
+                                    //                               KV heads merged per batch, kept zero
   std::size_t step_status = 0;      // int32 [1]                     status of the last step's state checks
   std::size_t totals = 0;           // counters                      accumulated over all steps
   std::size_t last_step = 0;        // counters                      the last step only
@@ -203,6 +205,7 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.partials = static_cast<int>(SH > std::size_t(max_attention_parts) ? SH : std::size_t(max_attention_parts));
   s.partial_acc = dev.take(std::size_t(s.partials) * s.group * D * f32);
   s.partial_stats = dev.take(std::size_t(s.partials) * s.group * 2 * f32);
+  s.attention_done = dev.take((SH + S) * i32);
   s.step_status = dev.take(i32);
   s.totals = dev.take(sizeof(counters));
   s.last_step = dev.take(sizeof(counters));

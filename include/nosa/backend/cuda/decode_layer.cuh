@@ -103,11 +103,31 @@ class decode_layer<P, cuda_backend> {
     NOSA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     // Attention CTAs the device holds at once: the splits are chosen to fill exactly one wave of them.
     int resident_ctas = 0;
+    int major = 0;
+    NOSA_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    detail::cuda_state<element_type, head_dim> state =
+        detail::make_cuda_state<element_type, head_dim>(config, s, device_arena.data(),
+                                                        offloads ? static_cast<std::byte*>(mapped) : device_arena.data());
+    state.dependent_launch = major >= 9;
+    detail::tma_maps tma{};
     if constexpr (mma_attention) {
-      const auto kernel = detail::attention_mma_kernel<P, element_type, head_dim>;
-      const int smem = static_cast<int>(detail::mma_attention_smem_bytes<head_dim>());
-      NOSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      NOSA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_ctas, kernel, detail::mma_warps * 32, smem));
+      // Hopper attends through the tensor memory accelerator when the maps can describe the tiles.
+      cudaFuncAttributes tma_attributes{};
+      NOSA_CUDA_TRY(
+          cudaFuncGetAttributes(&tma_attributes, detail::attention_tma_kernel<P, element_type, head_dim, float>));
+      if (major >= 9 && tma_attributes.binaryVersion >= 90) tma = detail::make_tma_maps<offloads>(state, s.pages);
+      if (tma.valid) {
+        const auto kernel = detail::attention_tma_kernel<P, element_type, head_dim, float>;
+        const int smem = static_cast<int>(detail::tma_attention_smem_bytes<head_dim>());
+        NOSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        NOSA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_ctas, kernel, detail::tma_threads, smem));
+      } else {
+        const auto kernel = detail::attention_mma_kernel<P, element_type, head_dim>;
+        const int smem = static_cast<int>(detail::mma_attention_smem_bytes<head_dim>());
+        NOSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        NOSA_CUDA_TRY(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_ctas, kernel, detail::mma_warps * 32, smem));
+      }
     } else {
       NOSA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
           &resident_ctas, detail::attention_kernel<P, element_type, head_dim>, detail::attention_warps * 32, 0));
@@ -116,9 +136,8 @@ class decode_layer<P, cuda_backend> {
     detail::score_device scoring{};
     if constexpr (!P::dense) {
       scoring.sms = sms;
-      int optin = 0, major = 0;
+      int optin = 0;
       NOSA_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-      NOSA_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
       cudaFuncAttributes attributes{};
       NOSA_CUDA_TRY(cudaFuncGetAttributes(&attributes, detail::score_kernel<P, element_type, head_dim>));
       // The kernel's static shared memory and the driver's reserve come out of the opt-in limit.
@@ -135,8 +154,8 @@ class decode_layer<P, cuda_backend> {
     layer.host_ = host_arena.data();
     layer.host_mapped_ = static_cast<std::byte*>(mapped);
     layer.attention_slots_ = std::max(1, sms * std::max(1, resident_ctas));
-    layer.state_ = detail::make_cuda_state<element_type, head_dim>(
-        config, s, layer.device_, offloads ? layer.host_mapped_ : layer.device_);
+    layer.state_ = state;
+    layer.tma_ = tma;
     NOSA_TRY(layer.initialise(stream));
     out = layer;
     return status::success;
@@ -226,10 +245,10 @@ class decode_layer<P, cuda_backend> {
       NOSA_CUDA_TRY(detail::launch_scoring<P>(state_, one, hkv, 0, tensor_view<const element_type, 3>{}, false,
                                               scoring_, stream));
     }
-    detail::launch_select<P>(state_, one, hkv, 0, have_query, false, detail::count_mode::ingest, stream);
+    NOSA_CUDA_TRY(detail::launch_select<P>(state_, one, hkv, 0, have_query, false, detail::count_mode::ingest, stream));
     if constexpr (offloads) {
-      detail::launch_diff(state_, one, hkv, 0, detail::count_mode::ingest, stream);
-      detail::launch_gather(state_, one, hkv, false, stream);
+      NOSA_CUDA_TRY(detail::launch_diff(state_, one, hkv, 0, detail::count_mode::ingest, stream));
+      NOSA_CUDA_TRY(detail::launch_gather(state_, one, hkv, false, stream));
     }
     detail::clear_step_misses_kernel<<<1, 32, 0, stream>>>(state_, seq);
     return finish_plan(stream);
@@ -320,7 +339,8 @@ class decode_layer<P, cuda_backend> {
       after(step_stage::begin);
     }
     if (runs(step_stage::append_score)) {
-      detail::append_kernel<P><<<rows, threads, 0, stream>>>(state_, seqs, args.k, args.v, args.c);
+      NOSA_CUDA_TRY(detail::launch_kernel(detail::append_kernel<P, element_type, head_dim>, dim3(rows), dim3(threads), 0,
+                                          stream, state_.dependent_launch, 1, state_, seqs, args.k, args.v, args.c));
       if constexpr (!P::dense) {
         NOSA_CUDA_TRY(detail::launch_scoring<P>(state_, seqs, rows, 1, args.q, true, scoring_, stream));
       }
@@ -328,12 +348,12 @@ class decode_layer<P, cuda_backend> {
     }
     if (runs(step_stage::select)) {
       if constexpr (!P::dense) {
-        detail::launch_select<P>(state_, seqs, rows, 1, true, true, detail::count_mode::step, stream);
+        NOSA_CUDA_TRY(detail::launch_select<P>(state_, seqs, rows, 1, true, true, detail::count_mode::step, stream));
       }
       after(step_stage::select);
     }
     if (runs(step_stage::diff)) {
-      if constexpr (offloads) detail::launch_diff(state_, seqs, rows, 1, detail::count_mode::step, stream);
+      if constexpr (offloads) NOSA_CUDA_TRY(detail::launch_diff(state_, seqs, rows, 1, detail::count_mode::step, stream));
       after(step_stage::diff);
     }
     // Overlap needs a transfer stream, both events, and a split of the attention into two parts.
@@ -347,8 +367,8 @@ class decode_layer<P, cuda_backend> {
           NOSA_CUDA_TRY(cudaStreamWaitEvent(overlap->transfer, overlap->fork, 0));
           gather_stream = overlap->transfer;
         }
-        detail::launch_gather(state_, seqs, rows, true, gather_stream,
-                              overlapped ? detail::overlapped_gather_target_ctas : detail::gather_target_ctas);
+        NOSA_CUDA_TRY(detail::launch_gather(state_, seqs, rows, true, gather_stream,
+                              overlapped ? detail::overlapped_gather_target_ctas : detail::gather_target_ctas));
         if (overlapped) NOSA_CUDA_TRY(cudaEventRecord(overlap->join, overlap->transfer));
       }
       after(step_stage::gather);
@@ -361,29 +381,49 @@ class decode_layer<P, cuda_backend> {
       loaded_splits = std::max(1, splits / 4);
       splits = std::max(1, std::min(splits - loaded_splits, layout_.max_splits - loaded_splits));
     }
+    // The Hopper attention merges a row in its last CTA when the row has few splits (one CTA's merge of
+    // many splits would take longer than the merge kernel).
+    const bool merged_in_attention = tma_.valid && splits + loaded_splits <= detail::tma_merge_max_splits;
     if (runs(step_stage::attention)) {
       if constexpr (mma_attention) {
-        constexpr std::size_t smem = detail::mma_attention_smem_bytes<head_dim>();
-        const auto kernel = detail::attention_mma_kernel<P, element_type, head_dim>;
+        // One launch over `part`'s blocks as splits [base, base + count) of all of them.
+        const auto attend = [&](detail::attend_part part, int base, int count) {
+          const bool dependent = state_.dependent_launch;
+          if (tma_.valid) {
+            // The kernel's shared memory is above the default limit: opted into per output type (a host call
+            // that enqueues nothing; `create` sizes the splits with the fp32-output instance).
+            const auto kernel = detail::attention_tma_kernel<P, element_type, head_dim, Out>;
+            const cudaError_t opted = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                           static_cast<int>(detail::tma_attention_smem_bytes<head_dim>()));
+            if (opted != cudaSuccess) return opted;
+            return detail::launch_kernel(kernel,
+                                         dim3(rows, count), dim3(detail::tma_threads),
+                                         detail::tma_attention_smem_bytes<head_dim>(), stream, dependent, 1, state_, seqs,
+                                         args.q, args.o, tma_.keys, tma_.values, tma_.box_rows, part, base,
+                                         splits + loaded_splits, merged_in_attention);
+          }
+          return detail::launch_kernel(detail::attention_mma_kernel<P, element_type, head_dim>, dim3(rows, count),
+                                       dim3(detail::mma_warps * 32), detail::mma_attention_smem_bytes<head_dim>(), stream,
+                                       dependent, 1, state_, seqs, args.q, part, base, splits + loaded_splits);
+        };
         if (overlapped) {
-          kernel<<<dim3(rows, splits), detail::mma_warps * 32, smem, stream>>>(
-              state_, seqs, args.q, detail::attend_part::resident, 0, splits + loaded_splits);
+          NOSA_CUDA_TRY(attend(detail::attend_part::resident, 0, splits));
           NOSA_CUDA_TRY(cudaStreamWaitEvent(stream, overlap->join, 0));
-          kernel<<<dim3(rows, loaded_splits), detail::mma_warps * 32, smem, stream>>>(
-              state_, seqs, args.q, detail::attend_part::loaded, splits, splits + loaded_splits);
+          NOSA_CUDA_TRY(attend(detail::attend_part::loaded, splits, loaded_splits));
         } else {
-          kernel<<<dim3(rows, splits), detail::mma_warps * 32, smem, stream>>>(state_, seqs, args.q,
-                                                                               detail::attend_part::all, 0, splits);
+          NOSA_CUDA_TRY(attend(detail::attend_part::all, 0, splits));
         }
       } else {
-        detail::attention_kernel<P>
-            <<<dim3(rows, splits), detail::attention_warps * 32, 0, stream>>>(state_, seqs, args.q);
+        NOSA_CUDA_TRY(detail::launch_kernel(detail::attention_kernel<P, element_type, head_dim>, dim3(rows, splits),
+                                            dim3(detail::attention_warps * 32), 0, stream, state_.dependent_launch, 1,
+                                            state_, seqs, args.q));
       }
       after(step_stage::attention);
     }
     if (runs(step_stage::merge)) {
-      detail::merge_kernel<<<dim3(rows, config_.group_size()), detail::merge_threads, 0, stream>>>(
-          state_, seqs, args.o, splits + loaded_splits);
+      if (!merged_in_attention) NOSA_CUDA_TRY(detail::launch_kernel(detail::merge_kernel<element_type, head_dim, Out>,
+                                          dim3(rows, config_.group_size()), dim3(detail::merge_threads), 0, stream,
+                                          state_.dependent_launch, 1, state_, seqs, args.o, splits + loaded_splits));
       after(step_stage::merge);
     }
     return detail::from_cuda(cudaGetLastError());
@@ -485,6 +525,7 @@ class decode_layer<P, cuda_backend> {
   int attention_slots_ = 1;
   detail::score_device scoring_{};
   detail::cuda_state<element_type, head_dim> state_{};
+  detail::tma_maps tma_{};  ///< the attention's tensor maps (Hopper), when valid
 
   static status check_config(const layer_config& config) noexcept {
     NOSA_TRY(validate(config));

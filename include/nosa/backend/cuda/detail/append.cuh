@@ -93,6 +93,7 @@ template <class P, class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
     append_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> k, tensor_view<const E, 3> v,
                   tensor_view<const float, 2> c) {
+  dependent_launch_wait();
   if (*s.status != 0) return;
   constexpr bool offloads = P::store::offloads;
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;

@@ -110,6 +110,7 @@ __device__ inline void load_row_chunk(const E* p, float (&out)[N]) {
 template <class P, class E, int D>
 __global__ void __launch_bounds__(attention_warps * 32)
     attention_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> q) {
+  dependent_launch_wait();
   if (*s.status != 0) return;
   using attention = typename P::attention;
   constexpr bool offloads = P::store::offloads;
@@ -286,6 +287,7 @@ inline constexpr int merge_threads = 128;
 template <class E, int D, class Out>
 __global__ void __launch_bounds__(merge_threads)
     merge_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<Out, 3> o, int splits) {
+  dependent_launch_wait();
   if (*s.status != 0) return;
   constexpr int columns = D / 4;
   static_assert(D % 4 == 0 && merge_threads % columns == 0, "whole float4 columns over the threads");
@@ -353,6 +355,98 @@ __global__ void __launch_bounds__(merge_threads)
   if (h == 0 && g == 0 && threadIdx.x == 0) s.lengths[seq] += 1;
 }
 
+/// Shared memory (floats) `merge_row` needs.
+inline constexpr int merge_row_scratch_floats = cuda_max_group * (2 * max_attention_splits + 1);
+
+/// `merge_kernel`'s work for one batch row `row` (b, h) with a whole CTA, in the attention kernel that finished
+/// the row's last split: the `splits` partials merged by log-sum-exp into the output (`scratch`: at least
+/// `merge_row_scratch_floats` floats of shared memory). The CTA that merges the last KV head of batch row b
+/// advances its sequence by the token this step appended. Partials written by other CTAs are read through L2
+/// (the caller fenced after seeing their arrivals), every load of a pass issued before any is used.
+template <class E, int D, class Out>
+__device__ inline void merge_row(const cuda_state<E, D>& s, int row, int splits, int seq, tensor_view<Out, 3> o,
+                                 float* scratch) {
+  constexpr int columns = D / 4;
+  const int b = row / s.kv_heads, h = row % s.kv_heads, group = s.group;
+  float* weight = scratch;                                    // [G][splits]: each split's max, then its weight
+  float* sums = scratch + cuda_max_group * max_attention_splits;  // [G][splits]: each split's sum of exp
+  float* total = sums + cuda_max_group * max_attention_splits;    // [G]
+  for (int i = static_cast<int>(threadIdx.x); i < group * splits; i += blockDim.x) {
+    const int g = i / splits, x = i % splits;
+    const float2 stats = __ldcg(reinterpret_cast<const float2*>(s.stats_of(row, x, splits) + 2 * g));
+    weight[i] = stats.x;
+    sums[i] = stats.y;
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < group) {
+    const int g = threadIdx.x;
+    float* w = weight + g * splits;
+    float m = negative_infinity;
+    for (int x = 0; x < splits; ++x) m = max_keep_left(m, w[x]);
+    float l = 0.0f;
+    for (int x = 0; x < splits; ++x) {
+      const float mx = w[x];
+      w[x] = m == negative_infinity || mx == negative_infinity ? 0.0f : expf(mx - m);
+      l += w[x] * sums[g * splits + x];
+    }
+    total[g] = l;
+  }
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < group * columns; i += blockDim.x) {
+    const int g = i / columns, col = i % columns;
+    const float* w = weight + g * splits;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    constexpr int batch = 4;
+    for (int x0 = 0; x0 < splits; x0 += batch) {
+      float4 v[batch];
+#pragma unroll
+      for (int u = 0; u < batch; ++u) {
+        const int x = x0 + u;
+        v[u] = x < splits && w[x] != 0.0f ? __ldcg(reinterpret_cast<const float4*>(s.acc_of(row, x, splits) + g * D) + col)
+                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int u = 0; u < batch; ++u) {
+        const int x = x0 + u;
+        const float wx = x < splits ? w[x] : 0.0f;
+        if (wx != 0.0f) {
+          acc.x += v[u].x * wx;
+          acc.y += v[u].y * wx;
+          acc.z += v[u].z * wx;
+          acc.w += v[u].w * wx;
+        }
+      }
+    }
+    const float sum = total[g];
+    const float values[4] = {acc.x, acc.y, acc.z, acc.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o(b, h * group + g, col * 4 + e) = from_float<Out>(sum > 0.0f ? values[e] / sum : 0.0f);
+  }
+  if (threadIdx.x == 0) {
+    s.attention_done[row] = 0;  // every split of the row has arrived: ready for the next step
+    std::int32_t* heads = s.attention_done + std::size_t(s.sequences) * s.kv_heads + b;
+    if (atomicAdd(heads, 1) == s.kv_heads - 1) {
+      *heads = 0;
+      s.lengths[seq] += 1;
+    }
+  }
+}
+
+/// Counts this CTA's split of batch row `row` as done (after its partial is written) and, when it was the
+/// last of `splits`, merges the row (`merge_row`). Called by every thread of the CTA.
+template <class E, int D, class Out>
+__device__ inline void finish_split(const cuda_state<E, D>& s, int row, int splits, int seq, tensor_view<Out, 3> o,
+                                    float* scratch) {
+  __shared__ int last;
+  __threadfence();  // this CTA's partial is visible before its arrival is
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(s.attention_done + row, 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  merge_row<E, D, Out>(s, row, splits, seq, o, scratch);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Tensor cores (bf16, fp16; D 64, 128).
 // ---------------------------------------------------------------------------------------------------------
@@ -383,11 +477,16 @@ template <int D>
 NOSA_HOST_DEVICE constexpr int mma_combine_stride() {
   return D + 8;
 }
+/// Shared memory `mma_combine_warps` needs to combine `warps` warps.
+template <int D>
+NOSA_HOST_DEVICE constexpr std::size_t mma_combine_bytes(int warps) {
+  return (std::size_t(warps) * 16 * (D + 8) + 2 * std::size_t(warps) * 16) * sizeof(float);
+}
 /// Dynamic shared memory of `attention_mma_kernel<P, E, D>`: the pipeline, reused to combine the warps.
 template <int D>
 NOSA_HOST_DEVICE constexpr std::size_t mma_attention_smem_bytes() {
   const std::size_t pipeline = std::size_t(mma_stages<D>()) * mma_stage_bytes<D>();
-  const std::size_t combine = (std::size_t(mma_warps) * 16 * mma_combine_stride<D>() + 2 * mma_warps * 16) * sizeof(float);
+  const std::size_t combine = mma_combine_bytes<D>(mma_warps);
   return pipeline > combine ? pipeline : combine;
 }
 
@@ -398,6 +497,212 @@ enum class attend_part : int {
   resident,  ///< the selection minus this step's misses (offload store)
   loaded,    ///< this step's misses, once the gather has loaded them (offload store)
 };
+
+/// The blocks one attention launch attends for (seq, h), in rank order: entry i is block `chosen[i]`, or
+/// block i when `indexed` (full attention over every block).
+struct attend_list {
+  const std::int32_t* chosen;
+  int n;
+  bool indexed;
+};
+/// Shared memory of `build_attend_list`.
+struct attend_list_storage {
+  std::int32_t kept[cuda_max_top_k];    // the resident part of the selection
+  std::int32_t missed[cuda_max_top_k];  // this step's misses, to filter it
+  int count;
+};
+/// The list of blocks `part` covers: the selection (or every block), this step's misses, or the selection
+/// without them, compacted in rank order by warp 0. Called by every thread of the CTA (it synchronises).
+template <class P, class E, int D>
+__device__ inline attend_list build_attend_list(const cuda_state<E, D>& s, int seq, int h, int length, attend_part part,
+                                                attend_list_storage& storage) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  attend_list list{s.selection_of(seq, h), 0, P::dense && part == attend_part::all};
+  if (part == attend_part::all) {
+    list.n = attended_blocks<P>(s, seq, h, length);
+  } else if (part == attend_part::loaded) {
+    list.n = s.step_misses[s.sh(seq, h)];
+    list.chosen = s.misses_of(seq, h);
+  } else {
+    const int nm = s.step_misses[s.sh(seq, h)];
+    for (int j = threadIdx.x; j < nm; j += blockDim.x) storage.missed[j] = s.misses_of(seq, h)[j];
+    __syncthreads();
+    if (warp == 0) {
+      const int count = s.selection_count[s.sh(seq, h)];
+      int kept = 0;
+      for (int i0 = 0; i0 < count; i0 += 32) {
+        const int i = i0 + lane;
+        const int m = i < count ? list.chosen[i] : -1;
+        bool keep = i < count;
+        for (int j = 0; j < nm && keep; ++j) keep = storage.missed[j] != m;
+        const unsigned mask = __ballot_sync(0xffffffffu, keep);
+        if (keep) storage.kept[kept + __popc(mask & ((1u << lane) - 1u))] = m;
+        kept += __popc(mask);
+      }
+      if (lane == 0) storage.count = kept;
+    }
+    __syncthreads();
+    list.n = storage.count;
+    list.chosen = storage.kept;
+  }
+  return list;
+}
+
+/// One warp's share of one tile on tensor cores: S = Q K^T for its 16 key rows (rows `16 w ..` of the tile
+/// in shared memory at `ks`, values at `vs`, byte offsets of 16-byte piece `ch` of row `r` given by
+/// `offset(r, ch)`), the running softmax of the group's heads, and O += P V. `rows` of the warp's 16 are valid;
+/// `scores` are the eviction scores of the warp's rows.
+template <class P, class E, int D, class Offset>
+__device__ inline void mma_attend_rows(const std::uint32_t (&qa)[D / 16][4], std::uint32_t ks, std::uint32_t vs,
+                                       const float* scores, int rows, Offset offset, float (&o)[D / 8][4],
+                                       float (&run_max)[2], float (&run_sum)[2]) {
+  using attention = typename P::attention;
+  constexpr bool biased = attention::bias != bias_mode::none;
+  constexpr int k_steps = D / 16, n_tiles = D / 8;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, c = lane % 4;
+  const float scale = softmax_scale(D);
+  // S = Q K^T for this warp's 16 key rows: two 16 x 8 tiles, the even and odd k steps in separate
+  // accumulators (two chains of half the length), added at the end.
+  float sc[2][4], half[2][2][4] = {};
+#pragma unroll
+  for (int kt = 0; kt < k_steps; ++kt) {
+    const int mat = lane / 8, row = warp * 16 + (mat >> 1) * 8 + lane % 8, ch = 2 * kt + (mat & 1);
+    std::uint32_t kb[4];
+    ldmatrix_x4(ks + offset(row, ch), kb);
+    mma_16816<E>(half[kt & 1][0], qa[kt], kb[0], kb[1]);
+    mma_16816<E>(half[kt & 1][1], qa[kt], kb[2], kb[3]);
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sc[nt][e] = half[0][nt][e] + half[1][nt][e];
+  }
+
+  // Logits and the running softmax of heads g (i = 0) and g + 8 (i = 1).
+  float tile_max[2] = {negative_infinity, negative_infinity};
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = nt * 8 + 2 * c + (e & 1);
+      float l = negative_infinity;
+      if (key < rows) l = attention::logit(sc[nt][e], biased ? scores[key] : 0.0f, scale);
+      sc[nt][e] = l;
+      tile_max[e >> 1] = max_keep_left(tile_max[e >> 1], l);
+    }
+  }
+  float rescale[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    tile_max[i] = max_keep_left(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
+    tile_max[i] = max_keep_left(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
+    const float new_max = max_keep_left(run_max[i], tile_max[i]);
+    rescale[i] = 1.0f;
+    if (new_max != negative_infinity) rescale[i] = run_max[i] == negative_infinity ? 0.0f : expf(run_max[i] - new_max);
+    run_max[i] = new_max;
+  }
+  float tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float m = run_max[e >> 1];
+      const float p = m == negative_infinity ? 0.0f : expf(sc[nt][e] - m);
+      sc[nt][e] = p;
+      tile_sum[e >> 1] += p;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) run_sum[i] = run_sum[i] * rescale[i] + tile_sum[i];
+  if (rescale[0] != 1.0f || rescale[1] != 1.0f) {
+#pragma unroll
+    for (int j = 0; j < n_tiles; ++j) {
+      o[j][0] *= rescale[0];
+      o[j][1] *= rescale[0];
+      o[j][2] *= rescale[1];
+      o[j][3] *= rescale[1];
+    }
+  }
+
+  // O += P V, with P split into a high and a low 16-bit part.
+  std::uint32_t pa[4], pr[4];
+  pa[0] = pack_split<E>(sc[0][0], sc[0][1], pr[0]);
+  pa[1] = pack_split<E>(sc[0][2], sc[0][3], pr[1]);
+  pa[2] = pack_split<E>(sc[1][0], sc[1][1], pr[2]);
+  pa[3] = pack_split<E>(sc[1][2], sc[1][3], pr[3]);
+#pragma unroll
+  for (int np = 0; np < n_tiles / 2; ++np) {
+    const int mat = lane / 8, row = warp * 16 + (mat & 1) * 8 + lane % 8, ch = 2 * np + (mat >> 1);
+    std::uint32_t vb[4];
+    ldmatrix_x4_trans(vs + offset(row, ch), vb);
+    mma_16816<E>(o[2 * np], pa, vb[0], vb[1]);
+    mma_16816<E>(o[2 * np], pr, vb[0], vb[1]);
+    mma_16816<E>(o[2 * np + 1], pa, vb[2], vb[3]);
+    mma_16816<E>(o[2 * np + 1], pr, vb[2], vb[3]);
+  }
+}
+
+/// Combines the partial softmax of a CTA's `warps` tensor-core warps in warp order (so the result does not
+/// depend on timing) into the partial `out_acc` (the group's weighted V sums) and `out_stats` (max, sum per
+/// head), through `smem` (at least `mma_combine_bytes<D>(warps)`). Called by every thread of the CTA after
+/// the pipeline is done with `smem`; threads of warps at or past `warps` take part in the writes.
+template <int D>
+__device__ inline void mma_combine_warps(unsigned char* smem, int warps, int group, const float (&o)[D / 8][4],
+                                         const float (&run_max)[2], float (&run_sum)[2], float* out_acc,
+                                         float* out_stats) {
+  constexpr int n_tiles = D / 8;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
+  // Each quad's partial sums make the row sums.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    run_sum[i] += __shfl_xor_sync(0xffffffffu, run_sum[i], 1);
+    run_sum[i] += __shfl_xor_sync(0xffffffffu, run_sum[i], 2);
+  }
+  constexpr int stride = mma_combine_stride<D>();
+  float* w_acc = reinterpret_cast<float*>(smem);  // [warps][16][stride]
+  float* w_max = w_acc + warps * 16 * stride;      // [warps][16]
+  float* w_sum = w_max + warps * 16;               // [warps][16]
+  if (warp < warps) {
+#pragma unroll
+    for (int j = 0; j < n_tiles; ++j) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = g + half * 8, col = j * 8 + 2 * c;
+        *reinterpret_cast<float2*>(w_acc + (warp * 16 + row) * stride + col) = make_float2(o[j][2 * half], o[j][2 * half + 1]);
+      }
+    }
+    if (c == 0) {
+      w_max[warp * 16 + g] = run_max[0];
+      w_max[warp * 16 + g + 8] = run_max[1];
+      w_sum[warp * 16 + g] = run_sum[0];
+      w_sum[warp * 16 + g + 8] = run_sum[1];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
+    const int row = i / D;
+    float m = negative_infinity;
+    for (int w = 0; w < warps; ++w) m = max_keep_left(m, w_max[w * 16 + row]);
+    float acc = 0.0f;
+    for (int w = 0; w < warps; ++w) {
+      const float wm = w_max[w * 16 + row];
+      if (wm != negative_infinity) acc += w_acc[(w * 16 + row) * stride + i % D] * expf(wm - m);
+    }
+    out_acc[i] = acc;
+  }
+  if (static_cast<int>(threadIdx.x) < group) {
+    const int row = threadIdx.x;
+    float m = negative_infinity;
+    for (int w = 0; w < warps; ++w) m = max_keep_left(m, w_max[w * 16 + row]);
+    float sum = 0.0f;
+    for (int w = 0; w < warps; ++w) {
+      const float wm = w_max[w * 16 + row];
+      if (wm != negative_infinity) sum += w_sum[w * 16 + row] * expf(wm - m);
+    }
+    out_stats[2 * row] = m;
+    out_stats[2 * row + 1] = sum;
+  }
+}
 
 /// Grid (batch rows x KV heads, splits), `mma_warps` warps, `mma_attention_smem_bytes<D>()` bytes of
 /// dynamic shared memory. Same contract as `attention_kernel`: CTA (r, x) leaves the partial softmax (max,
@@ -411,6 +716,7 @@ template <class P, class E, int D>
 __global__ void __launch_bounds__(mma_warps * 32)
     attention_mma_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> q,
                          attend_part part = attend_part::all, int split_base = 0, int total_splits = 0) {
+  dependent_launch_wait();
   static_assert(uses_mma_attention<E, D>);
   if (*s.status != 0) return;
   using attention = typename P::attention;
@@ -427,53 +733,20 @@ __global__ void __launch_bounds__(mma_warps * 32)
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ std::int32_t ring_block[ring];  // block of list entry i, at i % ring
   __shared__ std::int32_t ring_place[ring];  // its slot (offload store) or page (resident store)
-  __shared__ std::int32_t part_list[cuda_max_top_k];    // the resident part of the selection
-  __shared__ std::int32_t part_missed[cuda_max_top_k];  // this step's misses, to filter it
-  __shared__ int part_count;
+  __shared__ attend_list_storage shared_list;
 
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int split = blockIdx.y, splits = gridDim.y;
   const int seq = seqs(b);
   const int length = s.lengths[seq] + 1;
   const int group = s.group;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int g = lane / 4, c = lane % 4;
-  const float scale = softmax_scale(D);
+  const int warp = threadIdx.x / 32;
   const selection_params& sel = s.sel;
 
-  // The list of blocks this launch attends: the selection (or every block), this step's misses, or the
-  // selection without them, compacted in rank order by warp 0.
-  const std::int32_t* chosen = s.selection_of(seq, h);
-  int n = 0;
-  if (part == attend_part::all) {
-    n = attended_blocks<P>(s, seq, h, length);
-  } else if (part == attend_part::loaded) {
-    n = s.step_misses[s.sh(seq, h)];
-    chosen = s.misses_of(seq, h);
-  } else {
-    const int nm = s.step_misses[s.sh(seq, h)];
-    for (int j = threadIdx.x; j < nm; j += blockDim.x) part_missed[j] = s.misses_of(seq, h)[j];
-    __syncthreads();
-    if (warp == 0) {
-      const int count = s.selection_count[s.sh(seq, h)];
-      const std::int32_t* missed = part_missed;
-      int kept = 0;
-      for (int i0 = 0; i0 < count; i0 += 32) {
-        const int i = i0 + lane;
-        const int m = i < count ? chosen[i] : -1;
-        bool keep = i < count;
-        for (int j = 0; j < nm && keep; ++j) keep = missed[j] != m;
-        const unsigned mask = __ballot_sync(0xffffffffu, keep);
-        if (keep) part_list[kept + __popc(mask & ((1u << lane) - 1u))] = m;
-        kept += __popc(mask);
-      }
-      if (lane == 0) part_count = kept;
-    }
-    __syncthreads();
-    n = part_count;
-    chosen = part_list;
-  }
-  const bool indexed = P::dense && part == attend_part::all;  // entry i is block i
+  const attend_list list = build_attend_list<P>(s, seq, h, length, part, shared_list);
+  const std::int32_t* chosen = list.chosen;
+  const int n = list.n;
+  const bool indexed = list.indexed;
 
   // This CTA's share of the list, as tiles of R rows (a block larger than R has several).
   const split_share share = share_of(n, split, splits, sel.block_size, R);
@@ -577,141 +850,14 @@ __global__ void __launch_bounds__(mma_warps * 32)
     const std::uint32_t ks = shared_address(st), vs = shared_address(st + R * D * 2);
     const float* scores = reinterpret_cast<const float*>(st + 2 * R * D * 2) + warp * 16;
 
-    // S = Q K^T for this warp's 16 key rows: two 16 x 8 tiles, the even and odd k steps in separate
-    // accumulators (two chains of half the length), added at the end.
-    float sc[2][4], half[2][2][4] = {};
-#pragma unroll
-    for (int kt = 0; kt < k_steps; ++kt) {
-      const int mat = lane / 8, row = warp * 16 + (mat >> 1) * 8 + lane % 8, ch = 2 * kt + (mat & 1);
-      std::uint32_t kb[4];
-      ldmatrix_x4(ks + swizzled_offset<D * 2>(row, ch), kb);
-      mma_16816<E>(half[kt & 1][0], qa[kt], kb[0], kb[1]);
-      mma_16816<E>(half[kt & 1][1], qa[kt], kb[2], kb[3]);
-    }
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sc[nt][e] = half[0][nt][e] + half[1][nt][e];
-    }
-
-    // Logits and the running softmax of heads g (i = 0) and g + 8 (i = 1).
-    float tile_max[2] = {negative_infinity, negative_infinity};
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = nt * 8 + 2 * c + (e & 1);
-        float l = negative_infinity;
-        if (key < rows) l = attention::logit(sc[nt][e], biased ? scores[key] : 0.0f, scale);
-        sc[nt][e] = l;
-        tile_max[e >> 1] = max_keep_left(tile_max[e >> 1], l);
-      }
-    }
-    float rescale[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      tile_max[i] = max_keep_left(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
-      tile_max[i] = max_keep_left(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
-      const float new_max = max_keep_left(run_max[i], tile_max[i]);
-      rescale[i] = 1.0f;
-      if (new_max != negative_infinity) rescale[i] = run_max[i] == negative_infinity ? 0.0f : expf(run_max[i] - new_max);
-      run_max[i] = new_max;
-    }
-    float tile_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float m = run_max[e >> 1];
-        const float p = m == negative_infinity ? 0.0f : expf(sc[nt][e] - m);
-        sc[nt][e] = p;
-        tile_sum[e >> 1] += p;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) run_sum[i] = run_sum[i] * rescale[i] + tile_sum[i];
-    if (rescale[0] != 1.0f || rescale[1] != 1.0f) {
-#pragma unroll
-      for (int j = 0; j < n_tiles; ++j) {
-        o[j][0] *= rescale[0];
-        o[j][1] *= rescale[0];
-        o[j][2] *= rescale[1];
-        o[j][3] *= rescale[1];
-      }
-    }
-
-    // O += P V, with P split into a high and a low 16-bit part.
-    std::uint32_t pa[4], pr[4];
-    pa[0] = pack_split<E>(sc[0][0], sc[0][1], pr[0]);
-    pa[1] = pack_split<E>(sc[0][2], sc[0][3], pr[1]);
-    pa[2] = pack_split<E>(sc[1][0], sc[1][1], pr[2]);
-    pa[3] = pack_split<E>(sc[1][2], sc[1][3], pr[3]);
-#pragma unroll
-    for (int np = 0; np < n_tiles / 2; ++np) {
-      const int mat = lane / 8, row = warp * 16 + (mat & 1) * 8 + lane % 8, ch = 2 * np + (mat >> 1);
-      std::uint32_t vb[4];
-      ldmatrix_x4_trans(vs + swizzled_offset<D * 2>(row, ch), vb);
-      mma_16816<E>(o[2 * np], pa, vb[0], vb[1]);
-      mma_16816<E>(o[2 * np], pr, vb[0], vb[1]);
-      mma_16816<E>(o[2 * np + 1], pa, vb[2], vb[3]);
-      mma_16816<E>(o[2 * np + 1], pr, vb[2], vb[3]);
-    }
+    mma_attend_rows<P, E, D>(qa, ks, vs, scores, rows,
+                             [](int r, int ch) { return swizzled_offset<D * 2>(r, ch); }, o, run_max, run_sum);
   }
   cp_async_wait<0>();
-
-  // Each quad's partial sums make the row sums.
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    run_sum[i] += __shfl_xor_sync(0xffffffffu, run_sum[i], 1);
-    run_sum[i] += __shfl_xor_sync(0xffffffffu, run_sum[i], 2);
-  }
-
-  // Combine the warps in warp order (the result does not depend on timing).
   __syncthreads();  // every warp is done with the pipeline
-  constexpr int stride = mma_combine_stride<D>();
-  float* w_acc = reinterpret_cast<float*>(smem);  // [warps][16][stride]
-  float* w_max = w_acc + mma_warps * 16 * stride;  // [warps][16]
-  float* w_sum = w_max + mma_warps * 16;           // [warps][16]
-#pragma unroll
-  for (int j = 0; j < n_tiles; ++j) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = g + half * 8, col = j * 8 + 2 * c;
-      *reinterpret_cast<float2*>(w_acc + (warp * 16 + row) * stride + col) = make_float2(o[j][2 * half], o[j][2 * half + 1]);
-    }
-  }
-  if (c == 0) {
-    w_max[warp * 16 + g] = run_max[0];
-    w_max[warp * 16 + g + 8] = run_max[1];
-    w_sum[warp * 16 + g] = run_sum[0];
-    w_sum[warp * 16 + g + 8] = run_sum[1];
-  }
-  __syncthreads();
   const int all_splits = total_splits > 0 ? total_splits : splits;
-  float* out_acc = s.acc_of(blockIdx.x, split_base + split, all_splits);
-  for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
-    const int row = i / D;
-    float m = negative_infinity;
-    for (int w = 0; w < mma_warps; ++w) m = max_keep_left(m, w_max[w * 16 + row]);
-    float acc = 0.0f;
-    for (int w = 0; w < mma_warps; ++w) {
-      const float wm = w_max[w * 16 + row];
-      if (wm != negative_infinity) acc += w_acc[(w * 16 + row) * stride + i % D] * expf(wm - m);
-    }
-    out_acc[i] = acc;
-  }
-  if (threadIdx.x < group) {
-    const int row = threadIdx.x;
-    float m = negative_infinity;
-    for (int w = 0; w < mma_warps; ++w) m = max_keep_left(m, w_max[w * 16 + row]);
-    float sum = 0.0f;
-    for (int w = 0; w < mma_warps; ++w) {
-      const float wm = w_max[w * 16 + row];
-      if (wm != negative_infinity) sum += w_sum[w * 16 + row] * expf(wm - m);
-    }
-    s.stats_of(blockIdx.x, split_base + split, all_splits)[2 * row] = m;
-    s.stats_of(blockIdx.x, split_base + split, all_splits)[2 * row + 1] = sum;
-  }
+  mma_combine_warps<D>(smem, mma_warps, group, o, run_max, run_sum, s.acc_of(blockIdx.x, split_base + split, all_splits),
+                       s.stats_of(blockIdx.x, split_base + split, all_splits));
 }
 
 }  // namespace nosa::detail

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace nosa::detail {
 
@@ -52,6 +53,50 @@ __device__ inline float warp_max(float v) {
 /// True when the element type is one the tensor cores take as an operand (bf16, fp16).
 template <class E>
 inline constexpr bool is_16bit_element = std::is_same_v<E, bf16> || std::is_same_v<E, fp16>;
+
+// ---------------------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90): a step's kernels are launched so that each may start while the one
+// before it finishes; each waits for its predecessor's completion (and memory) before it reads anything, then
+// lets its successor start. Older devices launch them one after the other, and the wait is a no-op.
+// ---------------------------------------------------------------------------------------------------------
+
+/// Waits for the kernels this one depends on, then allows the next kernel on the stream to launch. The first
+/// statement of every kernel launched by `launch_kernel` with `dependent` set.
+__device__ inline void dependent_launch_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+/// Launches `kernel` on `stream`; with `dependent`, as a programmatic dependent launch (see above), with
+/// `cluster` > 1 in clusters of that many CTAs along x.
+template <class... Params, class... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+                          bool dependent, int cluster, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attributes[2];
+  unsigned n = 0;
+  if (dependent) {
+    attributes[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  if (cluster > 1) {
+    attributes[n].id = cudaLaunchAttributeClusterDimension;
+    attributes[n].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attributes[n].val.clusterDim.y = 1;
+    attributes[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  config.attrs = attributes;
+  config.numAttrs = n;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Asynchronous copies, ldmatrix and mma.sync.
@@ -124,6 +169,45 @@ __device__ inline void load_query_fragments(tensor_view<const E, 3> q, int b, in
       a[kt][i] = pack_elements(x, y);
     }
   }
+}
+
+/// Bytes of the group's queries staged in shared memory by `stage_query_rows`: 16 rows of D elements, each
+/// row padded by 16 bytes so that `ldmatrix` reads eight rows without bank conflicts.
+template <int D>
+NOSA_HOST_DEVICE constexpr int query_rows_bytes() {
+  return 16 * (D * 2 + 16);
+}
+/// Copies the group's queries of batch row `b`, KV head `h` into `rows` (`query_rows_bytes<D>()` bytes), rows
+/// at or past the group zero, with 16-byte loads by the whole CTA; a barrier must follow before they are read.
+template <class E, int D>
+__device__ inline void stage_query_rows(tensor_view<const E, 3> q, int b, int h, int group, unsigned char* rows) {
+  constexpr int pieces = D / 8;  // 16-byte pieces of a row
+  for (int i = static_cast<int>(threadIdx.x); i < 16 * pieces; i += blockDim.x) {
+    const int r = i / pieces, ch = i % pieces;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < group) {
+      const E* row = &q(b, h * group + r, 0);
+      if (q.strides[2] == 1 && reinterpret_cast<std::uintptr_t>(row) % 16 == 0) {
+        v = *reinterpret_cast<const uint4*>(row + ch * 8);
+      } else {
+        std::uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = pack_elements(q(b, h * group + r, ch * 8 + 2 * e), q(b, h * group + r, ch * 8 + 2 * e + 1));
+        v = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
+    *reinterpret_cast<uint4*>(rows + r * (D * 2 + 16) + ch * 16) = v;
+  }
+}
+/// `load_query_fragments` from the rows `stage_query_rows` staged: one `ldmatrix.x4` a k step.
+template <class E, int D>
+__device__ inline void load_query_fragments_shared(const unsigned char* rows, std::uint32_t (&a)[D / 16][4]) {
+  const int lane = threadIdx.x % 32;
+  // Lanes 0-15 address rows 0-15 at the k step's first 8 columns, lanes 16-31 the same rows 8 columns on:
+  // matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+  const std::uint32_t base = shared_address(rows + (lane % 16) * (D * 2 + 16) + (lane / 16) * 16);
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) ldmatrix_x4(base + kt * 32, a[kt]);
 }
 
 /// Rounds (x, y) to a 16-bit pair (x in the low half) and returns it; `rest` receives the rounding

@@ -55,6 +55,7 @@ __device__ inline void copy_pair(const void* src_k, const void* src_v, void* dst
 template <class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
     gather_kernel(cuda_state<E, D> s, sequence_source seqs, bool write_back) {
+  dependent_launch_wait();
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
   if (write_back && *s.status != 0) return;  // `write_back` is set by steps only; plan calls always run
@@ -91,10 +92,11 @@ inline int gather_ctas_per_row(int rows, int items, int target = gather_target_c
 /// Enqueues `gather_kernel` for `rows` (batch row, KV head) pairs: up to `k` misses each, and the write-back
 /// of a completed tail block with `write_back` (steps); about `target` CTAs in all.
 template <class E, int D>
-void launch_gather(const cuda_state<E, D>& s, sequence_source seqs, int rows, bool write_back, cudaStream_t stream,
-                   int target = gather_target_ctas) {
+cudaError_t launch_gather(const cuda_state<E, D>& s, sequence_source seqs, int rows, bool write_back,
+                          cudaStream_t stream, int target = gather_target_ctas) {
   const int per_row = gather_ctas_per_row(rows, s.top_k + (write_back ? 1 : 0), target);
-  gather_kernel<<<dim3(rows, per_row), cuda_threads, 0, stream>>>(s, seqs, write_back);
+  return launch_kernel(gather_kernel<E, D>, dim3(rows, per_row), dim3(cuda_threads), 0, stream, s.dependent_launch, 1,
+                       s, seqs, write_back);
 }
 
 }  // namespace nosa::detail

@@ -11,4 +11,5 @@
 #include <nosa/backend/cuda/detail/select.cuh>
 #include <nosa/backend/cuda/detail/gather.cuh>
 #include <nosa/backend/cuda/detail/attention.cuh>
+#include <nosa/backend/cuda/detail/attention_tma.cuh>
 #include <nosa/backend/cuda/detail/plan.cuh>

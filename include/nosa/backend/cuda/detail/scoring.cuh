@@ -119,6 +119,7 @@ template <class P, class E, int D>
 __global__ void __launch_bounds__(score_threads)
     score_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, tensor_view<const E, 3> q,
                  bool have_query, int columns) {
+  dependent_launch_wait();
   using traits = score_traits<E, D>;
   using scorer = typename P::query_aware;
   using agnostic = typename P::query_agnostic;
@@ -355,19 +356,9 @@ cudaError_t launch_scoring(const cuda_state<E, D>& s, sequence_source seqs, int 
                            tensor_view<const E, 3> q, bool have_query, const score_device& dev, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   const score_shape shape = plan_scoring<E, D>(s.sel, s.max_blocks, s.group, rows, dev);
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(rows) * shape.cluster);
-  config.blockDim = dim3(score_threads);
-  config.dynamicSmemBytes = shape.smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = static_cast<unsigned>(shape.cluster);
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = shape.cluster > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&config, score_kernel<P, E, D>, s, seqs, length_offset, q, have_query, shape.columns);
+  return launch_kernel(score_kernel<P, E, D>, dim3(static_cast<unsigned>(rows) * shape.cluster), dim3(score_threads),
+                       shape.smem, stream, s.dependent_launch, shape.cluster, s, seqs, length_offset, q, have_query,
+                       shape.columns);
 }
 
 /// Opts the scoring kernel into the shared memory it may use (once per pipeline and device).

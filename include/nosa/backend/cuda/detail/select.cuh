@@ -220,6 +220,7 @@ template <class P, class E, int D>
 __global__ void __launch_bounds__(select_threads)
     select_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, bool have_query, bool with_budget,
                   count_mode mode, int staged_capacity) {
+  dependent_launch_wait();
   using selector = typename P::selector;
   constexpr bool offloads = P::store::offloads;
   constexpr bool agnostic = P::query_agnostic::enabled;
@@ -340,6 +341,7 @@ struct diff_shared {
 template <class E, int D>
 __global__ void __launch_bounds__(select_threads)
     diff_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, count_mode mode) {
+  dependent_launch_wait();
   __shared__ diff_shared sh;
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
@@ -408,18 +410,19 @@ __global__ void __launch_bounds__(select_threads)
 
 /// Enqueues `select_kernel` for `rows` (batch row, KV head) pairs, staging scores when they fit.
 template <class P, class E, int D>
-void launch_select(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset, bool have_query,
-                   bool with_budget, count_mode mode, cudaStream_t stream) {
+cudaError_t launch_select(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset,
+                          bool have_query, bool with_budget, count_mode mode, cudaStream_t stream) {
   const int staged = select_staged_blocks(s.max_blocks);
-  select_kernel<P><<<rows, select_threads, std::size_t(staged) * 2 * sizeof(float), stream>>>(
-      s, seqs, length_offset, have_query, with_budget, mode, staged);
+  return launch_kernel(select_kernel<P, E, D>, dim3(rows), dim3(select_threads), std::size_t(staged) * 2 * sizeof(float),
+                       stream, s.dependent_launch, 1, s, seqs, length_offset, have_query, with_budget, mode, staged);
 }
 
 /// Enqueues `diff_kernel` for `rows` (batch row, KV head) pairs (offload store only).
 template <class E, int D>
-void launch_diff(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset, count_mode mode,
-                 cudaStream_t stream) {
-  diff_kernel<<<rows, select_threads, 0, stream>>>(s, seqs, length_offset, mode);
+cudaError_t launch_diff(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset, count_mode mode,
+                        cudaStream_t stream) {
+  return launch_kernel(diff_kernel<E, D>, dim3(rows), dim3(select_threads), 0, stream, s.dependent_launch, 1, s, seqs,
+                       length_offset, mode);
 }
 
 }  // namespace nosa::detail

@@ -18,6 +18,7 @@ struct cuda_state {
   selection_params sel;
   int sequences, kv_heads, group, max_blocks, max_tokens, max_windows, top_k, slots, max_splits, score_chunks;
   int cache_slots;  ///< slots beyond k + 1 that keep dropped blocks (offload store)
+  bool dependent_launch;  ///< a step's kernels launch as programmatic dependent launches (sm_90 and later)
 
   std::int32_t* lengths;
   std::int32_t* live;
@@ -44,6 +45,7 @@ struct cuda_state {
   std::int32_t* miss_list;
   float* partial_acc;
   float* partial_stats;
+  std::int32_t* attention_done;  ///< [rows] splits done per batch row, then [batch] KV heads merged, kept zero
   std::int32_t* status;
   counters* totals;
   counters* last_step;
@@ -140,6 +142,7 @@ cuda_state<E, D> make_cuda_state(const layer_config& config, const state_layout&
   s.miss_list = reinterpret_cast<std::int32_t*>(at(l.miss_list));
   s.partial_acc = reinterpret_cast<float*>(at(l.partial_acc));
   s.partial_stats = reinterpret_cast<float*>(at(l.partial_stats));
+  s.attention_done = reinterpret_cast<std::int32_t*>(at(l.attention_done));
   s.status = reinterpret_cast<std::int32_t*>(at(l.step_status));
   s.totals = reinterpret_cast<counters*>(at(l.totals));
   s.last_step = reinterpret_cast<counters*>(at(l.last_step));
