@@ -14,7 +14,8 @@
 //  - misses per (sequence, KV head), slot maps, lengths, free pages, the step's and the total counters;
 //  - the outputs, within `output_tolerance`;
 //  - every persistent state array, byte for byte: lengths, block tables, token scores, compressed keys and
-//    scores, key rings, selections, slot maps, slot caches, marks, counters and the whole page pool.
+//    scores, key rings, selections, slot maps, slot caches, marks, counters and the whole page pool (with a
+//    quantized KV format: its codes, every scale and the tail buffers, so quantisation is bit-exact).
 //
 // Failed calls must return the same status on both backends (the CUDA layer reports state-dependent step
 // errors through `step_status()`) and leave both layers' state byte-identical to before.
@@ -345,16 +346,28 @@ inline std::vector<region> persistent_regions(const nosa::state_layout& l) {
     r.push_back({"key_ring", true, l.key_ring, SH * std::size_t(l.window) * D * E});
     r.push_back({"block_mark", true, l.block_mark, SH * MB * i32});
   }
-  const std::size_t pool = P * l.page_elements() * E;
+  // Stored blocks hold elements, or the codes of a quantized format (FP8) with their scales beside them.
+  const std::size_t V = l.value_size, pool = P * l.page_elements() * V,
+                    pool_scales = P * 2 * l.kv_heads * f32;
   if (l.offloads) {
     r.push_back({"slot_map", true, l.slot_map, SH * NS * i32});
     r.push_back({"block_slot", true, l.block_slot, SH * MB * i32});
     r.push_back({"slot_stamp", true, l.slot_stamp, SH * NS * i32});
-    r.push_back({"slot_keys", true, l.slot_keys, SH * NS * l.block_elements() * E});
-    r.push_back({"slot_values", true, l.slot_values, SH * NS * l.block_elements() * E});
+    r.push_back({"slot_keys", true, l.slot_keys, SH * NS * l.block_elements() * V});
+    r.push_back({"slot_values", true, l.slot_values, SH * NS * l.block_elements() * V});
     r.push_back({"host_pool", false, l.host_pool, pool});
+    if (l.quantized) {
+      r.push_back({"slot_key_scales", true, l.slot_key_scales, SH * NS * f32});
+      r.push_back({"slot_value_scales", true, l.slot_value_scales, SH * NS * f32});
+      r.push_back({"host_pool_scales", false, l.host_pool_scales, pool_scales});
+    }
   } else {
     r.push_back({"device_pool", true, l.device_pool, pool});
+    if (l.quantized) r.push_back({"device_pool_scales", true, l.device_pool_scales, pool_scales});
+  }
+  if (l.quantized) {
+    r.push_back({"tail_keys", true, l.tail_keys, SH * l.block_elements() * E});
+    r.push_back({"tail_values", true, l.tail_values, SH * l.block_elements() * E});
   }
   return r;
 }
