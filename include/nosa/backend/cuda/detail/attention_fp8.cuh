@@ -164,8 +164,8 @@ __global__ void __launch_bounds__(fp8_attention_warps * 32)
   static_assert((R * pieces) % threads == 0, "whole pieces per thread");
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ std::int32_t ring_block[ring];  // block of list entry i, at i % ring
-  __shared__ std::int32_t
-      ring_place[ring];  // its slot (offload store) or page (resident store); -1: the tail
+  // Its slot (offload store) or page (resident store); -1 for the current block.
+  __shared__ std::int32_t ring_place[ring];
   __shared__ float ring_key_scale[ring];
   __shared__ float ring_value_scale[ring];
 
