@@ -68,40 +68,7 @@ TEST_CASE_TEMPLATE("every policy combination decodes like the host backend (fp32
 TEST_CASE_TEMPLATE("sequences that share a prompt prefix share its pages and decode like the host backend", P,
                    nosa::nosa_pipeline<nosa::bf16, 64>, nosa::nosa_pipeline<nosa::bf16, 64, nosa::resident_store>) {
   NOSA_REQUIRE_GPU();
-  using nosa::status;
-  const nosa::layer_config cfg = make_config(32, 8, 2, 4, 40 * 32);
-  nosa_cuda_test::stream st;
-  nosa_cuda_test::twin<P> t(cfg, st);
-  t.context = "shared prefix: ";
-  nosa_cuda_test::random_source rng(111);
-  const int bs = cfg.selection.block_size, len = 14 * bs + 9;
-  const auto p = nosa_cuda_test::random_prompt<P>(rng, cfg, len, true);
-  REQUIRE(t.admit(0, p) == status::success);
-  const int free_before = t.gpu.layer.free_page_count();
-  // Bad shares change nothing: a source that is not live, the sequence itself, more blocks than are complete.
-  REQUIRE(t.admit(1, p, status::unknown_sequence, {2, 3}) == status::unknown_sequence);
-  REQUIRE(t.admit(1, p, status::unknown_sequence, {1, 3}) == status::unknown_sequence);
-  REQUIRE(t.admit(1, p, status::invalid_argument, {0, 15}) == status::invalid_argument);
-  REQUIRE(t.admit(1, p, status::invalid_argument, {0, -1}) == status::invalid_argument);
-  // Two sequences on the same prompt: the 14 complete blocks are shared, only the tail's page is new.
-  REQUIRE(t.admit(1, p, status::success, {0, 14}) == status::success);
-  CHECK(t.gpu.layer.free_page_count() == free_before - 1);
-  // A third that shares only the first 6 blocks of the same prompt.
-  REQUIRE(t.admit(2, p, status::success, {1, 6}) == status::success);
-  CHECK(t.gpu.layer.free_page_count() == free_before - 1 - 9);
-  const int steps = nosa_cuda_test::scaled(3 * bs, 10);
-  for (int step = 0; step < steps; ++step) {
-    if (step == steps / 2) REQUIRE(t.remove(0) == status::success);  // the shared pages stay referenced
-    std::vector<std::int32_t> seqs;
-    for (int seq = 0; seq < 3; ++seq) {
-      if (t.host.layer.is_live(seq)) seqs.push_back(seq);
-    }
-    REQUIRE(t.reserve(1) == status::success);
-    REQUIRE(t.template step<float>(nosa_cuda_test::random_batch<P>(rng, cfg, std::move(seqs))) == status::success);
-  }
-  REQUIRE(t.remove(1) == status::success);
-  REQUIRE(t.remove(2) == status::success);
-  CHECK(t.gpu.layer.free_page_count() == cfg.limits.pool_pages);
+  nosa_cuda_test::run_shared_prefix<P>(111);
 }
 
 TEST_CASE_TEMPLATE("selection at the edges of its kernel's shapes decodes like the host backend", P,

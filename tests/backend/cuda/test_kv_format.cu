@@ -1,7 +1,7 @@
-// Quantized KV formats on the CUDA backend. Its kernels read and write complete blocks in the element type
-// only, so until FP8 kernels exist an FP8 pipeline must still compile for the CUDA backend (every member of
-// the layer and the step's kernels) and refuse with `not_supported` at `required_bytes` and `create`,
-// before it touches a device. Runs without a GPU.
+// Quantized KV formats on the CUDA backend, without a GPU: FP8 pipelines whose shapes the FP8 kernels cover
+// (bf16 or fp16 storage, D 64 or 128) size their arenas as the shared state layout says; the others (fp32
+// storage, D 256) still compile, and refuse with `not_supported` at `required_bytes` and `create`, before
+// touching a device. test_fp8_cuda.cu runs the FP8 kernels against the host backend.
 #include <nosa/cuda.cuh>
 
 #include <doctest/doctest.h>
@@ -12,37 +12,45 @@
 namespace {
 
 using fp8_offload = nosa::nosa_pipeline<nosa::bf16, 128, nosa::fp8_offload_store>;
-using fp8_resident = nosa::infllmv2_pipeline<nosa::fp16, 64, nosa::fp8_resident_store>;
+using fp8_fp32 = nosa::nosa_pipeline<float, 128, nosa::fp8_offload_store>;
+using fp8_d256 = nosa::infllmv2_pipeline<nosa::fp16, 256, nosa::fp8_resident_store>;
 using offload_layer = nosa::decode_layer<fp8_offload, nosa::cuda_backend>;
-using resident_layer = nosa::decode_layer<fp8_resident, nosa::cuda_backend>;
+using fp32_layer = nosa::decode_layer<fp8_fp32, nosa::cuda_backend>;
+using d256_layer = nosa::decode_layer<fp8_d256, nosa::cuda_backend>;
 
-// The step with fp32 output, so that its kernels are compiled for the FP8 pipeline too.
+// The step with fp32 output, so that its kernels are compiled for an unsupported FP8 pipeline too.
 [[maybe_unused]] constexpr auto fp8_step =
-    static_cast<nosa::status (offload_layer::*)(const nosa::step_args<nosa::bf16, float>&, cudaStream_t) noexcept>(
-        &offload_layer::step<float>);
+    static_cast<nosa::status (fp32_layer::*)(const nosa::step_args<float, float>&, cudaStream_t) noexcept>(
+        &fp32_layer::step<float>);
 
 }  // namespace
 
-// Every non-template member of an FP8 CUDA layer compiles.
+// Every non-template member of an FP8 CUDA layer compiles, supported or not.
 template class nosa::decode_layer<fp8_offload, nosa::cuda_backend>;
+template class nosa::decode_layer<fp8_d256, nosa::cuda_backend>;
 
-TEST_CASE("FP8 pipelines compile for the CUDA backend and are not supported there yet") {
+TEST_CASE(
+    "FP8 pipelines size their arenas by the shared layout, or are refused where the kernels do not go") {
   nosa::layer_config config;
   config.num_q_heads = 8;
   config.num_kv_heads = 2;
   config.limits = {2, 16, 32};
   nosa::arena_sizes sizes{1, 1};
-  CHECK(offload_layer::required_bytes(config, sizes) == nosa::status::not_supported);
-  CHECK(resident_layer::required_bytes(config, sizes) == nosa::status::not_supported);
+  REQUIRE(offload_layer::required_bytes(config, sizes) == nosa::status::success);
+  const nosa::state_layout l = nosa::make_state_layout<fp8_offload>(config);
+  CHECK(sizes.device == l.device_bytes);
+  CHECK(sizes.host == l.host_bytes);
+  CHECK(l.block_bytes() == std::size_t(config.selection.block_size) * 128 + 4);
+
+  sizes = {1, 1};
+  CHECK(fp32_layer::required_bytes(config, sizes) == nosa::status::not_supported);
+  CHECK(d256_layer::required_bytes(config, sizes) == nosa::status::not_supported);
   CHECK((sizes.device == 1 && sizes.host == 1));  // left untouched
-  offload_layer layer;
-  CHECK(offload_layer::create(config, std::span<std::byte>{}, std::span<std::byte>{}, layer) ==
+  fp32_layer layer;
+  CHECK(fp32_layer::create(config, std::span<std::byte>{}, std::span<std::byte>{}, layer) ==
         nosa::status::not_supported);
   // A configuration that is invalid anyway reports that first, as every pipeline does.
   config.num_kv_heads = 3;
+  CHECK(fp32_layer::required_bytes(config, sizes) == nosa::status::invalid_argument);
   CHECK(offload_layer::required_bytes(config, sizes) == nosa::status::invalid_argument);
-  // The same pipelines in the element type are supported.
-  config.num_kv_heads = 2;
-  using bf16_layer = nosa::decode_layer<nosa::nosa_pipeline<nosa::bf16, 128>, nosa::cuda_backend>;
-  CHECK(bf16_layer::required_bytes(config, sizes) == nosa::status::success);
 }

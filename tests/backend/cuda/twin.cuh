@@ -14,7 +14,8 @@
 //  - misses per (sequence, KV head), slot maps, lengths, free pages, the step's and the total counters;
 //  - the outputs, within `output_tolerance`;
 //  - every persistent state array, byte for byte: lengths, block tables, token scores, compressed keys and
-//    scores, key rings, selections, slot maps, slot caches, marks, counters and the whole page pool.
+//    scores, key rings, selections, slot maps, slot caches, marks, counters and the whole page pool (with a
+//    quantized KV format: its codes, every scale and the tail buffers, so quantisation is bit-exact).
 //
 // Failed calls must return the same status on both backends (the CUDA layer reports state-dependent step
 // errors through `step_status()`) and leave both layers' state byte-identical to before.
@@ -345,16 +346,28 @@ inline std::vector<region> persistent_regions(const nosa::state_layout& l) {
     r.push_back({"key_ring", true, l.key_ring, SH * std::size_t(l.window) * D * E});
     r.push_back({"block_mark", true, l.block_mark, SH * MB * i32});
   }
-  const std::size_t pool = P * l.page_elements() * E;
+  // Stored blocks hold elements, or the codes of a quantized format (FP8) with their scales beside them.
+  const std::size_t V = l.value_size, pool = P * l.page_elements() * V,
+                    pool_scales = P * 2 * l.kv_heads * f32;
   if (l.offloads) {
     r.push_back({"slot_map", true, l.slot_map, SH * NS * i32});
     r.push_back({"block_slot", true, l.block_slot, SH * MB * i32});
     r.push_back({"slot_stamp", true, l.slot_stamp, SH * NS * i32});
-    r.push_back({"slot_keys", true, l.slot_keys, SH * NS * l.block_elements() * E});
-    r.push_back({"slot_values", true, l.slot_values, SH * NS * l.block_elements() * E});
+    r.push_back({"slot_keys", true, l.slot_keys, SH * NS * l.block_elements() * V});
+    r.push_back({"slot_values", true, l.slot_values, SH * NS * l.block_elements() * V});
     r.push_back({"host_pool", false, l.host_pool, pool});
+    if (l.quantized) {
+      r.push_back({"slot_key_scales", true, l.slot_key_scales, SH * NS * f32});
+      r.push_back({"slot_value_scales", true, l.slot_value_scales, SH * NS * f32});
+      r.push_back({"host_pool_scales", false, l.host_pool_scales, pool_scales});
+    }
   } else {
     r.push_back({"device_pool", true, l.device_pool, pool});
+    if (l.quantized) r.push_back({"device_pool_scales", true, l.device_pool_scales, pool_scales});
+  }
+  if (l.quantized) {
+    r.push_back({"tail_keys", true, l.tail_keys, SH * l.block_elements() * E});
+    r.push_back({"tail_values", true, l.tail_values, SH * l.block_elements() * E});
   }
   return r;
 }
@@ -1005,6 +1018,116 @@ run_stats run_differential(const run_spec& spec, const std::string& name) {
                     << " near-ties, " << r.misses << " misses, max output error / tolerance "
                     << r.max_output_error << ", max relative Sq difference " << r.max_score_error);
   CHECK(r.near_ties * 100 < r.selections);
+  return r;
+}
+
+/// Sequences that share a prompt prefix: bad shares change nothing; a second sequence on the same prompt
+/// shares its complete blocks, a third the first 6; they decode (the first one leaving half-way) like the
+/// host backend, and every page returns to the pool at the end.
+template <class P>
+void run_shared_prefix(std::uint64_t seed) {
+  const nosa::layer_config cfg = make_config(32, 8, 2, 4, 40 * 32);
+  stream st;
+  twin<P> t(cfg, st);
+  t.context = "shared prefix: ";
+  random_source rng(seed);
+  const int bs = cfg.selection.block_size, len = 14 * bs + 9;
+  const auto p = random_prompt<P>(rng, cfg, len, true);
+  REQUIRE(t.admit(0, p) == status::success);
+  const int free_before = t.gpu.layer.free_page_count();
+  // Bad shares change nothing: a source that is not live, the sequence itself, more blocks than are complete.
+  REQUIRE(t.admit(1, p, status::unknown_sequence, {2, 3}) == status::unknown_sequence);
+  REQUIRE(t.admit(1, p, status::unknown_sequence, {1, 3}) == status::unknown_sequence);
+  REQUIRE(t.admit(1, p, status::invalid_argument, {0, 15}) == status::invalid_argument);
+  REQUIRE(t.admit(1, p, status::invalid_argument, {0, -1}) == status::invalid_argument);
+  // Two sequences on the same prompt: the 14 complete blocks are shared, only the tail's page is new.
+  REQUIRE(t.admit(1, p, status::success, {0, 14}) == status::success);
+  CHECK(t.gpu.layer.free_page_count() == free_before - 1);
+  // A third that shares only the first 6 blocks of the same prompt.
+  REQUIRE(t.admit(2, p, status::success, {1, 6}) == status::success);
+  CHECK(t.gpu.layer.free_page_count() == free_before - 1 - 9);
+  const int steps = scaled(3 * bs, 10);
+  for (int step = 0; step < steps; ++step) {
+    if (step == steps / 2) REQUIRE(t.remove(0) == status::success);  // the shared pages stay referenced
+    std::vector<std::int32_t> seqs;
+    for (int seq = 0; seq < 3; ++seq) {
+      if (t.host.layer.is_live(seq)) seqs.push_back(seq);
+    }
+    REQUIRE(t.reserve(1) == status::success);
+    REQUIRE(t.template step<float>(random_batch<P>(rng, cfg, std::move(seqs))) == status::success);
+  }
+  REQUIRE(t.remove(1) == status::success);
+  REQUIRE(t.remove(2) == status::success);
+  CHECK(t.gpu.layer.free_page_count() == cfg.limits.pool_pages);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A captured step, replayed.
+// ---------------------------------------------------------------------------------------------------------
+
+/// Owns a captured graph and its executable instance.
+struct captured_graph {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  captured_graph() = default;
+  captured_graph(const captured_graph&) = delete;
+  captured_graph& operator=(const captured_graph&) = delete;
+  ~captured_graph() {
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+  }
+};
+
+/// Captures one step of four ragged sequences (none a multiple of the block size; with `overlapped` the
+/// gather is forked to a second stream inside the capture) once, and replays it for `steps` steps while the
+/// sequences grow across many block and window boundaries, every replay compared with the host backend
+/// stepping the same inputs. Every page the run needs is reserved up front: no plan call runs in between.
+template <class P>
+run_stats replay_captured_step(int steps, bool overlapped, const std::string& context) {
+  using T = typename P::element_type;
+  const std::vector<int> prompts = {37, 250, 5, 100};
+  const int longest = 250 + steps;
+
+  nosa::layer_config cfg = make_config(32, 4, 2, 4, longest);
+  cfg.selection.top_k = 8;
+  cfg.selection.top_k_query_aware = 5;
+  cfg.selection.n_local = 2;
+
+  stream st;
+  twin<P> t(cfg, st);
+  t.context = context;
+  overlap_resources overlap;
+  random_source rng(501);
+  for (int seq = 0; seq < 4; ++seq) {
+    REQUIRE(t.admit(seq, random_prompt<P>(rng, cfg, prompts[std::size_t(seq)], seq % 2 == 0)) ==
+            status::success);
+  }
+  REQUIRE(t.reserve(steps) == status::success);
+
+  // One step over the twin's fixed device buffers, rows in a fixed order that is not the slot order.
+  const std::vector<std::int32_t> order = {2, 0, 3, 1};
+  captured_graph g;
+  NOSA_CUDA_REQUIRE(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+  const status enqueued = overlapped ? t.gpu.layer.step(t.template device_args<T>(4), st, overlap.get())
+                                     : t.gpu.layer.step(t.template device_args<T>(4), st);
+  NOSA_CUDA_REQUIRE(cudaStreamEndCapture(st, &g.graph));
+  REQUIRE(enqueued == status::success);
+  NOSA_CUDA_REQUIRE(cudaGraphInstantiate(&g.exec, g.graph, 0));
+
+  for (int step = 0; step < steps; ++step) {
+    const status r = t.template step_with<T>(random_batch<P>(rng, cfg, order), [&] {
+      NOSA_CUDA_REQUIRE(cudaGraphLaunch(g.exec, st));
+      return status::success;
+    });
+    REQUIRE(r == status::success);
+  }
+  for (int seq = 0; seq < 4; ++seq) CHECK(t.gpu.layer.length(seq, st) == prompts[std::size_t(seq)] + steps);
+  const run_stats& r = t.stats;
+  MESSAGE(t.context << r.steps << " replays, " << r.selections << " selections, " << r.near_ties
+                    << " near-ties, " << r.misses << " misses, max output error / tolerance "
+                    << r.max_output_error);
+  CHECK(r.near_ties * 100 < r.selections);
+  CHECK(r.steps == std::uint64_t(steps));
   return r;
 }
 

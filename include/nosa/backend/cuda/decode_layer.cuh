@@ -63,9 +63,9 @@ class decode_layer<P, cuda_backend> {
 
   decode_layer() = default;
 
-  /// Sizes of the two arenas. Groups above 16, `k` above 256, block sizes that are not a multiple of 8 and
-  /// quantized KV formats (`fp8_offload_store`, `fp8_resident_store`: host backend only, for now) give
-  /// `not_supported`.
+  /// Sizes of the two arenas. Groups above 16, `k` above 256 and block sizes that are not a multiple of 8
+  /// give `not_supported`; so do quantized KV formats (`fp8_offload_store`, `fp8_resident_store`) with other
+  /// than bf16 or fp16 storage and D 64 or 128.
   [[nodiscard]] static status required_bytes(const layer_config& config, arena_sizes& out) noexcept {
     NOSA_TRY(check_config(config));
     const state_layout s = make_state_layout<P>(config);
@@ -110,7 +110,15 @@ class decode_layer<P, cuda_backend> {
                                                         offloads ? static_cast<std::byte*>(mapped) : device_arena.data());
     state.dependent_launch = major >= 9;
     detail::tma_maps tma{};
-    if constexpr (mma_attention) {
+    if constexpr (fp8_attention) {
+      const auto kernel = detail::attention_fp8_kernel<P, element_type, head_dim>;
+      const int smem = static_cast<int>(detail::fp8_attention_smem_bytes<head_dim>());
+      NOSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      NOSA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_ctas, kernel,
+                                                                  detail::fp8_attention_warps * 32, smem));
+    } else if constexpr (quantized) {
+      // Not supported (check_config): nothing to size.
+    } else if constexpr (mma_attention) {
       // Hopper attends through the tensor memory accelerator when the maps can describe the tiles.
       cudaFuncAttributes tma_attributes{};
       NOSA_CUDA_TRY(
@@ -218,9 +226,17 @@ class decode_layer<P, cuda_backend> {
     detail::admit_kernel<offloads>
         <<<hkv, detail::cuda_threads, 0, stream>>>(state_, seq, length, row_dev, share.blocks);
     if (length > 0) {
-      detail::ingest_kernel<offloads, !P::dense>
-          <<<dim3(hkv, chunks), detail::cuda_threads, 0, stream>>>(state_, seq, length, prompt.k, prompt.v, prompt.c,
-                                                                   share.blocks);
+      detail::ingest_kernel<offloads, !P::dense, quantized>
+          <<<dim3(hkv, chunks), detail::cuda_threads, 0, stream>>>(state_, seq, length, prompt.k, prompt.v,
+                                                                   prompt.c, share.blocks);
+      if constexpr (quantized) {
+        // The prompt's complete blocks, quantised into their pages (spec §6b).
+        const int quantized_blocks = length / config_.selection.block_size - share.blocks;
+        if (quantized_blocks > 0) {
+          detail::quantize_prompt_kernel<<<dim3(hkv, std::min(quantized_blocks, 64)), detail::cuda_threads, 0,
+                                           stream>>>(state_, seq, length, prompt.k, prompt.v, share.blocks);
+        }
+      }
       const int windows = P::dense ? 0 : window_count(length, config_.selection);
       if (windows > 0) {
         detail::compress_prompt_kernel<<<dim3(hkv, std::min(windows, 64)), head_dim, 0, stream>>>(state_, seq, length,
@@ -248,7 +264,11 @@ class decode_layer<P, cuda_backend> {
     NOSA_CUDA_TRY(detail::launch_select<P>(state_, one, hkv, 0, have_query, false, detail::count_mode::ingest, stream));
     if constexpr (offloads) {
       NOSA_CUDA_TRY(detail::launch_diff(state_, one, hkv, 0, detail::count_mode::ingest, stream));
-      NOSA_CUDA_TRY(detail::launch_gather(state_, one, hkv, false, stream));
+      if constexpr (quantized) {
+        detail::launch_fp8_gather<offloads>(state_, one, hkv, false, stream);
+      } else {
+        NOSA_CUDA_TRY(detail::launch_gather(state_, one, hkv, false, stream));
+      }
     }
     detail::clear_step_misses_kernel<<<1, 32, 0, stream>>>(state_, seq);
     return finish_plan(stream);
@@ -309,7 +329,8 @@ class decode_layer<P, cuda_backend> {
   }
 
   /// The stages of a step, in launch order. `select` launches nothing for full attention, `diff` and
-  /// `gather` nothing with the resident store.
+  /// `gather` nothing with the resident store, except that with a quantized KV format `gather` also
+  /// quantises the blocks the step completes (both stores).
   enum class step_stage : int { begin, append_score, select, diff, gather, attention, merge };
 
   /// `step`, with `after(stage)` called on the host right after each stage's kernels are enqueued (to
@@ -356,11 +377,16 @@ class decode_layer<P, cuda_backend> {
       if constexpr (offloads) NOSA_CUDA_TRY(detail::launch_diff(state_, seqs, rows, 1, detail::count_mode::step, stream));
       after(step_stage::diff);
     }
-    // Overlap needs a transfer stream, both events, and a split of the attention into two parts.
-    const bool overlapped = offloads && mma_attention && overlap != nullptr && overlap->transfer != nullptr &&
-                            overlap->fork != nullptr && overlap->join != nullptr && layout_.max_splits >= 2;
+    // Overlap needs a transfer stream, both events, and a split of the attention into two parts (element
+    // type only).
+    const bool overlapped = offloads && mma_attention && !quantized && overlap != nullptr &&
+                            overlap->transfer != nullptr && overlap->fork != nullptr &&
+                            overlap->join != nullptr && layout_.max_splits >= 2;
     if (runs(step_stage::gather)) {
-      if constexpr (offloads) {
+      if constexpr (quantized) {
+        // Codes and scales of the misses; the block this step completed, quantised from its tail buffer.
+        detail::launch_fp8_gather<offloads>(state_, seqs, rows, true, stream);
+      } else if constexpr (offloads) {
         cudaStream_t gather_stream = stream;
         if (overlapped) {
           NOSA_CUDA_TRY(cudaEventRecord(overlap->fork, stream));
@@ -385,7 +411,13 @@ class decode_layer<P, cuda_backend> {
     // many splits would take longer than the merge kernel).
     const bool merged_in_attention = tma_.valid && splits + loaded_splits <= detail::tma_merge_max_splits;
     if (runs(step_stage::attention)) {
-      if constexpr (mma_attention) {
+      if constexpr (quantized) {
+        if constexpr (fp8_attention) {
+          detail::attention_fp8_kernel<P>
+              <<<dim3(rows, splits), detail::fp8_attention_warps * 32,
+                 detail::fp8_attention_smem_bytes<head_dim>(), stream>>>(state_, seqs, args.q);
+        }
+      } else if constexpr (mma_attention) {
         // One launch over `part`'s blocks as splits [base, base + count) of all of them.
         const auto attend = [&](detail::attend_part part, int base, int count) {
           const bool dependent = state_.dependent_launch;
@@ -516,6 +548,10 @@ class decode_layer<P, cuda_backend> {
   static constexpr bool offloads = P::store::offloads;
   /// 16-bit storage with D = 64 or 128 attends on tensor cores; other shapes on CUDA cores.
   static constexpr bool mma_attention = detail::uses_mma_attention<element_type, head_dim>;
+  /// Complete blocks are FP8 codes plus a scale (spec §6b); the current block stays in the element type.
+  static constexpr bool quantized = P::store::kv_format::quantized;
+  /// A quantized format the kernels support: codes read by the tensor-core FP8 attention.
+  static constexpr bool fp8_attention = quantized && detail::uses_fp8_attention<element_type, head_dim>;
 
   layer_config config_{};
   state_layout layout_{};
@@ -529,8 +565,8 @@ class decode_layer<P, cuda_backend> {
 
   static status check_config(const layer_config& config) noexcept {
     NOSA_TRY(validate(config));
-    // The kernels read and write complete blocks in the element type; FP8 blocks run on the host backend.
-    if (P::store::kv_format::quantized) return status::not_supported;
+    // FP8 blocks are attended on tensor cores only (bf16, fp16; D 64, 128).
+    if (quantized && !fp8_attention) return status::not_supported;
     if (config.group_size() > max_group || config.selection.top_k > max_top_k) return status::not_supported;
     if (config.selection.block_size % 8 != 0) return status::not_supported;
     // The set-difference runs one thread per slot.

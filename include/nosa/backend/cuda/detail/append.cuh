@@ -1,8 +1,9 @@
 #pragma once
 /// \file
 /// Step stage 1, append and compression: the new token's K, V and eviction score go to the tail (its slot, or
-/// its page with the resident store), the key ring and the score history, and the compression window the token
-/// completes, if any, gets its compressed key (rounded once to the element type) and compressed score.
+/// its page with the resident store; its tail buffer with a quantized KV format), the key ring and the score
+/// history, and the compression window the token completes, if any, gets its compressed key (rounded once to
+/// the element type) and compressed score.
 
 #include <nosa/backend/cuda/detail/common.cuh>
 #include <nosa/backend/cuda/detail/state.cuh>
@@ -107,7 +108,11 @@ __global__ void __launch_bounds__(cuda_threads)
   }
   E* kdst;
   E* vdst;
-  if constexpr (offloads) {
+  if constexpr (P::store::kv_format::quantized) {
+    // The current block stays in the element type until it completes (spec §6b).
+    kdst = s.tail_k(seq, h) + row;
+    vdst = s.tail_v(seq, h) + row;
+  } else if constexpr (offloads) {
     const int slot = s.block_slot_of(seq, h)[block];
     kdst = s.slot_k(seq, h, slot) + row;
     vdst = s.slot_v(seq, h, slot) + row;

@@ -152,18 +152,26 @@ __device__ inline std::uint32_t pack_elements(E lo, E hi) {
   return std::uint32_t(lo.bits) | (std::uint32_t(hi.bits) << 16);
 }
 
+/// Column of the head dimension that k index `2c + (j & 1) + 8 (j >> 1)` of k step `kt` is, where `j` (0..3)
+/// is the pair member: the natural order.
+struct natural_columns {
+  __device__ int operator()(int kt, int c, int j) const { return kt * 16 + 2 * c + (j & 1) + (j >> 1) * 8; }
+};
+
 /// The A fragments of `mma_16816` for the group's queries: rows are the query heads `h * group + r` of batch
 /// row `b` (rows at or past the group are zero), `D / 16` k steps. Fragment layout (lane = 4 r + c): register
-/// i holds row r + 8 (i & 1), columns 2c + 8 (i >> 1) and the one after.
-template <class E, int D>
+/// i holds row r + 8 (i & 1), k indices 2c + 8 (i >> 1) and the one after, which are the columns
+/// `column(kt, c, 2 (i >> 1))` and the one after (a permutation of the head dimension, applied to the keys
+/// too, leaves Q K^T unchanged).
+template <class E, int D, class Columns = natural_columns>
 __device__ inline void load_query_fragments(tensor_view<const E, 3> q, int b, int h, int group,
-                                            std::uint32_t (&a)[D / 16][4]) {
+                                            std::uint32_t (&a)[D / 16][4], Columns column = {}) {
   const int lane = threadIdx.x % 32, r = lane / 4, c = lane % 4;
 #pragma unroll
   for (int kt = 0; kt < D / 16; ++kt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int row = r + (i & 1) * 8, col = kt * 16 + 2 * c + (i >> 1) * 8;
+      const int row = r + (i & 1) * 8, col = column(kt, c, 2 * (i >> 1));
       const E x = row < group ? q(b, h * group + row, col) : E{};
       const E y = row < group ? q(b, h * group + row, col + 1) : E{};
       a[kt][i] = pack_elements(x, y);

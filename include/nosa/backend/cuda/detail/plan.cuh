@@ -58,13 +58,14 @@ __global__ void admit_kernel(cuda_state<E, D> s, int seq, int length, const std:
 
 /// Grid (KV heads, chunks): copies a prompt into the state: score history, key ring (`Scored`), blocks to
 /// their pages except the `shared` first ones, whose pages already hold them (the offload store keeps a
-/// partial tail in slot 0).
-template <bool Offloads, bool Scored, class E, int D>
+/// partial tail in slot 0). `Quantized` (FP8): the complete blocks are left to `quantize_prompt_kernel` and a
+/// partial tail goes to the tail buffer.
+template <bool Offloads, bool Scored, bool Quantized, class E, int D>
 __global__ void ingest_kernel(cuda_state<E, D> s, int seq, int length, tensor_view<const E, 3> k,
                               tensor_view<const E, 3> v, tensor_view<const float, 2> c, int shared) {
   const int h = blockIdx.x;
   const selection_params& sel = s.sel;
-  const int full_blocks = Offloads ? length / sel.block_size : block_count(length, sel);
+  const int full_blocks = Offloads || Quantized ? length / sel.block_size : block_count(length, sel);
   const std::int32_t* table = s.table(seq);
   const std::int64_t items = std::int64_t(length) * D;
   for (std::int64_t idx = std::int64_t(blockIdx.y) * blockDim.x + threadIdx.x; idx < items;
@@ -76,8 +77,13 @@ __global__ void ingest_kernel(cuda_state<E, D> s, int seq, int length, tensor_vi
     if (m < shared) {
       // already in its page
     } else if (m < full_blocks) {
-      s.page_k(table[m], h)[row] = kd;
-      s.page_v(table[m], h)[row] = v(t, h, d);
+      if constexpr (!Quantized) {
+        s.page_k(table[m], h)[row] = kd;
+        s.page_v(table[m], h)[row] = v(t, h, d);
+      }
+    } else if constexpr (Quantized) {
+      s.tail_k(seq, h)[row] = kd;
+      s.tail_v(seq, h)[row] = v(t, h, d);
     } else {
       s.slot_k(seq, h, 0)[row] = kd;
       s.slot_v(seq, h, 0)[row] = v(t, h, d);

@@ -3,6 +3,7 @@
 /// Kernel-side view of a layer's state: typed pointers into the device arena (and the device address of the
 /// mapped host pool), built once at creation from the shared `state_layout` and passed to kernels by value.
 
+#include <nosa/core/numeric.hpp>
 #include <nosa/core/params.hpp>
 #include <nosa/pipeline.hpp>
 #include <nosa/scorer/windows.hpp>
@@ -51,10 +52,27 @@ struct cuda_state {
   counters* last_step;
   E* pool;  ///< device address of the pool: mapped host memory (offload) or device memory (resident)
 
+  // A quantized KV format (FP8, spec §6b) keeps complete blocks as codes plus a scale, and each current block
+  // in the element type in a tail buffer. With it the element-type views above of the slot cache and the
+  // pool are null (their memory holds codes); without it the views below are null.
+  bool quantized;
+  fp8_e4m3* slot_key_codes;    ///< [S][H][NS][b_s][D] slot cache, K
+  fp8_e4m3* slot_value_codes;  ///< [S][H][NS][b_s][D] slot cache, V
+  float* slot_key_scales;      ///< [S][H][NS] scale of each slot's K
+  float* slot_value_scales;    ///< [S][H][NS] scale of each slot's V
+  E* tail_keys;                ///< [S][H][b_s][D] K of the current block
+  E* tail_values;              ///< [S][H][b_s][D] V of the current block
+  fp8_e4m3* pool_codes;        ///< [P][2][H][b_s][D] pool, at the device address of its arena
+  float* pool_scales;          ///< [P][2][H] scale of each block-head of the pool
+
   NOSA_HOST_DEVICE std::size_t sh(int seq, int h) const { return std::size_t(seq) * kv_heads + h; }
   NOSA_HOST_DEVICE std::size_t block_elements() const { return std::size_t(sel.block_size) * D; }
   NOSA_HOST_DEVICE std::size_t page_elements() const { return 2 * std::size_t(kv_heads) * block_elements(); }
-  NOSA_HOST_DEVICE std::size_t block_bytes() const { return block_elements() * sizeof(E); }
+  /// Bytes one stored block of one KV head, K or V, moves as (`state_layout::block_bytes()`): its elements,
+  /// or its codes plus its scale.
+  NOSA_HOST_DEVICE std::size_t block_bytes() const {
+    return quantized ? block_elements() + sizeof(float) : block_elements() * sizeof(E);
+  }
 
   NOSA_HOST_DEVICE std::int32_t* table(int seq) const { return block_table + std::size_t(seq) * max_blocks; }
   NOSA_HOST_DEVICE float* scores_of(int seq, int h) const { return token_scores + sh(seq, h) * max_tokens; }
@@ -76,6 +94,32 @@ struct cuda_state {
   }
   NOSA_HOST_DEVICE E* page_v(int page, int h) const {
     return pool + std::size_t(page) * page_elements() + std::size_t(kv_heads + h) * block_elements();
+  }
+  NOSA_HOST_DEVICE fp8_e4m3* slot_k_codes(int seq, int h, int slot) const {
+    return slot_key_codes + (sh(seq, h) * slots + slot) * block_elements();
+  }
+  NOSA_HOST_DEVICE fp8_e4m3* slot_v_codes(int seq, int h, int slot) const {
+    return slot_value_codes + (sh(seq, h) * slots + slot) * block_elements();
+  }
+  NOSA_HOST_DEVICE float* slot_k_scale(int seq, int h, int slot) const {
+    return slot_key_scales + sh(seq, h) * slots + slot;
+  }
+  NOSA_HOST_DEVICE float* slot_v_scale(int seq, int h, int slot) const {
+    return slot_value_scales + sh(seq, h) * slots + slot;
+  }
+  NOSA_HOST_DEVICE E* tail_k(int seq, int h) const { return tail_keys + sh(seq, h) * block_elements(); }
+  NOSA_HOST_DEVICE E* tail_v(int seq, int h) const { return tail_values + sh(seq, h) * block_elements(); }
+  NOSA_HOST_DEVICE fp8_e4m3* page_k_codes(int page, int h) const {
+    return pool_codes + std::size_t(page) * page_elements() + std::size_t(h) * block_elements();
+  }
+  NOSA_HOST_DEVICE fp8_e4m3* page_v_codes(int page, int h) const {
+    return pool_codes + std::size_t(page) * page_elements() + std::size_t(kv_heads + h) * block_elements();
+  }
+  NOSA_HOST_DEVICE float* page_k_scale(int page, int h) const {
+    return pool_scales + std::size_t(page) * 2 * kv_heads + h;
+  }
+  NOSA_HOST_DEVICE float* page_v_scale(int page, int h) const {
+    return pool_scales + (std::size_t(page) * 2 + 1) * kv_heads + h;
   }
   NOSA_HOST_DEVICE float* sq_of(int seq, int h) const { return query_scores + sh(seq, h) * max_blocks; }
   NOSA_HOST_DEVICE float* se_of(int seq, int h) const { return agnostic_scores + sh(seq, h) * max_blocks; }
@@ -147,6 +191,19 @@ cuda_state<E, D> make_cuda_state(const layer_config& config, const state_layout&
   s.totals = reinterpret_cast<counters*>(at(l.totals));
   s.last_step = reinterpret_cast<counters*>(at(l.last_step));
   s.pool = reinterpret_cast<E*>(pool_base + (l.offloads ? l.host_pool : l.device_pool));
+  s.quantized = l.quantized;
+  if (l.quantized) {
+    s.slot_key_codes = l.offloads ? reinterpret_cast<fp8_e4m3*>(at(l.slot_keys)) : nullptr;
+    s.slot_value_codes = l.offloads ? reinterpret_cast<fp8_e4m3*>(at(l.slot_values)) : nullptr;
+    s.slot_key_scales = l.offloads ? reinterpret_cast<float*>(at(l.slot_key_scales)) : nullptr;
+    s.slot_value_scales = l.offloads ? reinterpret_cast<float*>(at(l.slot_value_scales)) : nullptr;
+    s.tail_keys = reinterpret_cast<E*>(at(l.tail_keys));
+    s.tail_values = reinterpret_cast<E*>(at(l.tail_values));
+    s.pool_codes = reinterpret_cast<fp8_e4m3*>(s.pool);
+    s.pool_scales =
+        reinterpret_cast<float*>(pool_base + (l.offloads ? l.host_pool_scales : l.device_pool_scales));
+    s.slot_keys = s.slot_values = s.pool = nullptr;
+  }
   return s;
 }
 
