@@ -10,7 +10,9 @@
 #      stage, with PROFILE=1), then one per batch of BATCHES that is smaller than the auto batch; for the
 #      offloading methods, one run at the auto batch with one lane when the auto run used more (LANES_COMPARE=1)
 #      and one more --batch auto run per value of CACHE_SLOTS (slots beyond k that keep dropped blocks
-#      resident); every run with that drift, one prompt for the whole batch (the offloading methods share its
+#      resident), then one at its own best configuration (--batch auto --cache-slots auto: the batch and
+#      slot-cache size of the highest tokens/s the engine predicts from a calibration run, BEST=1); every
+#      run prints its step against its roofline (docs/engine.md) and runs with that drift, one prompt for the whole batch (the offloading methods share its
 #      pages in the host pool, see docs/engine.md), and the prefill of each prompt kept in PREFILL_CACHE, so
 #      that it is computed once per context and attention family;
 #   4. writes one JSON object per run to $OUT/throughput.jsonl (a failed run is a line with its error) and
@@ -29,7 +31,8 @@
 #   [90]  JOBS [all cores]  PYTHON [python3]  DRY_RUN [0] (1: print the runs instead of running them)
 #   ENGINE [$NOSA_THROUGHPUT_BUILD_DIR/examples/nosa-engine] (an existing executable is used as it is, without
 #   a build)  PREFILL_CACHE [/tmp/nosa-prefill-cache] ("" for none)  PROFILE [1]  LANES_COMPARE [1]  AUTO [1]
-#   (0: no --batch auto runs, only the BATCHES)  DEADLINE [none] (seconds: runs that would start later are
+#   (0: no --batch auto runs, only the BATCHES)  BEST [1]  CALIBRATION_STEPS [16] steps of the calibration
+#   run of the --batch auto runs  DEADLINE [none] (seconds: runs that would start later are
 #   recorded as not run, so that a time-limited machine still gets its report). With AUTO=0 the cache-slot runs
 #   still run (CACHE_SLOTS="" for none).
 #   LINK_GBPS [51] the gather's reachable host-to-device bandwidth (spec §6: random 16 KiB blocks on the H200;
@@ -66,6 +69,8 @@ prefill_cache=${PREFILL_CACHE-/tmp/nosa-prefill-cache}
 profile=${PROFILE:-1}
 lanes_compare=${LANES_COMPARE:-1}
 auto_runs=${AUTO:-1}
+best_runs=${BEST:-1}
+calibration_steps=${CALIBRATION_STEPS:-16}
 deadline=${DEADLINE:-}
 results=$out/throughput.jsonl
 log=$out/throughput.log
@@ -104,7 +109,7 @@ run_engine() {
   local label=$1
   shift
   local args=(--preset "$preset" --backend "$backend" --steps "$steps" "$@")
-  [[ $backend == cuda ]] && args+=(--warmup "$warmup")
+  [[ $backend == cuda ]] && args+=(--warmup "$warmup" --calibration-steps "$calibration_steps")
   [[ -n $prefill_cache ]] && args+=(--prefill-cache "$prefill_cache")
   if [[ $dry_run == 1 ]]; then
     echo "$engine ${args[*]}"
@@ -196,6 +201,10 @@ for budget in "${budgets[@]}"; do
           run_engine "$method, context $context, HBM $budget, batch auto, $slots cache slots" "${common[@]}" \
             --batch auto --cache-slots "$slots"
         done
+        if [[ $best_runs == 1 && $auto_runs == 1 ]]; then
+          run_engine "$method, context $context, HBM $budget, batch and cache slots auto" "${common[@]}" \
+            --batch auto --cache-slots auto
+        fi
       fi
       for batch in "${batches[@]}"; do
         if [[ $backend == cuda && $dry_run != 1 ]] && ((${auto:-0} > 0 && batch >= auto)); then

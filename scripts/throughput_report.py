@@ -73,7 +73,8 @@ def auto_runs(runs: list[dict]) -> dict:
     """{budget: {context: {method: run}}} of the --batch auto sweep runs (the last one wins)."""
     table: dict = defaultdict(lambda: defaultdict(dict))
     for r in runs:
-        if r.get("phase", "sweep") == "sweep" and r.get("batch_auto") and not r.get("cache_slots"):
+        if (r.get("phase", "sweep") == "sweep" and r.get("batch_auto") and not r.get("cache_slots")
+                and not r.get("cache_slots_auto")):
             table[budget_label(r)][r["context"]][r["method"]] = r
     return table
 
@@ -90,6 +91,11 @@ def link_share(r: dict, link_gbps: float | None) -> float | None:
     return r["h2d_gb_per_s"] / link if link and r.get("h2d_gb_per_s") else None
 
 
+def over_roofline(r: dict) -> float | None:
+    """The run's step time over its roofline (both measured in the run), or None for runs without one."""
+    return r["ms_per_step"] / r["roofline_ms"] if r.get("roofline_ms") else None
+
+
 def ratio(a: dict | None, b: dict | None) -> float | None:
     if not a or not b or not b.get("tokens_per_s"):
         return None
@@ -100,15 +106,18 @@ def headline_section(autos: dict, link_gbps: float | None) -> list[str]:
     if not autos:
         return []
     out = ["## Largest batch that fits (--batch auto)", "",
-           "Each method at the largest batch whose weights, KV arenas, activations and prefill workspace fit the HBM "
-           "budget and whose offloaded KV cache fits host memory. Ratios compare tokens/s at each method's own batch. "
-           "*% of link* is the run's host-to-device rate over the PCIe ceiling measured by the same run.",
+           "Each method at the batch `--batch auto` chose among those whose weights, KV arenas, activations and prefill "
+           "workspace fit the HBM budget and whose offloaded KV cache fits host memory: the largest (runs that predate "
+           "the engine's prediction), or the one of the highest predicted tokens/s, which without extra cache slots "
+           "is the largest too. Ratios compare tokens/s at each method's own batch. "
+           "*% of link* is the run's host-to-device rate over the PCIe ceiling measured by the same run; *roofline* is "
+           "the step time the hardware allows the run (see the roofline section) and *x roofline* the step over it.",
            ""]
     for budget in sorted(autos):
         out += [f"### HBM budget: {budget}", "",
                 "| context | method | batch | tokens/s | x full | x infllmv2-offload | ms/step | misses/step | locality "
-                "| PCIe GB/s | HBM GiB | host GiB | lanes | % of link |",
-                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| PCIe GB/s | HBM GiB | host GiB | lanes | % of link | roofline ms | x roofline |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for context in sorted(autos[budget]):
             row = autos[budget][context]
             for m in METHODS:
@@ -120,9 +129,62 @@ def headline_section(autos: dict, link_gbps: float | None) -> list[str]:
                     f"| {fmt(ratio(r, row.get('infllmv2-offload')), 2)} | {fmt(r['ms_per_step'], 2)} "
                     f"| {fmt(r['misses_per_step'])} | {locality(r)} | {fmt(r['h2d_gb_per_s'], 2)} "
                     f"| {fmt(r['device_bytes'] / GIB)} | {fmt(r['host_bytes'] / GIB)} | {r.get('lanes', 1)} "
-                    f"| {percent(link_share(r, link_gbps))} |")
+                    f"| {percent(link_share(r, link_gbps))} | {fmt(r.get('roofline_ms'), 2)} "
+                    f"| {fmt(over_roofline(r), 2)} |")
         out.append("")
     return out
+
+
+def roofline_section(runs: list[dict]) -> list[str]:
+    """Every sweep run's step against its roofline, with the parts and the speeds it was computed from."""
+    rows = sorted((r for r in runs if r.get("phase", "sweep") in ("sweep", "lanes") and r.get("roofline_ms")),
+                  key=lambda r: (budget_label(r), r["context"], METHODS.index(r["method"]) if r["method"] in METHODS
+                                 else 9, r["batch"], r.get("cache_slots", 0)))
+    if not rows:
+        return []
+    out = ["## Roofline", "",
+           "Each run's step against what the hardware allows it, all measured in the same run: per layer the longer of "
+           "its gather (the bytes its counters gathered per step, over the link speed that random K and V blocks read "
+           "by a kernel from pinned memory reach) and its HBM reads (compressed keys and scores of every window, K and "
+           "V of the attended blocks and their tokens' scores, over a streaming kernel's read speed) plus its GEMMs "
+           "(timed with events at the run's rows per lane), summed over layers, plus the LM head. *gather*, *HBM* and "
+           "*GEMM* are the three terms summed over layers; *x roofline* is the step over the roofline.", "",
+           "| HBM budget | context | method | batch | cache slots | ms/step | gather ms | HBM ms | GEMM ms | roofline ms "
+           "| x roofline | gather GB/s | HBM GB/s |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {budget_label(r)} | {r['context']} | {r['method']} | {r['batch']} | {r.get('cache_slots', 0)} "
+                   f"| {fmt(r['ms_per_step'], 2)} | {fmt(r.get('roofline_gather_ms'), 2)} "
+                   f"| {fmt(r.get('roofline_hbm_ms'), 2)} | {fmt(r.get('roofline_gemm_ms'), 2)} "
+                   f"| {fmt(r['roofline_ms'], 2)} | {fmt(over_roofline(r), 2)} | {fmt(r.get('gather_gb_per_s'))} "
+                   f"| {fmt(r.get('hbm_gb_per_s'))} |")
+    return out + [""]
+
+
+def sizing_section(runs: list[dict]) -> list[str]:
+    """Runs whose batch or slot-cache size the calibration chose: the prediction beside the measurement."""
+    rows = sorted((r for r in runs if r.get("predicted_tokens_per_s")),
+                  key=lambda r: (budget_label(r), r["context"], METHODS.index(r["method"]) if r["method"] in METHODS
+                                 else 9, bool(r.get("cache_slots_auto"))))
+    if not rows:
+        return []
+    out = ["## Sizing: predicted against measured", "",
+           "Runs with `--batch auto` (and `--cache-slots auto`, marked *auto*): a calibration run of a few sequences "
+           "times the GEMMs and measures the misses of each slot-cache size from its selections; the engine then "
+           "picks the batch and size of the highest predicted tokens/s that fit memory. *sizes tried* lists each "
+           "size's best batch and predicted tokens/s.", "",
+           "| HBM budget | context | method | cache slots | batch | predicted tokens/s | tokens/s | measured / predicted "
+           "| predicted misses/step | misses/step | calibration s | sizes tried |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        slots = f"{r.get('cache_slots', 0)} (auto)" if r.get("cache_slots_auto") else str(r.get("cache_slots", 0))
+        tried = ", ".join(f"{t['cache_slots']}: {t['batch']} at {t['tokens_per_s']:,.0f}" for t in r.get("sizing", []))
+        out.append(f"| {budget_label(r)} | {r['context']} | {r['method']} | {slots} | {r['batch']} "
+                   f"| {fmt(r['predicted_tokens_per_s'])} | {fmt(r['tokens_per_s'])} "
+                   f"| {fmt(r['tokens_per_s'] / r['predicted_tokens_per_s'], 2)} "
+                   f"| {fmt(r.get('predicted_misses_per_step'))} | {fmt(r['misses_per_step'])} "
+                   f"| {fmt(r.get('calibration_s'))} | {tried} |")
+    return out + [""]
 
 
 def targets_section(autos: dict, runs: list[dict], link_gbps: float | None) -> list[str]:
@@ -228,17 +290,20 @@ def batch_section(runs: list[dict]) -> list[str]:
                                  r["batch"]))
     out = ["## Every run", "",
            "| HBM budget | context | method | batch | tokens/s | ms/step | ms/layer | misses/step | locality | PCIe GB/s "
-           "| prefill s |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| prefill s | x roofline |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         batch = f"{r['batch']} (auto)" if r.get("batch_auto") else str(r["batch"])
-        if r.get("cache_slots"):
+        if r.get("cache_slots_auto"):
+            batch += f", {r.get('cache_slots', 0)} cache slots (auto)"
+        elif r.get("cache_slots"):
             batch += f", {r['cache_slots']} cache slots"
         if r.get("lanes", 1) > 1 or r.get("phase") == "lanes":
             batch += f", {r.get('lanes', 1)} lane(s)"
         out.append(f"| {budget_label(r)} | {r['context']} | {r['method']} | {batch} | {fmt(r['tokens_per_s'])} "
                    f"| {fmt(r['ms_per_step'], 2)} | {fmt(r['ms_per_layer'], 3)} | {fmt(r['misses_per_step'])} "
-                   f"| {locality(r)} | {fmt(r['h2d_gb_per_s'], 2)} | {fmt(r['prefill_s'])} |")
+                   f"| {locality(r)} | {fmt(r['h2d_gb_per_s'], 2)} | {fmt(r['prefill_s'])} "
+                   f"| {fmt(over_roofline(r), 2)} |")
     return out + [""]
 
 
@@ -246,7 +311,8 @@ def cache_section(runs: list[dict]) -> list[str]:
     """Auto-batch runs of the offloading methods with and without slots beyond k."""
     rows = defaultdict(dict)
     for r in runs:
-        if r.get("phase", "sweep") == "sweep" and r.get("batch_auto") and "offload" in r["method"]:
+        if (r.get("phase", "sweep") == "sweep" and r.get("batch_auto") and "offload" in r["method"]
+                and not r.get("cache_slots_auto")):
             rows[(budget_label(r), r["context"], r["method"])][r.get("cache_slots", 0)] = r
     pairs = [(k, v) for k, v in sorted(rows.items()) if 0 in v and len(v) > 1]
     if not pairs:
@@ -380,6 +446,8 @@ def render(runs: list[dict], failures: list[dict], out_dir: str, prefix: str, li
     lines += targets_section(autos, runs, link_gbps)
     lines += headline_section(autos, link_gbps)
     lines += plots(runs, autos, out_dir, prefix)
+    lines += roofline_section(runs)
+    lines += sizing_section(runs)
     lines += profile_section(autos)
     lines += lanes_section(runs, autos)
     lines += cache_section(runs)

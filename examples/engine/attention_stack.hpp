@@ -66,6 +66,23 @@ constexpr bool offloads(method m) noexcept {
   return m == method::infllmv2_offload || m == method::nosa_offload;
 }
 
+/// Calls `f.template operator()<Pipeline>()` with the pipeline of method `m` at head dim D: the one place
+/// where a method becomes a pipeline type.
+template <int D, class F>
+decltype(auto) with_pipeline(method m, F&& f) {
+  switch (m) {
+  case method::full:
+    return f.template operator()<nosa::full_attention_pipeline<nosa::bf16, D>>();
+  case method::infllmv2_offload:
+    return f.template operator()<nosa::infllmv2_pipeline<nosa::bf16, D, nosa::offload_store>>();
+  case method::nosa_offload:
+    return f.template operator()<nosa::nosa_pipeline<nosa::bf16, D, nosa::offload_store>>();
+  case method::nosa_resident:
+    break;
+  }
+  return f.template operator()<nosa::nosa_pipeline<nosa::bf16, D, nosa::resident_store>>();
+}
+
 /// Complete prompt blocks that a sequence shares with the first sequence of its prompt, or 0. Only the
 /// offloading methods share: their pages are host memory, which sharing relieves (the study's large batches
 /// of one prompt fit the host that way). The resident methods keep one copy of the prompt per sequence, as

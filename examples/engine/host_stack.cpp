@@ -28,17 +28,7 @@ nosa::status make_host_stack(method m, int head_dim, const nosa::layer_config& c
                              std::unique_ptr<host_stack>& out) {
   return nosa::dispatch_value<64, 128>(head_dim, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    switch (m) {
-    case method::full:
-      return make<nosa::full_attention_pipeline<nosa::bf16, D>>(config, layers, out);
-    case method::infllmv2_offload:
-      return make<nosa::infllmv2_pipeline<nosa::bf16, D, nosa::offload_store>>(config, layers, out);
-    case method::nosa_offload:
-      return make<nosa::nosa_pipeline<nosa::bf16, D, nosa::offload_store>>(config, layers, out);
-    case method::nosa_resident:
-      return make<nosa::nosa_pipeline<nosa::bf16, D, nosa::resident_store>>(config, layers, out);
-    }
-    return nosa::status::invalid_argument;
+    return with_pipeline<D>(m, [&]<class Pipeline>() { return make<Pipeline>(config, layers, out); });
   });
 }
 

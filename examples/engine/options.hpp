@@ -24,8 +24,10 @@ options:
   --preset NAME         nosa-8b | llama3-8b | tiny                          (tiny)
   --method NAME         full | infllmv2-offload | nosa-offload | nosa-resident (nosa-offload)
   --backend NAME        host | cuda (CUDA builds, with a GPU)              (host)
-  --batch N|auto        sequences decoded together; auto (CUDA): the largest batch
-                        that fits the HBM and host-memory budgets           (1)
+  --batch N|auto        sequences decoded together; auto (CUDA): the batch of the
+                        highest predicted tokens/s among those that fit the HBM
+                        and host-memory budgets (a calibration run measures the
+                        GEMMs and the misses first)                         (1)
   --context N           prompt tokens of every sequence                     (256)
   --steps N             decode steps (tokens generated per sequence)        (16)
   --distinct-prompts N  distinct prompts; sequence b gets prompt b % N, and
@@ -35,8 +37,12 @@ options:
   --share-prompts on|off  offloading methods: sequences of one prompt share its
                         complete blocks' pages in the host pool (resident methods
                         always keep a copy per sequence)                    (on)
-  --cache-slots N       offloading methods: slots per sequence and KV head beyond
-                        k + 1 that keep recently dropped blocks resident    (0)
+  --cache-slots N|auto  offloading methods: slots per sequence and KV head beyond
+                        k + 1 that keep recently dropped blocks resident; auto
+                        (CUDA): the size of the highest predicted tokens/s,
+                        from 0, k/8, ... 4k                                  (0)
+  --calibration-steps N steps of the calibration run of --batch auto and
+                        --cache-slots auto, after --warmup untimed ones     (16)
   --overlap on|off      CUDA, offloading methods: gather on a second stream while
                         attention reads the blocks already resident         (on)
   --lanes N|auto        split the batch into N lanes of contiguous rows; on CUDA
@@ -71,6 +77,8 @@ struct options {
   backend_kind backend = backend_kind::host;
   run_config run{};
   bool batch_auto = false;
+  bool cache_slots_auto = false;  ///< --cache-slots auto
+  int calibration_steps = 16;
   bool distinct_per_sequence = false;  ///< --distinct-prompts 0
   double hbm_gib = 0.0;                ///< 0: the whole card
   double host_gib = 0.0;               ///< 0: 80% of physical memory
@@ -175,7 +183,11 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
       if (text.empty()) return bad("a directory");
       opt.run.prefill_cache = text;
     } else if (name == "--cache-slots") {
-      if (!as_int(opt.run.cache_slots, 0)) return bad("a non-negative integer");
+      opt.cache_slots_auto = text == "auto";
+      if (!opt.cache_slots_auto && !as_int(opt.run.cache_slots, 0))
+        return bad("a non-negative integer or auto");
+    } else if (name == "--calibration-steps") {
+      if (!as_int(opt.calibration_steps, 1)) return bad("a positive integer");
     } else if (name == "--seed") {
       if (!as_u64(opt.run.weight_seed)) return bad("an unsigned integer");
     } else if (name == "--prompt-seed") {
@@ -197,6 +209,8 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
     }
   }
   if (opt.batch_auto && opt.backend != backend_kind::cuda) return fail("--batch auto needs --backend cuda");
+  if (opt.cache_slots_auto && opt.backend != backend_kind::cuda)
+    return fail("--cache-slots auto needs --backend cuda");
   if (opt.profile && opt.backend != backend_kind::cuda) return fail("--profile needs --backend cuda");
   if (!opt.run.prefill_cache.empty() && !opt.weights.empty())
     return fail("--prefill-cache keys its files by the seeds of the random weights: not with --weights");

@@ -44,6 +44,28 @@ inline void print_report(std::ostream& os, const run_report& r) {
        << 100.0 * r.h2d_gb_per_s / r.link_h2d_gb_per_s << "% of it)";
   }
   os << '\n';
+  if (r.roofline_ms > 0) {
+    os << "speeds           gather " << r.gather_gb_per_s
+       << " GB/s (random K and V blocks from pinned memory), HBM read " << r.hbm_gb_per_s << " GB/s\n";
+    os << "roofline         " << r.roofline_ms << " ms per step: gather " << r.roofline_gather_ms
+       << " ms, HBM " << r.roofline_hbm_ms << " ms + GEMM " << r.roofline_gemm_ms
+       << " ms (per layer the longer of the two, summed); the step takes " << r.ms_per_step / r.roofline_ms
+       << "x the roofline\n";
+  } else {
+    os << "roofline         n/a (the link and HBM speeds are measured by the CUDA backend only)\n";
+  }
+  if (r.predicted_tokens_per_s > 0) {
+    os << "sizing          ";
+    for (const auto& row : r.sizing)
+      os << ' ' << row.cache_slots << " cache slots: batch " << row.batch << ", " << row.tokens_per_s
+         << " tokens/s;";
+    os << " (predicted, best batch of each)\n";
+    os << "prediction       batch " << r.batch << ", " << r.cache_slots
+       << " cache slots: " << r.predicted_tokens_per_s << " tokens/s, " << r.predicted_ms_per_step
+       << " ms per step, " << r.predicted_misses_per_step << " misses per step; measured " << r.tokens_per_s
+       << " tokens/s (" << r.tokens_per_s / r.predicted_tokens_per_s << "x), " << r.ms_per_step << " ms, "
+       << r.misses_per_step << " misses (calibration " << r.calibration_s << " s)\n";
+  }
   if (!r.profile_ms.empty()) {
     os << "profile          ms per step, stages one after the other:";
     for (const auto& [what, ms] : r.profile_ms) os << ' ' << what << ' ' << ms;
@@ -76,7 +98,34 @@ inline std::string report_json(const run_report& r) {
      << ", \"locality\": " << (r.locality >= 0 ? std::to_string(r.locality) : std::string("null"))
      << ", \"h2d_gb_per_s\": " << r.h2d_gb_per_s << ", \"d2h_gb_per_s\": " << r.d2h_gb_per_s
      << ", \"device_bytes\": " << r.device_bytes << ", \"host_bytes\": " << r.host_bytes
-     << ", \"hbm_budget_bytes\": " << r.hbm_budget_bytes << ", \"link_h2d_gb_per_s\": " << r.link_h2d_gb_per_s;
+     << ", \"hbm_budget_bytes\": " << r.hbm_budget_bytes
+     << ", \"link_h2d_gb_per_s\": " << r.link_h2d_gb_per_s;
+  const auto measured = [&](const char* name, double v) {
+    os << ", \"" << name << "\": ";
+    if (v > 0) {
+      os << v;
+    } else {
+      os << "null";
+    }
+  };
+  measured("gather_gb_per_s", r.gather_gb_per_s);
+  measured("hbm_gb_per_s", r.hbm_gb_per_s);
+  measured("roofline_ms", r.roofline_ms);
+  measured("roofline_gather_ms", r.roofline_ms > 0 ? r.roofline_gather_ms : 0.0);
+  measured("roofline_hbm_ms", r.roofline_ms > 0 ? r.roofline_hbm_ms : 0.0);
+  measured("roofline_gemm_ms", r.roofline_ms > 0 ? r.roofline_gemm_ms : 0.0);
+  if (r.predicted_tokens_per_s > 0) {
+    os << ", \"cache_slots_auto\": " << (r.cache_slots_auto ? "true" : "false")
+       << ", \"calibration_s\": " << r.calibration_s
+       << ", \"predicted_tokens_per_s\": " << r.predicted_tokens_per_s
+       << ", \"predicted_ms_per_step\": " << r.predicted_ms_per_step
+       << ", \"predicted_misses_per_step\": " << r.predicted_misses_per_step << ", \"sizing\": [";
+    for (std::size_t i = 0; i < r.sizing.size(); ++i) {
+      os << (i > 0 ? ", " : "") << "{\"cache_slots\": " << r.sizing[i].cache_slots
+         << ", \"batch\": " << r.sizing[i].batch << ", \"tokens_per_s\": " << r.sizing[i].tokens_per_s << '}';
+    }
+    os << ']';
+  }
   if (!r.profile_ms.empty()) {
     os << ", \"profile_ms\": {";
     for (std::size_t i = 0; i < r.profile_ms.size(); ++i)

@@ -168,6 +168,23 @@ struct run_report {
   /// The PCIe ceiling measured by the same run: a 64 MiB host-to-device copy from pinned memory, best of
   /// five (CUDA; 0 when not measured).
   double link_h2d_gb_per_s = 0.0;
+  /// The link as the gather uses it: random K and V blocks read by a kernel from pinned host memory
+  /// (CUDA; 0 when not measured).
+  double gather_gb_per_s = 0.0;
+  double hbm_gb_per_s = 0.0;  ///< HBM read speed of a streaming kernel (CUDA; 0 when not measured)
+  /// The roofline of the timed steps, ms per step (CUDA; 0 when not measured): summed over layers,
+  /// max(gather bytes / gather speed, HBM bytes / HBM speed + GEMM time), plus the LM head; and its parts.
+  double roofline_ms = 0.0, roofline_gather_ms = 0.0, roofline_hbm_ms = 0.0, roofline_gemm_ms = 0.0;
+  /// --batch auto or --cache-slots auto: what the calibration predicted for the chosen configuration.
+  bool cache_slots_auto = false;
+  double calibration_s = 0.0;  ///< the calibration run (its prefill included)
+  double predicted_tokens_per_s = 0.0, predicted_ms_per_step = 0.0, predicted_misses_per_step = 0.0;
+  /// The best batch of each slot-cache size tried, with its predicted tokens/s.
+  struct sizing_row {
+    int cache_slots = 0, batch = 0;
+    double tokens_per_s = 0.0;
+  };
+  std::vector<sizing_row> sizing;
   /// With --profile: ms of one step by component, summed over layers and lanes, each stage run on its own.
   std::vector<std::pair<std::string, double>> profile_ms;
   std::vector<std::int32_t> last_tokens;  ///< argmax tokens of the last step, per sequence

@@ -24,6 +24,7 @@
 #include <nosa/store/layout.hpp>
 #include <nosa/store/page_pool.hpp>
 #include <nosa/store/policies.hpp>
+#include <nosa/store/sizing.hpp>
 #include <nosa/store/slot_cache_model.hpp>
 
 #include <nosa/pipeline.hpp>

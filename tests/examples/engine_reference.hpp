@@ -156,4 +156,18 @@ double check_steps_against_reference(Engine& engine, int steps, Selection select
   return dense_gap;
 }
 
+/// The drift workload the cache-slot tests of both engines decode: nosa-offload, two 320-token sequences
+/// with distinct prompts, `steps` steps at drift `drift`, `cache_slots` slots beyond k.
+inline nosa_engine::run_config drift_workload(float drift, int cache_slots, int steps) {
+  nosa_engine::run_config run;
+  run.attention = nosa_engine::method::nosa_offload;
+  run.batch = 2;
+  run.distinct_prompts = 2;
+  run.prompt_tokens = 320;
+  run.steps = steps;
+  run.drift = drift;
+  run.cache_slots = cache_slots;
+  return run;
+}
+
 }  // namespace nosa_engine_test

@@ -3,15 +3,17 @@
 // here from the traced q, K, V and c; and the drift workload raises NOSA's locality.
 
 #include "engine/host_engine.hpp"
-#include "engine/prefill_cache.hpp"
 #include "engine/model.hpp"
+#include "engine/prefill_cache.hpp"
 #include "engine/run_config.hpp"
+#include "engine/throughput_model.hpp"
 #include "examples/engine_reference.hpp"
 #include "examples/temp_dir.hpp"
 
 #include <doctest/doctest.h>
 
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -154,20 +156,21 @@ TEST_CASE("sequences of one prompt share its pages and decode as if they did not
   CHECK(shared->host_bytes() < separate->host_bytes());
 }
 
-/// Decode counters of 24 nosa-offload steps of two 320-token sequences with distinct prompts.
-nosa::counters drift_counters(float drift, int cache_slots) {
-  run_config run;
-  run.attention = method::nosa_offload;
-  run.batch = 2;
-  run.distinct_prompts = 2;
-  run.prompt_tokens = 320;
-  run.steps = 24;
-  run.drift = drift;
-  run.cache_slots = cache_slots;
+/// A prefilled engine for 24 nosa-offload steps of two 320-token sequences with distinct prompts.
+std::unique_ptr<host_engine> drift_engine(float drift, int cache_slots) {
   std::string error;
-  const auto engine = host_engine::create(tiny(), random_weights(tiny(), 3), run, error);
+  auto engine = host_engine::create(tiny(), random_weights(tiny(), 3),
+                                    nosa_engine_test::drift_workload(drift, cache_slots, 24), error);
   REQUIRE_MESSAGE(engine, error);
   REQUIRE_MESSAGE(engine->prefill(error), error);
+  return engine;
+}
+
+/// Decode counters of the 24 steps of `drift_engine`.
+nosa::counters drift_counters(float drift, int cache_slots) {
+  const auto engine = drift_engine(drift, cache_slots);
+  const run_config& run = engine->run();
+  std::string error;
   const nosa::counters before = engine->total_counters();
   for (int s = 0; s < run.steps; ++s) REQUIRE_MESSAGE(engine->step(error), error);
   return engine->total_counters() - before;
@@ -177,6 +180,31 @@ TEST_CASE("cache slots beyond k lower the misses of the drift workload") {
   const auto without = drift_counters(0.05f, 0).misses, with = drift_counters(0.05f, 8).misses;
   MESSAGE("misses over 24 steps: " << without << " without cache slots, " << with << " with 8");
   CHECK(with < without);
+}
+
+TEST_CASE("a calibration run predicts the misses of every slot-cache size exactly") {
+  // The selections of a run without cache slots, replayed through slot-cache models of each size, give the
+  // misses that runs with those sizes count (selections do not depend on the cache).
+  const auto engine = drift_engine(0.05f, 0);
+  const std::vector<int> sizes{0, 3, 8};
+  std::vector<nosa::miss_calibration> layers;
+  std::string error;
+  const int warmup = 4, steps = engine->run().steps - warmup;
+  REQUIRE_MESSAGE(calibrate_misses(*engine, sizes, warmup, steps, layers, error), error);
+  REQUIRE(layers.size() == std::size_t(tiny().layers));
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    // The measured run, counted over the same steps as the calibration.
+    const auto measured = drift_engine(0.05f, sizes[i]);
+    for (int s = 0; s < warmup; ++s) REQUIRE_MESSAGE(measured->step(error), error);
+    const nosa::counters before = measured->total_counters();
+    for (int s = 0; s < steps; ++s) REQUIRE_MESSAGE(measured->step(error), error);
+    double predicted = 0.0;
+    for (const nosa::miss_calibration& c : layers)
+      predicted += c.misses_per_step(i) * double(c.counted_steps());
+    MESSAGE(sizes[i] << " cache slots: " << predicted << " misses predicted");
+    CHECK(predicted == doctest::Approx(double((measured->total_counters() - before).misses)));
+  }
+  CHECK(layers[0].misses_per_step(2) < layers[0].misses_per_step(0));
 }
 
 TEST_CASE("the drift workload raises NOSA's locality") {

@@ -8,6 +8,7 @@
 #include "engine/host_engine.hpp"
 #include "engine/model.hpp"
 #include "engine/run_config.hpp"
+#include "engine/throughput_model.hpp"
 #include "examples/engine_reference.hpp"
 
 #include <doctest/doctest.h>
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -217,4 +219,73 @@ TEST_CASE("the CUDA engine computes the host engine's model") {
     }
   }
   REQUIRE_MESSAGE(cuda->finish(error), error);
+}
+
+namespace {
+
+/// A prefilled tiny nosa-offload engine on the drift workload with `cache_slots` slots beyond k.
+std::unique_ptr<cuda_engine> drift_engine(int cache_slots, int steps) {
+  std::string error;
+  auto engine = cuda_engine::create(*find_preset("tiny"), nullptr,
+                                    nosa_engine_test::drift_workload(0.05f, cache_slots, steps), error);
+  REQUIRE_MESSAGE(engine, error);
+  REQUIRE_MESSAGE(engine->prefill(error), error);
+  return engine;
+}
+
+}  // namespace
+
+TEST_CASE("CUDA engine: a calibration run predicts the misses of every slot-cache size exactly") {
+  NOSA_REQUIRE_GPU();
+  const int warmup = 2, steps = nosa_cuda_test::scaled(16, 6);
+  const auto engine = drift_engine(0, warmup + steps);
+  const std::vector<int> sizes{0, 3, 8};
+  std::vector<nosa::miss_calibration> layers;
+  std::string error;
+  REQUIRE_MESSAGE(calibrate_misses(*engine, sizes, warmup, steps, layers, error), error);
+  REQUIRE_MESSAGE(engine->finish(error), error);
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    const auto measured = drift_engine(sizes[i], warmup + steps);
+    for (int s = 0; s < warmup; ++s) REQUIRE_MESSAGE(measured->step(error), error);
+    REQUIRE_MESSAGE(measured->finish(error), error);
+    const nosa::counters before = measured->total_counters();
+    for (int s = 0; s < steps; ++s) REQUIRE_MESSAGE(measured->step(error), error);
+    REQUIRE_MESSAGE(measured->finish(error), error);
+    double predicted = 0.0;
+    for (const nosa::miss_calibration& c : layers)
+      predicted += c.misses_per_step(i) * double(c.counted_steps());
+    MESSAGE(sizes[i] << " cache slots: " << predicted << " misses predicted");
+    // The same selections on the same device: the prediction is exact.
+    CHECK(predicted == doctest::Approx(double((measured->total_counters() - before).misses)));
+  }
+}
+
+TEST_CASE("CUDA engine: the start-up measurements of the link, HBM and the GEMMs") {
+  NOSA_REQUIRE_GPU();
+  std::string error;
+  double copy = 0.0, gather = 0.0, hbm = 0.0;
+  REQUIRE_MESSAGE(measure_h2d_copy(copy, error), error);
+  REQUIRE_MESSAGE(measure_gather(std::size_t(16) * 64 * 2, gather, error), error);
+  REQUIRE_MESSAGE(measure_hbm_read(hbm, error), error);
+  MESSAGE("copy " << copy << " GB/s, gather " << gather / 1e9 << " GB/s, HBM read " << hbm / 1e9 << " GB/s");
+  // Any link and any HBM of a card that runs this: 1 to 1000 GB/s over PCIe or NVLink-C2C, 100 GB/s to 100
+  // TB/s.
+  CHECK(copy > 1.0);
+  CHECK(gather > 1e9);
+  CHECK(gather < 1e12);
+  CHECK(hbm > 1e11);
+  CHECK(hbm < 1e14);
+  const auto engine = drift_engine(0, 2);
+  gemm_curve layer, head;
+  // Up to the batch in the decode activations, beyond it in a scratch.
+  for (const std::vector<int>& rows : {std::vector<int>{1, 2}, std::vector<int>{64}}) {
+    REQUIRE_MESSAGE(engine->measure_gemms(rows, layer, head, error), error);
+    REQUIRE(layer.points.size() == rows.size());
+    REQUIRE(head.points.size() == rows.size());
+    for (const auto& [r, seconds] : layer.points) CHECK(seconds > 0.0);
+    for (const auto& [r, seconds] : head.points) CHECK(seconds > 0.0);
+  }
+  // The decode step recomputes every activation the measurement overwrote.
+  for (int s = 0; s < 2; ++s) REQUIRE_MESSAGE(engine->step(error), error);
+  REQUIRE_MESSAGE(engine->finish(error), error);
 }

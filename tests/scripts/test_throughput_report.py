@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Tests of scripts/throughput_report.py on hand-made runs: the ratios, the target lines, the failures, the
-calibration table and the plots."""
+calibration table, the roofline and sizing tables and the plots."""
 
 import json
 import os
@@ -125,6 +125,39 @@ class ThroughputReport(unittest.TestCase):
         self.assertIn("| 80 GiB | 32768 | nosa-offload | 120 | 1 | 2,000.0 | 2 | 2,600.0 | 1.30 |", text)
         # The lanes run is not taken for the headline row.
         self.assertIn("| 32768 | nosa-offload | 120 | 2,600.0 | 5.20 | 2.00 |", text)
+
+    def test_roofline_columns_and_table(self):
+        runs = [dict(r) for r in RUNS]
+        for r in runs:
+            if r["method"] == "nosa-offload" and r["context"] == 32768 and r["batch_auto"] and not r["cache_slots"]:
+                # Step 1e3 * 120 / 2600 = 46.15 ms against a roofline of 30 ms (gather 18, HBM 9 + GEMM 6 per
+                # layer, summed).
+                r.update(roofline_ms=30.0, roofline_gather_ms=18.0, roofline_hbm_ms=9.0, roofline_gemm_ms=6.0,
+                         gather_gb_per_s=50.5, hbm_gb_per_s=4480.0)
+        text, _ = self.render(runs)
+        self.assertIn("| 32768 | nosa-offload | 120 | 2,600.0 | 5.20 | 2.00 |", text)
+        self.assertIn("| 30.00 | 1.54 |", text)  # the headline row ends with the roofline and the step over it
+        self.assertIn("## Roofline", text)
+        self.assertIn("| 80 GiB | 32768 | nosa-offload | 120 | 0 | 46.15 | 18.00 | 9.00 | 6.00 | 30.00 | 1.54 | 50.5 "
+                      "| 4,480.0 |", text)
+        # Runs without a roofline (the host backend, older runs) say so.
+        self.assertIn("| 16384 | full | 16 | 1,000.0 | 1.00 |", text)
+        self.assertIn("| n/a | n/a |", text)
+
+    def test_sizing_prediction_beside_the_measurement(self):
+        best = run("nosa-offload", 32768, 150, 3300.0, True, locality=0.97, misses=100.0, cache_slots=32)
+        best.update(cache_slots_auto=True, predicted_tokens_per_s=3000.0, predicted_misses_per_step=110.0,
+                    predicted_ms_per_step=50.0, calibration_s=12.5,
+                    sizing=[{"cache_slots": 0, "batch": 200, "tokens_per_s": 2500.0},
+                            {"cache_slots": 32, "batch": 150, "tokens_per_s": 3000.0}])
+        text, _ = self.render(RUNS + [best])
+        # 3300 measured against 3000 predicted: 1.10.
+        self.assertIn("| 80 GiB | 32768 | nosa-offload | 32 (auto) | 150 | 3,000.0 | 3,300.0 | 1.10 | 110.0 | 100.0 "
+                      "| 12.5 | 0: 200 at 2,500, 32: 150 at 3,000 |", text)
+        # The best-configuration run is neither the headline run nor a row of the fixed cache-slot table.
+        self.assertIn("| 32768 | nosa-offload | 120 | 2,600.0 | 5.20 | 2.00 |", text)
+        self.assertNotIn("| 80 GiB | 32768 | nosa-offload | 32 | 150 |", text)
+        self.assertIn("150 (auto), 32 cache slots (auto)", text)
 
     def test_malformed_input_is_an_error(self):
         tmp = tempfile.TemporaryDirectory()

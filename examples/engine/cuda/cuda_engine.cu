@@ -153,11 +153,6 @@ std::size_t prefill_workspace_bytes(const model_config& m, int tokens) {
 
 namespace {
 
-/// The lanes of a run of `batch` rows.
-int lanes_for(const run_config& run, int batch) {
-  return run.lanes > 0 ? run.lanes : default_lanes(run.attention, batch, true);
-}
-
 /// What the profile attributes time to.
 enum class component : int { gemm, scoring, selection, gather, attention, other, count };
 constexpr const char* component_names[] = {"gemm", "scoring", "selection", "gather", "attention", "other"};
@@ -245,7 +240,7 @@ std::unique_ptr<cuda_engine> cuda_engine::create(const model_config& model, cons
   std::unique_ptr<cuda_engine> e(new cuda_engine());
   e->model_ = model;
   e->run_ = run;
-  e->layout_ = lane_layout(run.batch, lanes_for(run, run.batch));
+  e->layout_ = lane_layout(run.batch, cuda_lanes(run, run.batch));
   if (!cuda_ok(cudaStreamCreateWithFlags(&e->stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags",
                error) ||
       !cuda_ok(cudaEventCreateWithFlags(&e->fork_, cudaEventDisableTiming), "cudaEventCreateWithFlags", error))
@@ -923,33 +918,202 @@ double cuda_engine::host_bytes() const {
   return bytes;
 }
 
-bool measure_h2d_copy(double& gb_per_s, std::string& error) {
-  constexpr std::size_t bytes = std::size_t(64) << 20;
-  void* host = nullptr;
-  void* dev = nullptr;
-  cudaStream_t s = nullptr;
+namespace {
+
+/// The shortest time of `runs` runs of `enqueue()` on `s`, after `warmups` untimed ones, in ms (events).
+template <class Enqueue>
+bool best_time_ms(cudaStream_t s, int warmups, int runs, Enqueue&& enqueue, float& best, std::string& error) {
   cudaEvent_t start = nullptr, stop = nullptr;
-  bool ok = cuda_ok(cudaHostAlloc(&host, bytes, cudaHostAllocDefault), "cudaHostAlloc", error) &&
-            cuda_ok(cudaMalloc(&dev, bytes), "cudaMalloc", error) &&
-            cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate", error) &&
-            cuda_ok(cudaEventCreate(&start), "cudaEventCreate", error) &&
+  bool ok = cuda_ok(cudaEventCreate(&start), "cudaEventCreate", error) &&
             cuda_ok(cudaEventCreate(&stop), "cudaEventCreate", error);
-  float best = 0.0f;
-  for (int i = 0; ok && i < 7; ++i) {
-    ok = cuda_ok(cudaEventRecord(start, s), "cudaEventRecord", error) &&
-         cuda_ok(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync", error) &&
+  best = 0.0f;
+  for (int i = 0; ok && i < warmups + runs; ++i) {
+    ok = cuda_ok(cudaEventRecord(start, s), "cudaEventRecord", error) && enqueue() &&
          cuda_ok(cudaEventRecord(stop, s), "cudaEventRecord", error) &&
          cuda_ok(cudaEventSynchronize(stop), "cudaEventSynchronize", error);
     float t = 0.0f;
-    if (ok && i >= 2 && cudaEventElapsedTime(&t, start, stop) == cudaSuccess && (best == 0.0f || t < best)) best = t;
+    if (ok && i >= warmups && cuda_ok(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime", error) &&
+        (best == 0.0f || t < best))
+      best = t;
   }
   if (stop != nullptr) cudaEventDestroy(stop);
   if (start != nullptr) cudaEventDestroy(start);
-  if (s != nullptr) cudaStreamDestroy(s);
-  if (dev != nullptr) cudaFree(dev);
-  if (host != nullptr) cudaFreeHost(host);
-  gb_per_s = ok && best > 0.0f ? double(bytes) / (double(best) * 1e-3) / 1e9 : 0.0;
+  return ok && best > 0.0f;
+}
+
+/// A stream and buffers of a start-up measurement, released however it ends.
+struct measurement {
+  cudaStream_t stream = nullptr;
+  void* host = nullptr;
+  void* device = nullptr;
+  void* device2 = nullptr;
+  measurement() = default;
+  measurement(const measurement&) = delete;
+  measurement& operator=(const measurement&) = delete;
+  ~measurement() {
+    if (stream != nullptr) {
+      cudaStreamSynchronize(stream);
+      cudaStreamDestroy(stream);
+    }
+    cudaFree(device2);
+    cudaFree(device);
+    if (host != nullptr) cudaFreeHost(host);
+  }
+  bool create(std::string& error) {
+    return cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate", error);
+  }
+};
+
+constexpr int measurement_warmups = 2, measurement_runs = 5;
+
+}  // namespace
+
+bool measure_h2d_copy(double& gb_per_s, std::string& error) {
+  constexpr std::size_t bytes = std::size_t(64) << 20;
+  measurement m;
+  float best = 0.0f;
+  const bool ok =
+      m.create(error) &&
+      cuda_ok(cudaHostAlloc(&m.host, bytes, cudaHostAllocDefault), "cudaHostAlloc", error) &&
+      cuda_ok(cudaMalloc(&m.device, bytes), "cudaMalloc", error) &&
+      best_time_ms(
+          m.stream, measurement_warmups, measurement_runs,
+          [&] {
+            return cuda_ok(cudaMemcpyAsync(m.device, m.host, bytes, cudaMemcpyHostToDevice, m.stream),
+                           "cudaMemcpyAsync", error);
+          },
+          best, error);
+  gb_per_s = ok ? double(bytes) / (double(best) * 1e-3) / 1e9 : 0.0;
   return ok;
+}
+
+bool measure_gather(std::size_t block_bytes, double& bytes_per_s, std::string& error) {
+  constexpr std::size_t pool_bytes = std::size_t(256) << 20, moved = std::size_t(64) << 20;
+  const int blocks = static_cast<int>(pool_bytes / block_bytes),
+            pairs = static_cast<int>(moved / block_bytes / 2);
+  // Random blocks, as the misses of a step are (a fixed seed: the same places in every run).
+  std::vector<std::int32_t> ids(2 * std::size_t(pairs));
+  std::uint64_t x = 0x9E3779B97F4A7C15ull;
+  for (std::int32_t& id : ids) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    id = static_cast<std::int32_t>(x % std::uint64_t(blocks));
+  }
+  measurement m;
+  void* pool = nullptr;
+  float best = 0.0f;
+  const bool ok =
+      m.create(error) &&
+      cuda_ok(cudaHostAlloc(&m.host, pool_bytes, cudaHostAllocMapped), "cudaHostAlloc", error) &&
+      cuda_ok(cudaHostGetDevicePointer(&pool, m.host, 0), "cudaHostGetDevicePointer", error) &&
+      cuda_ok(cudaMalloc(&m.device, moved), "cudaMalloc", error) &&
+      cuda_ok(cudaMalloc(&m.device2, ids.size() * 4), "cudaMalloc", error) &&
+      cuda_ok(cudaMemcpyAsync(m.device2, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice, m.stream),
+              "cudaMemcpyAsync", error) &&
+      best_time_ms(
+          m.stream, measurement_warmups, measurement_runs,
+          [&] {
+            kernels::
+                gather_pairs<<<nosa::detail::gather_target_ctas, nosa::detail::cuda_threads, 0, m.stream>>>(
+                    static_cast<const std::byte*>(pool), static_cast<const std::int32_t*>(m.device2), pairs,
+                    block_bytes, static_cast<std::byte*>(m.device));
+            return launched("gather_pairs", error);
+          },
+          best, error);
+  bytes_per_s = ok ? double(2 * std::size_t(pairs) * block_bytes) / (double(best) * 1e-3) : 0.0;
+  return ok;
+}
+
+bool measure_hbm_read(double& bytes_per_s, std::string& error) {
+  std::size_t free_bytes = 0, total_bytes = 0;
+  if (!cuda_ok(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo", error)) return false;
+  const std::size_t bytes = std::min(std::size_t(2) << 30, free_bytes / 4 / 16 * 16);
+  int device = 0, sms = 0;
+  if (!cuda_ok(cudaGetDevice(&device), "cudaGetDevice", error) ||
+      !cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute",
+               error))
+    return false;
+  const int ctas = 4 * sms;
+  measurement m;
+  float best = 0.0f;
+  const bool ok =
+      m.create(error) && cuda_ok(cudaMalloc(&m.device, bytes), "cudaMalloc", error) &&
+      cuda_ok(cudaMalloc(&m.device2, std::size_t(ctas) * 4), "cudaMalloc", error) &&
+      cuda_ok(cudaMemsetAsync(m.device, 1, bytes, m.stream), "cudaMemsetAsync", error) &&
+      best_time_ms(
+          m.stream, measurement_warmups, measurement_runs,
+          [&] {
+            kernels::read_words<<<ctas, 512, 0, m.stream>>>(static_cast<const uint4*>(m.device), bytes / 16,
+                                                            static_cast<unsigned*>(m.device2));
+            return launched("read_words", error);
+          },
+          best, error);
+  bytes_per_s = ok ? double(bytes) / (double(best) * 1e-3) : 0.0;
+  return ok;
+}
+
+nosa::counters cuda_engine::layer_counters(int l) {
+  nosa::counters sum;
+  for (const auto& ln : lanes_) sum += ln->stack->total_counters(l, stream_);
+  return sum;
+}
+
+bool cuda_engine::measure_gemms(const std::vector<int>& rows, gemm_curve& layer, gemm_curve& head,
+                                std::string& error) {
+  const model_config& m = model_;
+  const int most = rows.empty() ? 0 : *std::max_element(rows.begin(), rows.end());
+  const int held = std::max(most, run_.batch);
+  const decode_layout d(m, held);
+  device_memory scratch;
+  if (most > run_.batch && !cuda_ok(scratch.allocate(d.size), "cudaMalloc (GEMM measurement)", error))
+    return false;
+  std::byte* base = most > run_.batch ? scratch.at<std::byte>(0) : act_.at<std::byte>(0);
+  const auto at = [&](std::size_t offset) { return base + offset; };
+  auto* x = reinterpret_cast<float*>(at(d.x));
+  auto* h = reinterpret_cast<nosa::bf16*>(at(d.h));
+  auto* qkv = reinterpret_cast<float*>(at(d.qkv));
+  auto* o = reinterpret_cast<nosa::bf16*>(at(d.o));
+  auto* gu = reinterpret_cast<float*>(at(d.gu));
+  auto* a = reinterpret_cast<nosa::bf16*>(at(d.a));
+  auto* logits = reinterpret_cast<float*>(at(d.logits));
+  // Inputs of unit variance, as the decode step's are (values do not change a GEMM's work, but zeros draw
+  // less power than data).
+  const std::size_t n = std::size_t(held);
+  kernels::init_tensor<<<grid_for(n * m.hidden), kernels::threads, 0, stream_>>>(
+      h, n * m.hidden, init_kind::uniform, 1.7f, 7, 1);
+  kernels::init_tensor<<<grid_for(n * m.q_width()), kernels::threads, 0, stream_>>>(
+      o, n * m.q_width(), init_kind::uniform, 1.7f, 7, 2);
+  kernels::init_tensor<<<grid_for(n * m.mlp), kernels::threads, 0, stream_>>>(a, n * m.mlp,
+                                                                              init_kind::uniform, 1.7f, 7, 3);
+  if (!launched("init_tensor", error)) return false;
+  const int qw = m.q_width(), kvw = m.kv_width(), hd = m.hidden;
+  layer.points.clear();
+  head.points.clear();
+  for (const int r : rows) {
+    float t = 0.0f;
+    if (!best_time_ms(
+            stream_, 1, 3,
+            [&] {
+              return linear(cublas_, w(0, layer_tensor::wq), qw + 2 * kvw, hd, h, r, qkv, true, false,
+                            error) &&
+                     linear(cublas_, w(0, layer_tensor::wo), hd, qw, o, r, x, true, true, error) &&
+                     linear(cublas_, w(0, layer_tensor::w_gate), 2 * m.mlp, hd, h, r, gu, true, false,
+                            error) &&
+                     linear(cublas_, w(0, layer_tensor::w_down), hd, m.mlp, a, r, x, true, true, error);
+            },
+            t, error))
+      return false;
+    layer.points.emplace_back(r, 1e-3 * t);
+    if (!best_time_ms(
+            stream_, 1, 3,
+            [&] {
+              return linear(cublas_, w(spec_index(model_tensor::lm_head)), m.vocab, hd, h, r, logits, true,
+                            false, error);
+            },
+            t, error))
+      return false;
+    head.points.emplace_back(r, 1e-3 * t);
+  }
+  return cuda_ok(cudaStreamSynchronize(stream_), "measuring the GEMMs", error);
 }
 
 int largest_batch(const model_config& m, const run_config& run, bool distinct_per_sequence, double hbm_bytes,
@@ -960,7 +1124,7 @@ int largest_batch(const model_config& m, const run_config& run, bool distinct_pe
     run_config r = run;
     r.batch = batch;
     r.distinct_prompts = distinct_per_sequence ? batch : std::min(run.distinct_prompts, batch);
-    const lane_layout lanes(batch, lanes_for(r, batch));
+    const lane_layout lanes(batch, cuda_lanes(r, batch));
     double device = fixed + double(decode_activation_bytes(m, batch)), host = 0.0;
     for (int i = 0; i < lanes.lanes; ++i) {
       nosa::arena_sizes arenas;
@@ -988,9 +1152,109 @@ int largest_batch(const model_config& m, const run_config& run, bool distinct_pe
   return lo;
 }
 
+namespace {
+
+/// Sequences of the calibration run of --batch auto and --cache-slots auto.
+constexpr int calibration_rows = 4;
+/// Row counts at which the calibration times the GEMMs (the prediction interpolates between them).
+const std::vector<int> calibration_gemm_rows{1, 16, 64, 256, 1024};
+
+/// --batch auto and --cache-slots auto: a calibration engine of a few sequences times the GEMMs and, for
+/// the offloading methods, measures the misses of each slot-cache size from its selections; then the batch
+/// and size of the highest predicted tokens/s that fit the budgets go into `run`, and the prediction into
+/// the report. The calibration engine is freed before the run's engine is created.
+bool size_for_throughput(const model_config& model, const options& opt, const host_weights* weights,
+                         const device_speeds& speeds, double hbm, double host, run_config& run, run_report& r,
+                         std::string& error) {
+  const auto t0 = std::chrono::steady_clock::now();
+  run_config cal = run;
+  cal.batch = calibration_rows;
+  cal.distinct_prompts =
+      opt.distinct_per_sequence ? calibration_rows : std::min(run.distinct_prompts, calibration_rows);
+  cal.lanes = 1;
+  cal.cache_slots = 0;
+  cal.steps = opt.warmup + opt.calibration_steps;
+  throughput_inputs in;
+  in.model = model;
+  in.run = run;
+  in.first_step = opt.warmup;
+  in.steps = opt.run.steps;
+  in.speeds = speeds;
+  const bool offloaded = offloads(run.attention);
+  const std::vector<int> sizes = !offloaded             ? std::vector<int>{0}
+                                 : opt.cache_slots_auto ? nosa::cache_slot_candidates(model.selection.top_k)
+                                                        : std::vector<int>{run.cache_slots};
+  {
+    const auto engine = cuda_engine::create(model, weights, cal, error);
+    if (!engine || !engine->measure_gemms(calibration_gemm_rows, in.layer_gemm, in.head_gemm, error))
+      return false;
+    if (offloaded &&
+        (!engine->prefill(error) ||
+         !calibrate_misses(*engine, sizes, opt.warmup, opt.calibration_steps, in.misses, error) ||
+         !engine->finish(error)))
+      return false;
+  }
+  r.calibration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto largest = [&](int size) {
+    run_config t = run;
+    t.cache_slots = size;
+    return largest_batch(model, t, opt.distinct_per_sequence, hbm, host, error);
+  };
+  const sizing_choice choice = choose_sizing(in, sizes, opt.batch_auto ? 0 : run.batch, largest, error);
+  if (!error.empty()) return false;
+  if (choice.best.batch == 0) {
+    error = opt.batch_auto
+                ? "not even one sequence of " + std::to_string(run.prompt_tokens) + " tokens fits the budgets"
+                : "batch " + std::to_string(run.batch) + " does not fit the budgets at any cache size";
+    return false;
+  }
+  for (const prediction& p : choice.per_size) r.sizing.push_back({p.cache_slots, p.batch, p.tokens_per_s()});
+  run.batch = choice.best.batch;
+  run.cache_slots = choice.best.cache_slots;
+  r.cache_slots_auto = opt.cache_slots_auto;
+  r.predicted_tokens_per_s = choice.best.tokens_per_s();
+  r.predicted_ms_per_step = 1e3 * choice.best.bound.step_s;
+  r.predicted_misses_per_step = choice.best.misses_per_step;
+  return true;
+}
+
+/// The roofline of the timed steps into the report: each layer's gathered bytes per step (from `before` and
+/// `after`, its counters around the timed steps) against the HBM bytes of its steps and its GEMMs, timed
+/// on the run's own engine at each lane's rows before the prefill (`layer_gemm`, `head_gemm`).
+bool report_roofline(const cuda_engine& engine, const std::vector<nosa::counters>& before,
+                     const std::vector<nosa::counters>& after, const gemm_curve& layer_gemm,
+                     const gemm_curve& head_gemm, const device_speeds& speeds, int first_step, int steps,
+                     run_report& r, std::string& error) {
+  layer_traffic traffic;
+  const nosa::status s = traffic_of(engine.model(), engine.run(), first_step, steps, traffic);
+  if (!nosa_ok(s, "sizing the layers", error)) return false;
+  std::vector<double> gather(before.size());
+  for (std::size_t l = 0; l < gather.size(); ++l)
+    gather[l] = double((after[l] - before[l]).bytes_h2d) / steps;
+  double gemm = 0.0;
+  for (int i = 0; i < engine.lanes().lanes; ++i) gemm += layer_gemm.seconds(engine.lanes().rows(i));
+  const step_bound b = measured_roofline(gather, engine.run().batch * traffic.hbm_bytes, gemm,
+                                         head_gemm.seconds(engine.run().batch), speeds);
+  r.roofline_ms = 1e3 * b.step_s;
+  r.roofline_gather_ms = 1e3 * b.gather_s;
+  r.roofline_hbm_ms = 1e3 * b.hbm_s;
+  r.roofline_gemm_ms = 1e3 * b.gemm_s;
+  return true;
+}
+
+}  // namespace
+
 bool run_cuda_engine(const model_config& model, const options& opt, run_report& r, std::string& error) {
-  // The PCIe ceiling first, while the card is still empty.
-  if (!measure_h2d_copy(r.link_h2d_gb_per_s, error)) return false;
+  // The speeds first, while the card is still empty: the copy engine's, the gather's and HBM's.
+  device_speeds speeds;
+  const std::size_t block_bytes =
+      std::size_t(model.selection.block_size) * model.head_dim * sizeof(nosa::bf16);
+  if (!measure_h2d_copy(r.link_h2d_gb_per_s, error) || !measure_gather(block_bytes, speeds.gather, error) ||
+      !measure_hbm_read(speeds.hbm, error))
+    return false;
+  speeds.copy = 1e9 * r.link_h2d_gb_per_s;
+  r.gather_gb_per_s = speeds.gather / 1e9;
+  r.hbm_gb_per_s = speeds.hbm / 1e9;
   std::size_t free_bytes = 0, total_bytes = 0;
   if (!cuda_ok(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo", error)) return false;
   // The whole card: what is free now, less 1 GiB for the CUDA context's own growth (graphs, cuBLAS).
@@ -1001,13 +1265,20 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
                           : 0.8 * double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
   run_config run = opt.run;
   run.steps = opt.run.steps + opt.warmup + (opt.profile ? 1 : 0);
-  if (opt.batch_auto) {
-    run.batch = largest_batch(model, run, opt.distinct_per_sequence, hbm, host, error);
-    if (run.batch == 0) {
-      if (error.empty())
-        error = "not even one sequence of " + std::to_string(run.prompt_tokens) + " tokens fits the budgets";
+
+  std::optional<host_weights> weights;
+  if (!opt.weights.empty()) {
+    weights = load_weights(opt.weights, model, error);
+    if (!weights) return false;
+  } else if (!opt.save_weights.empty()) {
+    weights = random_weights(model, run.weight_seed);
+  }
+  if (weights && !opt.save_weights.empty() && !save_weights(opt.save_weights, model, *weights, error))
+    return false;
+
+  if (opt.batch_auto || opt.cache_slots_auto) {
+    if (!size_for_throughput(model, opt, weights ? &*weights : nullptr, speeds, hbm, host, run, r, error))
       return false;
-    }
   } else if (largest_batch(model, run, opt.distinct_per_sequence, hbm, host, error) < run.batch) {
     if (error.empty()) {
       error = "batch " + std::to_string(run.batch) + " does not fit the HBM budget (" +
@@ -1019,26 +1290,25 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
   if (opt.distinct_per_sequence) run.distinct_prompts = run.batch;
   run.distinct_prompts = std::min(run.distinct_prompts, run.batch);
   r.batch = run.batch;
+  r.cache_slots = offloads(run.attention) ? run.cache_slots : 0;
   r.distinct_prompts = run.distinct_prompts;
   r.shared_blocks =
       shared_prompt_blocks(run.attention, run.share_prompts, run.prompt_tokens, model.selection.block_size);
   r.hbm_budget_bytes = hbm;
-  std::fprintf(stderr, "nosa-engine: %s, %s, batch %d, context %d\n", model.name.c_str(), r.method.c_str(),
-               run.batch, run.prompt_tokens);
+  std::fprintf(stderr, "nosa-engine: %s, %s, batch %d, context %d, %d cache slots\n", model.name.c_str(),
+               r.method.c_str(), run.batch, run.prompt_tokens, r.cache_slots);
 
-  std::optional<host_weights> weights;
-  if (!opt.weights.empty()) {
-    weights = load_weights(opt.weights, model, error);
-    if (!weights) return false;
-  } else if (!opt.save_weights.empty()) {
-    weights = random_weights(model, run.weight_seed);
-  }
-  if (weights && !opt.save_weights.empty() && !save_weights(opt.save_weights, model, *weights, error))
-    return false;
   const auto engine = cuda_engine::create(model, weights ? &*weights : nullptr, run, error);
   if (!engine) return false;
   weights.reset();
   r.lanes = engine->lanes().lanes;
+  // The GEMMs at this run's rows (each lane's, and the whole batch for the LM head), for the roofline.
+  std::vector<int> gemm_rows{run.batch};
+  for (int i = 0; i < r.lanes; ++i) gemm_rows.push_back(engine->lanes().rows(i));
+  std::sort(gemm_rows.begin(), gemm_rows.end());
+  gemm_rows.erase(std::unique(gemm_rows.begin(), gemm_rows.end()), gemm_rows.end());
+  gemm_curve layer_gemm, head_gemm;
+  if (!engine->measure_gemms(gemm_rows, layer_gemm, head_gemm, error)) return false;
 
   auto t0 = std::chrono::steady_clock::now();
   if (!engine->prefill(error)) return false;
@@ -1048,6 +1318,12 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
     if (!engine->step(error)) return false;
   }
   if (!engine->finish(error)) return false;
+  const auto layer_counters = [&] {
+    std::vector<nosa::counters> c(std::size_t(model.layers));
+    for (int l = 0; l < model.layers; ++l) c[std::size_t(l)] = engine->layer_counters(l);
+    return c;
+  };
+  const std::vector<nosa::counters> layers_before = layer_counters();
   const nosa::counters before = engine->total_counters();
   progress_line progress(opt.run.steps);
   t0 = std::chrono::steady_clock::now();
@@ -1061,6 +1337,9 @@ bool run_cuda_engine(const model_config& model, const options& opt, run_report& 
   if (!engine->finish(error)) return false;
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   finish_report(r, engine->total_counters() - before, seconds, model.kv_heads);
+  if (!report_roofline(*engine, layers_before, layer_counters(), layer_gemm, head_gemm, speeds, opt.warmup,
+                       opt.run.steps, r, error))
+    return false;
   r.device_bytes = engine->device_bytes();
   r.host_bytes = engine->host_bytes();
   r.last_tokens = engine->tokens();

@@ -7,6 +7,7 @@
 #include "../attention_stack.hpp"
 #include "../model.hpp"
 #include "../run_config.hpp"
+#include "../throughput_model.hpp"
 
 #include <nosa/backend/cuda/decode_layer.cuh>
 #include <nosa/core/numeric.hpp>
@@ -132,6 +133,14 @@ class cuda_engine {
   std::vector<std::int32_t> tokens();
   /// Counters of all layers of all lanes summed (waits).
   nosa::counters total_counters();
+  /// Counters of layer `l`, summed over the lanes (waits).
+  nosa::counters layer_counters(int l);
+  /// Times the GEMMs of one layer (QKV, output projection, gate and up, down, with layer 0's weights) and
+  /// the LM head at each row count of `rows`, with events on the engine's stream (best of a few runs, after
+  /// one warm-up), into `layer` and `head`. Uses the decode activations when they hold the rows, otherwise
+  /// a scratch of the same layout for the duration of the call; call it before `prefill` (it overwrites
+  /// activations that the decode step recomputes).
+  bool measure_gemms(const std::vector<int>& rows, gemm_curve& layer, gemm_curve& head, std::string& error);
   /// HBM the engine holds: weights, arenas, activations, cuBLAS workspaces.
   double device_bytes() const;
   /// Pinned host memory of the arenas.
@@ -220,6 +229,13 @@ class cuda_engine {
 
 /// The PCIe ceiling: a 64 MiB host-to-device copy from pinned memory, best of five after two warm-ups.
 bool measure_h2d_copy(double& gb_per_s, std::string& error);
+/// The link as nosa's gather uses it: 64 MiB of K and V block pairs of `block_bytes` each, at random places
+/// of a 256 MiB pinned, mapped host buffer, read by a kernel with the library's copy loop and as many CTAs
+/// as its gather targets; bytes per second, best of five after two warm-ups.
+bool measure_gather(std::size_t block_bytes, double& bytes_per_s, std::string& error);
+/// HBM read speed: a streaming read of up to 2 GiB (a quarter of the free memory at most) by a kernel with
+/// 16-byte loads; bytes per second, best of five after two warm-ups.
+bool measure_hbm_read(double& bytes_per_s, std::string& error);
 
 /// Largest batch whose weights, arenas (of every lane), activations and prefill workspace fit `hbm_bytes`
 /// and whose host arenas fit `host_bytes` (0 when not even one sequence fits).

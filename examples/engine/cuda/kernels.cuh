@@ -8,10 +8,12 @@
 #include "../model.hpp"
 #include "../run_config.hpp"
 
+#include <nosa/backend/cuda/detail/gather.cuh>
 #include <nosa/core/numeric.hpp>
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace nosa_engine::kernels {
@@ -188,6 +190,36 @@ __global__ void widen(const nosa::bf16* in, std::int64_t n, float* out) {
        i += std::int64_t(gridDim.x) * blockDim.x) {
     out[i] = nosa::to_float(in[i]);
   }
+}
+
+/// The start-up measurement of the link as nosa's gather uses it: CTA i copies the K and V blocks of pairs
+/// i, i + gridDim.x, ... from mapped pinned host memory (`pool`, blocks of `block_bytes`, the pair's two
+/// block indices in `blocks` [2 * pairs]) into device memory, with the library's own copy loop.
+__global__ void gather_pairs(const std::byte* pool, const std::int32_t* blocks, int pairs,
+                             std::size_t block_bytes, std::byte* out) {
+  for (int j = blockIdx.x; j < pairs; j += gridDim.x) {
+    const std::size_t k = std::size_t(blocks[2 * j]) * block_bytes,
+                      v = std::size_t(blocks[2 * j + 1]) * block_bytes;
+    nosa::detail::copy_pair(pool + k, pool + v, out + 2 * std::size_t(j) * block_bytes,
+                            out + (2 * std::size_t(j) + 1) * block_bytes, block_bytes);
+  }
+}
+
+/// The start-up measurement of HBM read speed: reads `n` 16-byte words, several loads in flight per thread,
+/// and leaves one word per CTA in `out` so that the reads cannot be dropped.
+__global__ void read_words(const uint4* in, std::size_t n, unsigned* out) {
+  constexpr int unroll = 4;
+  unsigned acc = 0;
+  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += unroll * stride) {
+    uint4 w[unroll];
+#pragma unroll
+    for (int u = 0; u < unroll; ++u) w[u] = i + u * stride < n ? in[i + u * stride] : uint4{};
+#pragma unroll
+    for (int u = 0; u < unroll; ++u) acc ^= w[u].x ^ w[u].y ^ w[u].z ^ w[u].w;
+  }
+  for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+  if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 
 }  // namespace nosa_engine::kernels

@@ -31,17 +31,7 @@ nosa::status make_cuda_stack_for(method m, const nosa::layer_config& config, int
     *out = std::move(s);
     return nosa::status::success;
   };
-  switch (m) {
-  case method::full:
-    return make.template operator()<nosa::full_attention_pipeline<nosa::bf16, D>>();
-  case method::infllmv2_offload:
-    return make.template operator()<nosa::infllmv2_pipeline<nosa::bf16, D, nosa::offload_store>>();
-  case method::nosa_offload:
-    return make.template operator()<nosa::nosa_pipeline<nosa::bf16, D, nosa::offload_store>>();
-  case method::nosa_resident:
-    return make.template operator()<nosa::nosa_pipeline<nosa::bf16, D, nosa::resident_store>>();
-  }
-  return nosa::status::invalid_argument;
+  return with_pipeline<D>(m, make);
 }
 
 extern template nosa::status make_cuda_stack_for<64>(method, const nosa::layer_config&, int,
