@@ -35,7 +35,7 @@ struct sequence_bytes {
                                     ///< (values and scales), slot map, stamps and block-to-slot table
   std::size_t compressed_keys = 0;  ///< Kc of every window and the key ring, in the element type
   std::size_t scores = 0;           ///< c of every token and cc of every window (f32)
-  std::size_t tables = 0;           ///< length, live flag, block table, selection, miss list (int32)
+  std::size_t tables = 0;           ///< length, live flag, block table, selection, miss list, attention counts (int32)
   std::size_t scoring_scratch = 0;  ///< Sq, Se, window scores and logits, softmax partials, block ranking
   std::size_t partial_scratch = 0;  ///< split-attention partials of its KV heads ([H][G][D + 2] f32)
   std::size_t tails = 0;            ///< quantized KV formats: the current block in the element type
@@ -76,7 +76,7 @@ constexpr sequence_bytes bytes_per_sequence(const layer_config& config, int page
   const std::size_t P_seq = pages < 0 ? MB : std::size_t(pages);
   const bool scored = !s.dense;
   sequence_bytes b;
-  b.tables = (3 + MB) * i32 + H * (2 * K + 2) * i32;
+  b.tables = (4 + MB) * i32 + H * (2 * K + 3) * i32;
   b.scores = H * MT * f32 + (scored ? H * MW * f32 : 0);
   if (scored) {
     b.compressed_keys = H * (MW + std::size_t(s.window)) * D * E;
