@@ -69,13 +69,13 @@ class decode_layer<P, host_backend> {
         reinterpret_cast<std::uintptr_t>(host_arena.data()) % arena_alignment != 0) {
       return status::misaligned_pointer;
     }
-    decode_layer layer;
-    layer.config_ = config;
-    layer.layout_ = s;
-    layer.device_ = device_arena.data();
-    layer.host_ = host_arena.data();
-    layer.initialise();
-    out = layer;
+    // Validated: `out` is written in place. (Built in a local and copied, the layer's arena pointers were
+    // lost to GCC 12's field-sensitive points-to analysis at -O3, which then read page counts stale.)
+    out.config_ = config;
+    out.layout_ = s;
+    out.device_ = device_arena.data();
+    out.host_ = host_arena.data();
+    out.initialise();
     return status::success;
   }
 
