@@ -19,7 +19,7 @@ namespace replay {
 
 /// The loaded `.npy` arrays, kept alive for the views in `view`.
 struct loaded_inputs {
-  npy::array prompt_k, prompt_v, prompt_c, prompt_len, q, k, v, c;
+  npy::array prompt_k, prompt_v, prompt_c, prompt_len, q, k, v, c, prompt_q;
   replay_inputs view;  ///< dimensions and pointers into the arrays above
 };
 
@@ -69,9 +69,11 @@ inline std::optional<std::string> match_axes(const npy::array& a, std::string_vi
 
 }  // namespace detail
 
-/// Loads and checks the eight input files of `dir` into `out`.
+/// Loads and checks the eight input files of `dir` into `out`, and `prompt_q.npy` as well when
+/// `with_prompt_queries` (a prefill needs them).
 /// \returns nothing on success, otherwise one line "FILE: problem"
-inline std::optional<std::string> load_inputs(const std::filesystem::path& dir, loaded_inputs& out) {
+inline std::optional<std::string> load_inputs(const std::filesystem::path& dir, loaded_inputs& out,
+                                              bool with_prompt_queries = false) {
   using detail::axis;
   // Without this a mistyped --in would be reported as the first file that cannot be opened.
   std::error_code ec;
@@ -95,10 +97,14 @@ inline std::optional<std::string> load_inputs(const std::filesystem::path& dir, 
       {"prompt_v.npy", &out.prompt_v, "<f4", {&B, &P, &hkv, &D}},
       {"prompt_c.npy", &out.prompt_c, "<f4", {&B, &P, &hkv}},
       {"prompt_len.npy", &out.prompt_len, "<i4", {&B}},
+      {"prompt_q.npy", &out.prompt_q, "<f4", {&B, &P, &hq, &D}},
   };
   for (const input_file& f : files) {
+    if (f.array == &out.prompt_q && !with_prompt_queries) continue;
     const auto fail = [&](const std::string& problem) { return std::string(f.name) + ": " + problem; };
-    if (auto e = npy::load(dir / f.name, *f.array, f.dtype)) return fail(e->message);
+    if (auto e = npy::load(dir / f.name, *f.array, f.dtype)) {
+      return fail(e->message + (f.array == &out.prompt_q ? " (--prefill needs the prompts' queries)" : ""));
+    }
     if (auto e = detail::match_axes(*f.array, f.name, f.axes)) return fail(*e);
     // Checks that need a value only this file introduces; each runs once, when that value first appears.
     if (f.array == &out.q) {
@@ -134,6 +140,7 @@ inline std::optional<std::string> load_inputs(const std::filesystem::path& dir, 
   v.prompt_v = out.prompt_v.as<float>();
   v.prompt_c = out.prompt_c.as<float>();
   v.prompt_len = out.prompt_len.as<std::int32_t>();
+  if (with_prompt_queries) v.prompt_q = out.prompt_q.as<float>();
   v.q = out.q.as<float>();
   v.k = out.k.as<float>();
   v.v = out.v.as<float>();

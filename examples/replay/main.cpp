@@ -63,7 +63,8 @@ int report(std::string_view message) {
   return exit_failure;
 }
 
-/// Writes the three output files. Returns one line "FILE: problem" on failure.
+/// Writes the output files (three, and `prompt_o.npy` with a prefill). Returns one line "FILE: problem" on
+/// failure.
 std::optional<std::string> write_outputs(const std::filesystem::path& dir, const options& opt,
                                          const replay_inputs& in, const replay_outputs& out) {
   std::error_code ec;
@@ -77,6 +78,12 @@ std::optional<std::string> write_outputs(const std::filesystem::path& dir, const
   }
   if (auto e = npy::save(dir / "misses.npy", out.misses, {T, B, in.kv_heads}))
     return "misses.npy: " + e->message;
+  if (opt.prefill != prefill_kind::none) {
+    if (auto e =
+            npy::save(dir / "prompt_o.npy", out.prompt_o, {B, in.prompt_rows, in.q_heads, in.head_dim})) {
+      return "prompt_o.npy: " + e->message;
+    }
+  }
   return std::nullopt;
 }
 
@@ -107,7 +114,7 @@ int run(int argc, const char* const* argv) {
 #endif
 
   loaded_inputs inputs;
-  if (auto e = load_inputs(opt.in_dir, inputs)) return report(*e);
+  if (auto e = load_inputs(opt.in_dir, inputs, opt.prefill != prefill_kind::none)) return report(*e);
   const replay_inputs& in = inputs.view;
 
   replay_outputs out;
@@ -121,9 +128,11 @@ int run(int argc, const char* const* argv) {
   std::cout << "nosa-replay: " << in.steps << " steps, " << in.batch << " sequences ("
             << variant_name(opt.variant) << ", " << nosa::to_string(opt.element) << ", D=" << in.head_dim
             << ", bias " << bias_name(opt.bias) << ", " << store_name(opt.store)
-            << (opt.kv_format == kv_format_kind::fp8 ? ", kv fp8" : "") << "): hits " << c.hits
-            << ", misses " << c.misses << ", bytes h2d " << c.bytes_h2d << ", bytes d2h " << c.bytes_d2h
-            << '\n';
+            << (opt.kv_format == kv_format_kind::fp8 ? ", kv fp8" : "")
+            << (opt.prefill != prefill_kind::none ? ", prefill " + std::string(prefill_name(opt.prefill))
+                                                  : "")
+            << "): hits " << c.hits << ", misses " << c.misses << ", bytes h2d " << c.bytes_h2d
+            << ", bytes d2h " << c.bytes_d2h << '\n';
   return 0;
 }
 

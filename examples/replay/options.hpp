@@ -24,8 +24,10 @@ nosa with its own implementation. See docs/replay.md for the file formats.
 inputs (--in DIR, float32 unless noted):
   prompt_k.npy [B,P,Hkv,D]  prompt_v.npy [B,P,Hkv,D]  prompt_c.npy [B,P,Hkv]
   prompt_len.npy [B] int32  q.npy [T,B,Hq,D]  k.npy [T,B,Hkv,D]  v.npy [T,B,Hkv,D]  c.npy [T,B,Hkv]
+  prompt_q.npy [B,P,Hq,D]   (with --prefill only)
 outputs (--out DIR, created if missing):
   o.npy [T,B,Hq,D] float32  selected.npy [T,B,Hkv,topk] int32  misses.npy [T,B,Hkv] int32
+  prompt_o.npy [B,P,Hq,D] float32 (with --prefill only)
 
 options (defaults are the paper's):
   --in DIR              input directory (required)
@@ -45,6 +47,10 @@ options (defaults are the paper's):
   --kv-format NAME      fp8 | the --dtype name                  (--dtype)
                         complete K and V blocks in FP8 E4M3, a scale
                         per block and head, or in the storage type
+  --prefill NAME        dense | sparse: run the prompts through the (none)
+                        library's prefill (sparse: NOSA^S) instead
+                        of ingesting them; host backend
+  --chunk N             prompt rows per sequence and prefill call (1024)
   --backend NAME        host | cuda (CUDA builds, with a GPU)   (host)
   --help                print this text and exit
 
@@ -57,6 +63,9 @@ constexpr std::string_view variant_name(variant_kind v) noexcept {
 }
 constexpr std::string_view store_name(store_kind s) noexcept {
   return s == store_kind::offload ? "offload" : "resident";
+}
+constexpr std::string_view prefill_name(prefill_kind p) noexcept {
+  return p == prefill_kind::none ? "none" : p == prefill_kind::dense ? "dense" : "sparse";
 }
 constexpr std::string_view bias_name(nosa::bias_mode b) noexcept {
   switch (b) {
@@ -152,11 +161,15 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
       problem = expect_int(sel.n_init, false);
     } else if (name == "--local") {
       problem = expect_int(sel.n_local, false);
+    } else if (name == "--chunk") {
+      problem = expect_int(opt.chunk, true);
+      if (!problem && opt.chunk == 0) return fail("--chunk: '0' is not a positive integer");
     } else if (name == "--budget") {
       // Negative values are the library's "no budget" sentinel and not meant to be typed.
       problem = expect_int(sel.max_new_blocks, true);
     } else if (name == "--in" || name == "--out" || name == "--bias" || name == "--variant" ||
-               name == "--dtype" || name == "--store" || name == "--backend" || name == "--kv-format") {
+               name == "--dtype" || name == "--store" || name == "--backend" || name == "--kv-format" ||
+               name == "--prefill") {
       const auto text = take_value();
       if (!text) return fail(std::string(name) + " needs a value");
       const auto bad_choice = [&](std::string_view allowed) {
@@ -192,6 +205,13 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
         const auto v = detail::parse_choice(*text, names, values);
         if (!v) return bad_choice("offload or resident");
         opt.store = *v;
+      } else if (name == "--prefill") {
+        static constexpr std::string_view names[] = {"none", "dense", "sparse"};
+        static constexpr prefill_kind values[] = {prefill_kind::none, prefill_kind::dense,
+                                                  prefill_kind::sparse};
+        const auto v = detail::parse_choice(*text, names, values);
+        if (!v) return bad_choice("none, dense or sparse");
+        opt.prefill = *v;
       } else if (name == "--kv-format") {
         static constexpr std::string_view names[] = {"fp32", "fp16", "bf16"};
         static constexpr nosa::dtype values[] = {nosa::dtype::fp32, nosa::dtype::fp16, nosa::dtype::bf16};
@@ -235,6 +255,9 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
     if (!cuda_in_build) return fail("backend 'cuda' is not available in this build");
     if (opt.kv_format == kv_format_kind::fp8) {
       return fail("--backend cuda does not support --kv-format fp8 yet (the host backend does)");
+    }
+    if (opt.prefill != prefill_kind::none) {
+      return fail("--backend cuda does not support --prefill yet (the host backend does)");
     }
     if (opt.bias != cuda_bias(opt.variant)) {
       return fail("--backend cuda builds --variant " + std::string(variant_name(opt.variant)) +

@@ -36,6 +36,11 @@ enum class backend_kind : unsigned char { host, cuda };
 /// scale per block and KV head (spec §6b).
 enum class kv_format_kind : unsigned char { element, fp8 };
 
+/// How the prompts enter the layer: ingested as given (`add_sequence`, the engine ran the prefill), or run
+/// through the library's prefill (`decode_layer::prefill`) with dense or sparse (NOSA^S) attention, which
+/// needs the prompts' queries.
+enum class prefill_kind : unsigned char { none, dense, sparse };
+
 /// True when this build contains the CUDA replay (the sources under `cuda/`, compiled when CMake enables
 /// the CUDA language; they define `NOSA_REPLAY_CUDA` for the whole program).
 #ifdef NOSA_REPLAY_CUDA
@@ -65,6 +70,8 @@ struct options {
   store_kind store = store_kind::offload;
   backend_kind backend = backend_kind::host;
   kv_format_kind kv_format = kv_format_kind::element;  ///< complete blocks in the storage type, or FP8
+  prefill_kind prefill = prefill_kind::none;           ///< how the prompts enter the layer
+  int chunk = 1024;  ///< with a prefill: prompt rows of each sequence per prefill call
 };
 
 /// The recorded inputs, validated against each other. Every pointer refers to a contiguous row-major
@@ -80,6 +87,7 @@ struct replay_inputs {
   const float* prompt_v = nullptr;           ///< [B][P][H_kv][D]
   const float* prompt_c = nullptr;           ///< [B][P][H_kv]
   const std::int32_t* prompt_len = nullptr;  ///< [B], 0 <= prompt_len[b] <= P
+  const float* prompt_q = nullptr;           ///< [B][P][H_q][D] prompt queries; with a prefill only
   const float* q = nullptr;                  ///< [T][B][H_q][D]
   const float* k = nullptr;                  ///< [T][B][H_kv][D]
   const float* v = nullptr;                  ///< [T][B][H_kv][D]
@@ -91,6 +99,7 @@ struct replay_outputs {
   std::vector<float> o;                ///< [T][B][H_q][D] attention output
   std::vector<std::int32_t> selected;  ///< [T][B][H_kv][top_k] selected block ids, ascending, padded with -1
   std::vector<std::int32_t> misses;    ///< [T][B][H_kv] blocks loaded by each step
+  std::vector<float> prompt_o;  ///< [B][P][H_q][D] prefill output, zeros past each prompt; with a prefill
   nosa::counters totals{};             ///< counters of the whole run, prompt ingestion included
 };
 

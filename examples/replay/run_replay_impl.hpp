@@ -90,7 +90,69 @@ inline nosa::capacity replay_capacity(const options& opt, const replay_inputs& i
   c.max_sequences = clamp(in.batch);
   c.max_blocks_per_sequence = clamp(blocks);
   c.pool_pages = clamp(in.batch * blocks);
+  // A prefill call carries up to `chunk` rows of every sequence.
+  if (opt.prefill != prefill_kind::none)
+    c.max_prefill_rows = clamp(in.batch * std::min<std::int64_t>(opt.chunk, in.prompt_rows));
   return c;
+}
+
+/// Runs the prompts through the layer's prefill (host backend), with `Prefill` attention: every sequence
+/// has joined empty; each round prefills the next `opt.chunk` rows of every sequence that has rows left, in
+/// one ragged call through packed buffers of a fixed shape, and copies each row's output to `prompt_o`.
+/// `prompt_k`, `prompt_v`, `prompt_c`: the prompt arrays in the storage element. Allocates only before
+/// the first call.
+template <class Prefill, class Layer, class Element>
+replay_status prefill_prompts(Layer& layer, const options& opt, const replay_inputs& in,
+                              const Element* prompt_k, const Element* prompt_v, const float* prompt_c,
+                              replay_outputs& out) {
+  const std::int64_t B = in.batch, P = in.prompt_rows, hq = in.q_heads, hkv = in.kv_heads, D = in.head_dim;
+  const std::int64_t rows = layer->config().limits.max_prefill_rows;
+  const typename replay_memory<nosa::host_backend>::template input<Element> prompt_q(
+      in.prompt_q, std::size_t(B * P * hq * D));
+  std::vector<Element> q(std::size_t(rows * hq * D)), k(std::size_t(rows * hkv * D)), v(k.size());
+  std::vector<float> c(std::size_t(rows * hkv)), o(q.size());
+  std::vector<std::int32_t> sequences(static_cast<std::size_t>(B)),
+      offsets(static_cast<std::size_t>(B) + 1, 0);
+  std::vector<std::int64_t> done(static_cast<std::size_t>(B), 0);
+  out.prompt_o.assign(std::size_t(B * P * hq * D), 0.0f);
+  const auto rows_of = [&](std::size_t row, std::int64_t width) { return row * std::size_t(width); };
+  for (;;) {
+    std::int64_t chunks = 0, row = 0;
+    for (std::int64_t b = 0; b < B; ++b) {
+      const std::int64_t n = std::min<std::int64_t>(opt.chunk, in.prompt_len[b] - done[std::size_t(b)]);
+      if (n <= 0) continue;
+      if (const nosa::status s = layer->reserve(static_cast<int>(b), static_cast<int>(n)); !nosa::ok(s)) {
+        return {s, "reserve"};
+      }
+      const std::size_t from = std::size_t(b * P + done[std::size_t(b)]);
+      std::copy_n(prompt_q.data() + rows_of(from, hq * D), n * hq * D,
+                  q.begin() + std::ptrdiff_t(row * hq * D));
+      std::copy_n(prompt_k + rows_of(from, hkv * D), n * hkv * D, k.begin() + std::ptrdiff_t(row * hkv * D));
+      std::copy_n(prompt_v + rows_of(from, hkv * D), n * hkv * D, v.begin() + std::ptrdiff_t(row * hkv * D));
+      std::copy_n(prompt_c + rows_of(from, hkv), n * hkv, c.begin() + std::ptrdiff_t(row * hkv));
+      sequences[std::size_t(chunks)] = static_cast<std::int32_t>(b);
+      row += n;
+      offsets[std::size_t(++chunks)] = static_cast<std::int32_t>(row);
+    }
+    if (chunks == 0) return {};
+    nosa::prefill_args<Element, float> args;
+    args.sequences = nosa::make_contiguous<1>(static_cast<const std::int32_t*>(sequences.data()), {chunks});
+    args.row_offsets =
+        nosa::make_contiguous<1>(static_cast<const std::int32_t*>(offsets.data()), {chunks + 1});
+    args.q = nosa::make_contiguous<3>(static_cast<const Element*>(q.data()), {rows, hq, D});
+    args.k = nosa::make_contiguous<3>(static_cast<const Element*>(k.data()), {rows, hkv, D});
+    args.v = nosa::make_contiguous<3>(static_cast<const Element*>(v.data()), {rows, hkv, D});
+    args.c = nosa::make_contiguous<2>(static_cast<const float*>(c.data()), {rows, hkv});
+    args.o = nosa::make_contiguous<3>(o.data(), {rows, hq, D});
+    if (const nosa::status s = layer->template prefill<Prefill>(args); !nosa::ok(s)) return {s, "prefill"};
+    for (std::int64_t i = 0; i < chunks; ++i) {
+      const std::int64_t b = sequences[std::size_t(i)],
+                         n = offsets[std::size_t(i) + 1] - offsets[std::size_t(i)];
+      std::copy_n(o.begin() + std::ptrdiff_t(offsets[std::size_t(i)] * hq * D), n * hq * D,
+                  out.prompt_o.begin() + std::ptrdiff_t((b * P + done[std::size_t(b)]) * hq * D));
+      done[std::size_t(b)] += n;
+    }
+  }
 }
 
 /// Replays everything through one layer of pipeline `Pipeline` on `Backend`. Every call uses the backend's
@@ -139,15 +201,31 @@ replay_status run_pipeline(const options& opt, const replay_inputs& in, replay_o
     if (!nosa::ok(s.status)) return s;
   }
 
-  // Sequence b's prompt is the first prompt_len[b] rows of its [P][H_kv][D] slab, viewed in place.
+  // Sequence b's prompt is the first prompt_len[b] rows of its [P][H_kv][D] slab, viewed in place; with a
+  // prefill every sequence joins empty and the prefill appends the rows.
+  const bool prefill = opt.prefill != prefill_kind::none;
   for (std::int64_t b = 0; b < B; ++b) {
-    const std::int64_t len = in.prompt_len[b];
+    const std::int64_t len = prefill ? 0 : in.prompt_len[b];
     nosa::prompt_args<element> prompt;
     prompt.k = nosa::make_contiguous<3>(prompt_k.data() + b * P * hkv * D, {len, hkv, D});
     prompt.v = nosa::make_contiguous<3>(prompt_v.data() + b * P * hkv * D, {len, hkv, D});
     prompt.c = nosa::make_contiguous<2>(prompt_c.data() + b * P * hkv, {len, hkv});
     if (const nosa::status s = layer->add_sequence(static_cast<int>(b), prompt); !nosa::ok(s)) {
       return {s, "add_sequence"};
+    }
+  }
+  if (prefill) {
+    // parse_options refuses a prefill on any other backend.
+    if constexpr (!std::same_as<Backend, nosa::host_backend>) {
+      return {nosa::status::not_supported, "prefill"};
+    } else {
+      const replay_status s =
+          opt.prefill == prefill_kind::sparse
+              ? prefill_prompts<nosa::sparse_prefill>(layer, opt, in, prompt_k.data(), prompt_v.data(),
+                                                      prompt_c.data(), out)
+              : prefill_prompts<nosa::dense_prefill>(layer, opt, in, prompt_k.data(), prompt_v.data(),
+                                                     prompt_c.data(), out);
+      if (!nosa::ok(s.status)) return s;
     }
   }
 

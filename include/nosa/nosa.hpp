@@ -13,6 +13,7 @@
 #include <nosa/core/status.hpp>
 #include <nosa/core/tensor_view.hpp>
 
+#include <nosa/attention/prefill.hpp>
 #include <nosa/attention/sparse_attention.hpp>
 #include <nosa/scorer/eviction_head.hpp>
 #include <nosa/scorer/query_agnostic.hpp>

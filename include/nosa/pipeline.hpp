@@ -6,9 +6,11 @@
 /// One layer, two phases:
 ///  - plan calls (`add_sequence`, `remove_sequence`, `reserve`) change the shape of the state between
 ///    steps: they admit and retire sequences and reserve pool pages ahead of the blocks that will complete;
-///  - `step` runs one decode step of one layer for a batch of live sequences. It reads every variable
-///    quantity from state memory, allocates nothing and never waits.
+///  - `step` runs one decode step of one layer for a batch of live sequences, and `prefill` a chunk of
+///    prompt tokens of each sequence of a batch. Both read every variable quantity from state memory,
+///    allocate nothing and never wait.
 
+#include <nosa/attention/prefill.hpp>
 #include <nosa/attention/sparse_attention.hpp>
 #include <nosa/core/backend.hpp>
 #include <nosa/core/concepts.hpp>
@@ -86,6 +88,23 @@ struct prompt_args {
   tensor_view<const float, 2> c;      ///< [P][H_kv] eviction scores; may be empty when unused
   tensor_view<const T, 2> last_query; ///< [H_q][D] optional query of the last prompt token for the initial
                                       ///< selection; without it the query-aware part is left empty
+};
+
+/// A ragged batch of prompt chunks for one layer (`decode_layer::prefill`). Chunk `b` holds the rows
+/// `[row_offsets[b], row_offsets[b + 1])` of the packed arrays, the next tokens of sequence `sequences[b]` in
+/// order; a chunk may be empty. `N`, the rows of the packed arrays, is a shape (fixed for a captured graph):
+/// at most `capacity::max_prefill_rows`, of which the chunks may use fewer.
+template <storage_element T, class Out = T>
+struct prefill_args {
+  tensor_view<const std::int32_t, 1> sequences;    ///< [B] sequence slot ids, each live and listed once
+  tensor_view<const std::int32_t, 1> row_offsets;  ///< [B + 1] first row of each chunk, then the end of the
+                                                   ///< last: non-decreasing, from >= 0 to <= N
+  tensor_view<const T, 3> q;                       ///< [N][H_q][D] post-RoPE queries of the chunks' tokens
+  tensor_view<const T, 3> k;                       ///< [N][H_kv][D] post-RoPE keys
+  tensor_view<const T, 3> v;                       ///< [N][H_kv][D] values
+  tensor_view<const float, 2> c;                   ///< [N][H_kv] eviction scores; may be empty when unused
+  tensor_view<Out, 3> o;  ///< [N][H_q][D] attention output of each chunk row (written;
+                          ///< rows outside every chunk are left as they are)
 };
 
 /// A prompt prefix that a new sequence shares with a live one (prompts with a common beginning, such as a

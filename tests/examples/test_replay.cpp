@@ -22,6 +22,7 @@
 #include <random>
 #include <regex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <sys/wait.h>
@@ -63,6 +64,7 @@ struct replay_case {
   std::int64_t B = 2, P = 40, T = 70, hq = 4, hkv = 2, D = 64;
   std::vector<std::int32_t> prompt_len{40, 23};
   std::vector<float> prompt_k, prompt_v, prompt_c, q, k, v, c;
+  std::vector<float> prompt_q;  // [B][P][Hq][D], written only for a prefill
 
   explicit replay_case(std::int64_t head_dim = 64, std::uint32_t seed = 7) : D(head_dim) {
     std::mt19937 rng(seed);
@@ -78,9 +80,10 @@ struct replay_case {
     fill(k, T * B * hkv * D);
     fill(v, T * B * hkv * D);
     fill(c, T * B * hkv);
+    fill(prompt_q, B * P * hq * D);
   }
 
-  void write(const fs::path& dir) const {
+  void write(const fs::path& dir, bool with_prompt_queries = false) const {
     const auto save = [&](const char* name, const auto& values, std::vector<std::int64_t> shape) {
       const auto e = npy::save(dir / name, values, shape);
       REQUIRE_MESSAGE(!e, name << ": " << (e ? e->message : ""));
@@ -93,6 +96,7 @@ struct replay_case {
     save("k.npy", k, {T, B, hkv, D});
     save("v.npy", v, {T, B, hkv, D});
     save("c.npy", c, {T, B, hkv});
+    if (with_prompt_queries) save("prompt_q.npy", prompt_q, {B, P, hq, D});
   }
 };
 
@@ -148,10 +152,13 @@ std::vector<T> load_output(const fs::path& p, const std::vector<std::int64_t>& s
 struct library_outputs {
   std::vector<float> o;
   std::vector<std::int32_t> selected, misses;
+  std::vector<float> prompt_o;  // with a prefill
 };
 
 /// Replays `in` through one layer of `Pipeline` without the tool, with the capacities the tool documents.
-template <class Pipeline>
+/// With a `Prefill` policy the prompts go through the library's prefill, each in a single call of its own
+/// (the tool's chunks and batches must not change a bit of the result), instead of `add_sequence`.
+template <class Pipeline, class Prefill = void>
 library_outputs replay_directly(const replay_case& in, const nosa::selection_params& sel) {
   using Element = typename Pipeline::element_type;
   using layer_type = nosa::decode_layer<Pipeline, nosa::host_backend>;
@@ -163,6 +170,7 @@ library_outputs replay_directly(const replay_case& in, const nosa::selection_par
   config.limits.max_sequences = static_cast<int>(B);
   config.limits.max_blocks_per_sequence = static_cast<int>((P + T + sel.block_size - 1) / sel.block_size + 1);
   config.limits.pool_pages = static_cast<int>(B) * config.limits.max_blocks_per_sequence;
+  config.limits.max_prefill_rows = static_cast<int>(P);
   nosa::owning_layer<layer_type> layer;
   REQUIRE(layer.create(config) == nosa::status::success);
 
@@ -174,16 +182,33 @@ library_outputs replay_directly(const replay_case& in, const nosa::selection_par
   const std::vector<Element> pk = convert(in.prompt_k), pv = convert(in.prompt_v);
   const std::vector<Element> q = convert(in.q), k = convert(in.k), v = convert(in.v);
 
+  library_outputs r;
+  const std::vector<Element> pq = convert(in.prompt_q);
+  r.prompt_o.assign(pq.size(), 0.0f);
   for (std::int64_t b = 0; b < B; ++b) {
-    const std::int64_t len = in.prompt_len[std::size_t(b)];
+    const std::int64_t len = std::is_void_v<Prefill> ? in.prompt_len[std::size_t(b)] : 0;
     nosa::prompt_args<Element> prompt;
     prompt.k = nosa::make_contiguous<3>(pk.data() + b * P * hkv * D, {len, hkv, D});
     prompt.v = nosa::make_contiguous<3>(pv.data() + b * P * hkv * D, {len, hkv, D});
     prompt.c = nosa::make_contiguous<2>(in.prompt_c.data() + b * P * hkv, {len, hkv});
     REQUIRE(layer->add_sequence(static_cast<int>(b), prompt) == nosa::status::success);
+    if constexpr (!std::is_void_v<Prefill>) {
+      const std::int64_t n = in.prompt_len[std::size_t(b)];
+      const std::int32_t seq[1] = {static_cast<std::int32_t>(b)},
+                         offsets[2] = {0, static_cast<std::int32_t>(n)};
+      REQUIRE(layer->reserve(static_cast<int>(b), static_cast<int>(n)) == nosa::status::success);
+      nosa::prefill_args<Element, float> a;
+      a.sequences = nosa::make_contiguous<1>(static_cast<const std::int32_t*>(seq), {1});
+      a.row_offsets = nosa::make_contiguous<1>(static_cast<const std::int32_t*>(offsets), {2});
+      a.q = nosa::make_contiguous<3>(static_cast<const Element*>(pq.data() + b * P * hq * D), {n, hq, D});
+      a.k = nosa::make_contiguous<3>(static_cast<const Element*>(pk.data() + b * P * hkv * D), {n, hkv, D});
+      a.v = nosa::make_contiguous<3>(static_cast<const Element*>(pv.data() + b * P * hkv * D), {n, hkv, D});
+      a.c = nosa::make_contiguous<2>(static_cast<const float*>(in.prompt_c.data() + b * P * hkv), {n, hkv});
+      a.o = nosa::make_contiguous<3>(r.prompt_o.data() + b * P * hq * D, {n, hq, D});
+      REQUIRE(layer->template prefill<Prefill>(a) == nosa::status::success);
+    }
   }
 
-  library_outputs r;
   r.o.resize(std::size_t(T * B * hq * D));
   r.selected.assign(std::size_t(T * B * hkv * sel.top_k), -1);
   r.misses.resize(std::size_t(T * B * hkv));
@@ -365,6 +390,50 @@ TEST_CASE("nosa-replay matches the library on a ragged batch") {
     CHECK(load_output<std::int32_t>(scratch.path / "bf16" / "selected.npy", {T, B, hkv, top_k}) ==
           lib.selected);
   }
+}
+
+TEST_CASE("nosa-replay --prefill runs the library's prefill over the prompts, chunked and batched") {
+  temp_dir scratch;
+  const replay_case in;
+  const fs::path in_dir = scratch.path / "in";
+  fs::create_directory(in_dir);
+  in.write(in_dir, /*with_prompt_queries=*/true);
+  const nosa::selection_params sel = small_selection();
+  const std::int64_t T = in.T, B = in.B, P = in.P, hq = in.hq, hkv = in.hkv, D = in.D;
+
+  const auto check = [&](const std::string& mode, const library_outputs& lib, const char* chunk) {
+    const fs::path out = scratch.path / mode;
+    const run_result r =
+        run_replay(scratch, in_dir, out, small_flags + " --prefill " + mode + " --chunk " + chunk);
+    REQUIRE_MESSAGE(r.exit_status == 0, r.err);
+    CHECK(r.out.find("(nosa, fp32, D=64, bias after_scale, offload, prefill " + mode + ")") !=
+          std::string::npos);
+    const auto prompt_o = load_output<float>(out / "prompt_o.npy", {B, P, hq, D});
+    // Zeros past each prompt; elsewhere the library's prefill of the whole prompt at once, bit for bit.
+    for (std::int64_t b = 0; b < B; ++b) {
+      const auto first = prompt_o.begin() + std::ptrdiff_t((b * P + in.prompt_len[std::size_t(b)]) * hq * D);
+      CHECK(std::all_of(first, prompt_o.begin() + std::ptrdiff_t((b + 1) * P * hq * D),
+                        [](float x) { return x == 0.0f; }));
+    }
+    CHECK(bitwise_equal(prompt_o, lib.prompt_o));
+    // Decode starts from the state the prefill left.
+    CHECK(bitwise_equal(load_output<float>(out / "o.npy", {T, B, hq, D}), lib.o));
+    CHECK(load_output<std::int32_t>(out / "selected.npy", {T, B, hkv, sel.top_k}) == lib.selected);
+    CHECK(load_output<std::int32_t>(out / "misses.npy", {T, B, hkv}) == lib.misses);
+  };
+  check("dense", replay_directly<nosa::nosa_pipeline<float, 64>, nosa::dense_prefill>(in, sel), "7");
+  check("sparse", replay_directly<nosa::nosa_pipeline<float, 64>, nosa::sparse_prefill>(in, sel), "9");
+
+  // Without the prompt queries, and with a chunk of nothing: one line each.
+  const fs::path bare = scratch.path / "bare";
+  fs::create_directory(bare);
+  in.write(bare);
+  run_result r = run_replay(scratch, bare, scratch.path / "x", small_flags + " --prefill dense");
+  CHECK(r.exit_status == 2);
+  CHECK(r.err == "nosa-replay: prompt_q.npy: cannot open (--prefill needs the prompts' queries)\n");
+  r = run_replay(scratch, in_dir, scratch.path / "x", small_flags + " --prefill dense --chunk 0");
+  CHECK(r.exit_status == 2);
+  CHECK(r.err == "nosa-replay: --chunk: '0' is not a positive integer\n");
 }
 
 TEST_CASE("nosa-replay rejects malformed input directories with one line naming the file") {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "reference/nosa_reference.hpp"
+#include "reference/prefill_reference.hpp"
 #include "reference/selection_compare.hpp"
 
 namespace {
@@ -802,4 +803,46 @@ TEST_CASE("FP8 blocks by hand: amax to 448, fp32 scale, zeros, and when a block 
     return n / d;
   }();
   CHECK(o != exact_o);  // the stored blocks really differ from the exact ones
+}
+
+TEST_CASE("NOSA^S: the spec's per-token selection over the whole prompt is the selection of the prefix") {
+  // Spec section 6 ranks every block of the prompt for token t, hiding the windows and blocks t cannot see
+  // and dropping the future blocks after the top-k. Those blocks rank after every visible one, so the result
+  // is the selection of a sequence that ends at t (what a decode step at t would select without a budget).
+  // Geometries whose windows straddle blocks; NOSA and InfLLMv2; sizes from below k to well above.
+  for (const bool agnostic : {true, false}) {
+    config cfg;
+    cfg.block = 6;
+    cfg.window = 5;
+    cfg.stride = 3;
+    cfg.topk = 7;
+    cfg.topk_qa = 4;
+    cfg.n_init = 1;
+    cfg.n_local = 2;
+    cfg.head_dim = 4;
+    cfg.group = 2;
+    cfg.query_agnostic = agnostic;
+    uniform_source src{agnostic ? 11u : 12u};
+    const int length = 70;
+    history prompt(cfg), prefix(cfg);
+    vector<vector<double>> k, v;
+    vector<double> c;
+    for (int j = 0; j < length; ++j) {
+      k.push_back(src.vec(4));
+      v.push_back(src.vec(4));
+      c.push_back(src.next());
+      prompt.append(k.back().data(), v.back().data(), c.back());
+    }
+    for (int t = 0; t < length; ++t) {
+      prefix.append(k[std::size_t(t)].data(), v[std::size_t(t)].data(), c[std::size_t(t)]);
+      const vector<double> q = src.vec(8);
+      const auto per_token = nosa_ref::prefill_selection(cfg, prompt, t, q.data());
+      const auto of_prefix =
+          nosa_ref::select(cfg, nosa_ref::scores(cfg, prefix, q.data(), true), nullptr, true);
+      INFO("token " << t << (agnostic ? " (NOSA)" : " (InfLLMv2)"));
+      CHECK(per_token.ranked == of_prefix.ranked);
+      CHECK(per_token.forced_count == of_prefix.forced_count);
+      CHECK(per_token.ascending.back() == t / cfg.block);  // the token's own block is always attended
+    }
+  }
 }

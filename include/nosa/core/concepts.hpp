@@ -78,6 +78,14 @@ concept attention_policy = std::is_trivially_copyable_v<P> && requires(float dot
   { P::logit(dot, c, scale) } -> std::same_as<float>;
 };
 
+/// Prefill policy: which earlier tokens each query of a prompt chunk attends. `selects_per_token` false
+/// attends every token up to the query's own (NOSA^F); true attends the blocks of the query's own selection
+/// (NOSA^S, spec §6).
+template <class P>
+concept prefill_policy = std::is_trivially_copyable_v<P> && requires {
+  { P::selects_per_token } -> std::convertible_to<bool>;
+};
+
 /// A complete decode pipeline: storage element, head dimension and one policy per stage.
 template <class P>
 concept pipeline_policy = requires {

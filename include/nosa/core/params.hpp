@@ -37,6 +37,9 @@ struct capacity {
   /// selection then stay in their slots until a slot is needed (the least recently selected goes first), so
   /// a block selected again soon is a hit instead of a transfer. 0 frees a dropped block's slot at once.
   int cache_slots = 0;
+  /// Rows (prompt tokens, all chunks together) one `prefill` call may carry: sizes the per-row state a
+  /// prefill keeps (each row's selection under sparse prefill). 0 when the layer is never prefilled.
+  int max_prefill_rows = 0;
 };
 
 /// Everything a layer needs besides its compile-time policies.
@@ -61,8 +64,8 @@ constexpr status validate(const selection_params& p) noexcept {
   return status::success;
 }
 
-/// Checks a whole layer configuration: heads divide evenly, capacities positive and small enough that every
-/// token index fits in 32 bits.
+/// Checks a whole layer configuration: heads divide evenly, capacities positive (prefill rows non-negative)
+/// and small enough that every token index fits in 32 bits.
 constexpr status validate(const layer_config& c) noexcept {
   NOSA_TRY(validate(c.selection));
   if (c.num_q_heads <= 0 || c.num_kv_heads <= 0 || c.num_q_heads % c.num_kv_heads != 0) {
@@ -72,6 +75,7 @@ constexpr status validate(const layer_config& c) noexcept {
     return status::invalid_argument;
   }
   if (c.limits.cache_slots < 0 || c.limits.cache_slots > (1 << 20)) return status::invalid_argument;
+  if (c.limits.max_prefill_rows < 0 || c.limits.max_prefill_rows > (1 << 30)) return status::invalid_argument;
   const std::int64_t tokens = static_cast<std::int64_t>(c.limits.max_blocks_per_sequence) * c.selection.block_size;
   if (tokens > (std::int64_t{1} << 30)) return status::invalid_argument;
   if (static_cast<std::int64_t>(c.limits.pool_pages) > (std::int64_t{1} << 30)) return status::invalid_argument;

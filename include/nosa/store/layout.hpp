@@ -4,9 +4,9 @@
 /// same offsets, so the state is one design executed two ways. Every array is sized by a capacity.
 ///
 /// Notation: S = max_sequences, H = num_kv_heads, MB = max_blocks_per_sequence, MT = MB * b_s (tokens),
-/// MW = window_count(MT), NS = top_k + spare_slots + cache_slots (slots per (sequence, KV head)), P = pool_pages,
-/// D = head_dim, E = sizeof(element), V = the stored value of a complete block: E, or the 1-byte code of a
-/// quantized KV format (FP8, spec §6b).
+/// MW = window_count(MT), R = max_prefill_rows, NS = top_k + spare_slots + cache_slots (slots per (sequence,
+/// KV head)), P = pool_pages, D = head_dim, E = sizeof(element), V = the stored value of a complete block: E,
+/// or the 1-byte code of a quantized KV format (FP8, spec §6b).
 ///
 /// A quantized format adds three kinds of arrays, and only then: the fp32 scales of the stored blocks (one
 /// per block of one KV head, K or V, in the pool and in each slot), and the tail buffers, which hold the
@@ -43,6 +43,7 @@ struct state_layout {
   int max_splits = 0;  // parts a (sequence, KV head)'s attention may be split into (CUDA backend)
   int partials = 0;    // X: split-attention partials the scratch holds, max(S * H, max_attention_parts)
   int score_chunks = 0;  // MC: chunks of score_chunk_windows windows covering MW
+  int prefill_rows = 0;  // R: rows one prefill call may carry
   std::size_t element_size = 0;
   std::size_t value_size = 0;  // V: bytes of one value of a stored (complete) block
   bool quantized = false;      // complete blocks are stored as codes plus a scale (FP8)
@@ -60,6 +61,8 @@ struct state_layout {
   std::size_t selection = 0;        // int32 [S][H][k]               selected blocks in rank order
   std::size_t selection_count = 0;  // int32 [S][H]                  entries of `selection` in use
   std::size_t step_misses = 0;      // int32 [S][H]                  blocks loaded by the last step
+  std::size_t row_selection = 0;    // int32 [R][H][k]               sparse prefill: each row's selection
+  std::size_t row_selection_count = 0;  // int32 [R][H]              entries in use (0: dense prefill)
   std::size_t slot_map = 0;         // int32 [S][H][NS]              block held by each slot, -1 if free
   std::size_t block_slot = 0;       // int32 [S][H][MB]              slot holding each block, -1 if none
   std::size_t slot_stamp = 0;       // int32 [S][H][NS]              length at which each slot's block was last selected
@@ -145,6 +148,7 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.slots = sel.top_k + P::store::spare_slots + s.cache_slots;
   s.pages = config.limits.pool_pages;
   s.group = config.group_size();
+  s.prefill_rows = config.limits.max_prefill_rows;
   // Full attention splits over every block of a sequence, sparse attention over the k selected.
   const int attended = P::dense ? s.max_blocks : sel.top_k;
   s.max_splits = attended < max_attention_splits ? attended : max_attention_splits;
@@ -172,6 +176,11 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
   s.selection = dev.take(SH * s.top_k * i32);
   s.selection_count = dev.take(SH * i32);
   s.step_misses = dev.take(SH * i32);
+  if (scored && s.prefill_rows > 0) {
+    const std::size_t RH = std::size_t(s.prefill_rows) * s.kv_heads;
+    s.row_selection = dev.take(RH * s.top_k * i32);
+    s.row_selection_count = dev.take(RH * i32);
+  }
   if (s.offloads) {
     s.slot_map = dev.take(SH * s.slots * i32);
     s.block_slot = dev.take(SH * s.max_blocks * i32);

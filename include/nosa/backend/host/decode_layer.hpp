@@ -4,6 +4,7 @@
 /// arenas. Its "device" arena is ordinary memory, but the two tiers, the slot cache, the diff, the gather
 /// and the write-back all exist as they will on a GPU, so the CUDA backend is a change of executor.
 
+#include <nosa/attention/prefill.hpp>
 #include <nosa/attention/sparse_attention.hpp>
 #include <nosa/core/backend.hpp>
 #include <nosa/core/math.hpp>
@@ -69,13 +70,13 @@ class decode_layer<P, host_backend> {
         reinterpret_cast<std::uintptr_t>(host_arena.data()) % arena_alignment != 0) {
       return status::misaligned_pointer;
     }
-    decode_layer layer;
-    layer.config_ = config;
-    layer.layout_ = s;
-    layer.device_ = device_arena.data();
-    layer.host_ = host_arena.data();
-    layer.initialise();
-    out = layer;
+    // Validated: `out` is written in place. (Built in a local and copied, the layer's arena pointers were
+    // lost to GCC 12's field-sensitive points-to analysis at -O3, which then read page counts stale.)
+    out.config_ = config;
+    out.layout_ = s;
+    out.device_ = device_arena.data();
+    out.host_ = host_arena.data();
+    out.initialise();
     return status::success;
   }
 
@@ -172,38 +173,19 @@ class decode_layer<P, host_backend> {
           if (offloads) tot.bytes_d2h += 2 * std::uint64_t(rows) * head_dim * sizeof(element_type);
         }
       }
-      if constexpr (offloads) {
-        std::fill_n(slot_map(seq, h), layout_.slots, -1);
-        std::fill_n(block_slot(seq, h), layout_.max_blocks, -1);
-      }
+      restart_slots(seq, h, length);
       if ((offloads || quantized) && length % sel.block_size != 0) {
         const int tail = length / sel.block_size;
-        if constexpr (offloads) claim_free_slot(seq, h, tail);
         for (int t = tail * sel.block_size; t < length; ++t) {
           const std::size_t r = std::size_t(t - tail * sel.block_size) * head_dim;
           copy_row(&prompt.k(t, h, 0), tail_keys_of(seq, h, tail) + r);
           copy_row(&prompt.v(t, h, 0), tail_values_of(seq, h, tail) + r);
         }
       }
-      selection_counts()[seq * hkv + h] = 0;
-      step_miss_counts()[seq * hkv + h] = 0;
-      if constexpr (P::dense) continue;
-      // Initial selection, loaded into the slot cache.
       const bool have_query = !prompt.last_query.empty();
       float q[max_group][head_dim];
-      const int group = config_.group_size();
-      if (have_query) {
-        for (int g = 0; g < group; ++g) {
-          for (int d = 0; d < head_dim; ++d) q[g][d] = to_float(prompt.last_query(h * group + g, d));
-        }
-      }
-      score_blocks(seq, h, length, have_query ? q : nullptr);
-      selection_counts()[seq * hkv + h] = select(seq, h, length, have_query, /*with_budget=*/false);
-      step_miss_counts()[seq * hkv + h] = 0;
-      if constexpr (offloads) {
-        const load_result loaded = load_selection(seq, h);
-        tot.bytes_h2d += loaded.misses * 2 * block_bytes();
-      }
+      if (have_query) group_queries([&](int i) { return &prompt.last_query(i, 0); }, h, q);
+      initial_selection(seq, h, length, have_query ? q : nullptr);
     }
     return status::success;
   }
@@ -267,12 +249,13 @@ class decode_layer<P, host_backend> {
       for (int h = 0; h < hkv; ++h) {
         append(seq, h, t, &args.k(b, h, 0), &args.v(b, h, 0), args.c.empty() ? 0.0f : args.c(b, h));
         float q[max_group][head_dim];
-        for (int g = 0; g < group; ++g) {
-          for (int d = 0; d < head_dim; ++d) q[g][d] = to_float(args.q(b, h * group + g, d));
-        }
+        group_queries([&](int i) { return &args.q(b, i, 0); }, h, q);
         if constexpr (P::dense) {
           step_count.hits += block_count(length, sel);
-          for (int g = 0; g < group; ++g) attend(seq, h, length, q[g], &args.o(b, h * group + g, 0));
+          for (int g = 0; g < group; ++g) {
+            attend(seq, h, length, nullptr, block_count(length, sel), /*from_pool=*/false, q[g],
+                   &args.o(b, h * group + g, 0));
+          }
         } else {
           score_blocks(seq, h, length, q);
           const int n = select(seq, h, length, /*have_query=*/true, /*with_budget=*/true);
@@ -288,13 +271,12 @@ class decode_layer<P, host_backend> {
             step_count.hits += n;
           }
           step_miss_counts()[seq * hkv + h] = misses;
-          for (int g = 0; g < group; ++g) attend(seq, h, length, q[g], &args.o(b, h * group + g, 0));
+          for (int g = 0; g < group; ++g) {
+            attend(seq, h, length, selection_ptr(seq, h), n, /*from_pool=*/false, q[g],
+                   &args.o(b, h * group + g, 0));
+          }
         }
-        // The block this token completed was attended in the element type; now it is stored for good.
-        if ((offloads || quantized) && length % sel.block_size == 0) {
-          write_back(seq, h, t / sel.block_size);
-          if (offloads) step_count.bytes_d2h += 2 * block_bytes();
-        }
+        step_count.bytes_d2h += store_completed_block(seq, h, t);
       }
       lengths()[seq] = length;
     }
@@ -309,13 +291,80 @@ class decode_layer<P, host_backend> {
     return status::success;
   }
 
+  /// Prefill of a ragged batch of prompt chunks (`prefill_args`): each chunk's tokens are appended to its
+  /// sequence in order, each query attending causally, with the pipeline's bias, every earlier token of
+  /// the sequence and of the chunk (`dense_prefill`) or the blocks of its own selection (`sparse_prefill`,
+  /// NOSA^S). K, V and c go into the store as decode steps would put them (pages, compressed keys and
+  /// scores, tail), so no ingest follows. Afterwards each sequence of a non-empty chunk is in exactly the
+  /// state `add_sequence` gives for all its tokens so far with the chunk's last query as `last_query`: the
+  /// slot cache starts over with the tail and that query's selection. A chunk may follow `add_sequence`
+  /// (with an empty prompt to prefill a whole prompt), another chunk or decode steps.
+  ///
+  /// Preconditions, checked: each chunk's pages reserved by a plan call (`reserve(seq, rows)`), rows no
+  /// more than `capacity::max_prefill_rows`. Either every chunk is appended or, on any error, nothing
+  /// changes. Traffic (write-backs, the loads of the final selection) is added to the total counters; the
+  /// last-step counters are those of the last decode step.
+  /// \tparam Prefill `dense_prefill` or `sparse_prefill`; full attention has `dense_prefill` only
+  template <prefill_policy Prefill = dense_prefill, storage_element Out>
+  [[nodiscard]] status prefill(const prefill_args<element_type, Out>& args,
+                               host_backend::stream_type = {}) noexcept {
+    static_assert(
+        !Prefill::selects_per_token || !P::dense,
+        "sparse_prefill attends each query's selection; full attention selects nothing: use dense_prefill");
+    const status checked = validate_prefill(args);
+    *dev<std::int32_t>(layout_.step_status) = static_cast<std::int32_t>(checked);
+    NOSA_TRY(checked);
+    const std::int64_t batch = args.sequences.extents[0];
+    const int hkv = config_.num_kv_heads;
+    const int group = config_.group_size();
+    counters& tot = *total_counters_ptr();
+    if constexpr (!P::dense) {
+      std::fill_n(dev<std::int32_t>(layout_.row_selection_count), std::size_t(layout_.prefill_rows) * hkv, 0);
+    }
+
+    for (std::int64_t b = 0; b < batch; ++b) {
+      const int seq = args.sequences(b);
+      const std::int64_t first = args.row_offsets(b), last = args.row_offsets(b + 1);
+      if (first == last) continue;
+      const int start = lengths()[seq];  // position of the chunk's first token
+      const int length = start + static_cast<int>(last - first);
+      lengths()[seq] = length;
+      for (int h = 0; h < hkv; ++h) {
+        float q[max_group][head_dim];
+        for (std::int64_t r = first; r < last; ++r) {
+          const int t = start + static_cast<int>(r - first);
+          append(seq, h, t, &args.k(r, h, 0), &args.v(r, h, 0), args.c.empty() ? 0.0f : args.c(r, h));
+          group_queries([&](int i) { return &args.q(r, i, 0); }, h, q);
+          const std::int32_t* blocks = nullptr;  // dense: every block up to t's, in index order
+          int n = t / config_.selection.block_size + 1;
+          if constexpr (Prefill::selects_per_token) {
+            // The selection a decode step at position t would make, without the transfer budget.
+            score_blocks(seq, h, t + 1, q);
+            n = select(seq, h, t + 1, /*have_query=*/true, /*with_budget=*/false);
+            selection_counts()[sh(seq, h)] = n;
+            blocks = selection_ptr(seq, h);
+          }
+          if constexpr (Prefill::selects_per_token) record_row_selection(r, h, blocks, n);
+          for (int g = 0; g < group; ++g) {
+            attend(seq, h, t + 1, blocks, n, /*from_pool=*/true, q[g], &args.o(r, h * group + g, 0));
+          }
+          tot.bytes_d2h += store_completed_block(seq, h, t);
+        }
+        // As admission leaves a sequence: q holds the chunk's last query.
+        restart_slots(seq, h, length);
+        initial_selection(seq, h, length, q);
+      }
+    }
+    return status::success;
+  }
+
   // ---------------------------------------------------------------------------------------------------
   // Inspection (reads state memory; on the host backend this never waits).
   // ---------------------------------------------------------------------------------------------------
 
-  /// Status of the most recent step (`success` before the first). The CUDA backend finds some errors
-  /// (unknown, duplicate, full or unreserved sequences) only while the step runs and reports them here;
-  /// the host backend also returns them from `step`.
+  /// Status of the most recent step or prefill (`success` before the first). The CUDA backend finds some
+  /// errors (unknown, duplicate, full or unreserved sequences) only while the step runs and reports them
+  /// here; the host backend also returns them from `step` and `prefill`.
   status step_status(host_backend::stream_type = {}) const noexcept { return static_cast<status>(*dev<std::int32_t>(layout_.step_status)); }
   /// Counters accumulated over every step and plan call (bytes) since creation.
   counters total_counters(host_backend::stream_type = {}) const noexcept { return *total_counters_ptr(); }
@@ -338,6 +387,17 @@ class decode_layer<P, host_backend> {
   int step_misses(int seq, int head, host_backend::stream_type = {}) const noexcept {
     if (!is_live(seq) || head < 0 || head >= config_.num_kv_heads) return 0;
     return step_miss_counts()[seq * config_.num_kv_heads + head];
+  }
+  /// The blocks packed row `row` of the most recent prefill attended for KV head `head`: under
+  /// `sparse_prefill` its selection in rank order; empty under `dense_prefill` (every block up to the
+  /// row's), for rows outside that call's chunks, and for full attention.
+  std::span<const std::int32_t> prefill_selection(int row, int head,
+                                                  host_backend::stream_type = {}) const noexcept {
+    if (P::dense || row < 0 || row >= layout_.prefill_rows || head < 0 || head >= config_.num_kv_heads)
+      return {};
+    const std::size_t i = std::size_t(row) * config_.num_kv_heads + head;
+    return {dev<std::int32_t>(layout_.row_selection) + i * layout_.top_k,
+            static_cast<std::size_t>(dev<std::int32_t>(layout_.row_selection_count)[i])};
   }
   /// Block (-1 if free) held by each slot of (seq, head); empty for the resident store.
   std::span<const std::int32_t> slots(int seq, int head, host_backend::stream_type = {}) const noexcept {
@@ -504,19 +564,27 @@ class decode_layer<P, host_backend> {
       return block_values(seq, h, m);
     }
   }
-  /// Stored block m of (seq, h) as attention reads it.
+  /// Stored block m of (seq, h) as a step's attention reads it: from its slot (offload store) or its page.
   block_view<value_type> stored_block(int seq, int h, int m) const noexcept {
-    block_view<value_type> b{block_keys(seq, h, m), block_values(seq, h, m)};
-    if constexpr (quantized) {
-      if constexpr (offloads) {
-        const int slot = block_slot(seq, h)[m];
+    if constexpr (!offloads) {
+      return pool_block(seq, h, m);
+    } else {
+      const int slot = block_slot(seq, h)[m];
+      block_view<value_type> b{slot_keys(seq, h, slot), slot_values(seq, h, slot)};
+      if constexpr (quantized) {
         b.key_scale = *slot_scale(seq, h, slot, kv_half::keys);
         b.value_scale = *slot_scale(seq, h, slot, kv_half::values);
-      } else {
-        const int page = block_table(seq)[m];
-        b.key_scale = *page_scale(page, h, kv_half::keys);
-        b.value_scale = *page_scale(page, h, kv_half::values);
       }
+      return b;
+    }
+  }
+  /// Complete block m of (seq, h) as stored in its page.
+  block_view<value_type> pool_block(int seq, int h, int m) const noexcept {
+    const int page = block_table(seq)[m];
+    block_view<value_type> b{page_keys(page, h), page_values(page, h)};
+    if constexpr (quantized) {
+      b.key_scale = *page_scale(page, h, kv_half::keys);
+      b.value_scale = *page_scale(page, h, kv_half::values);
     }
     return b;
   }
@@ -547,41 +615,77 @@ class decode_layer<P, host_backend> {
   }
 
   // --- validation ---------------------------------------------------------------------------------
-  template <storage_element Out>
-  status validate_step(const step_args<element_type, Out>& args) const noexcept {
-    const std::int64_t batch = args.sequences.extents[0];
-    if (batch < 0) return status::shape_mismatch;
+  /// The views of a step or a prefill of `rows` token rows: q and o `[rows][H_q][D]`, k and v
+  /// `[rows][H_kv][D]`, c `[rows][H_kv]` (when used).
+  template <class Args>
+  status check_token_views(const Args& args, std::int64_t rows) const noexcept {
     const int hq = config_.num_q_heads, hkv = config_.num_kv_heads;
-    NOSA_TRY(check_view(args.sequences, {batch}));
-    NOSA_TRY(check_view(args.q, {batch, hq, head_dim}));
-    NOSA_TRY(check_view(args.k, {batch, hkv, head_dim}));
-    NOSA_TRY(check_view(args.v, {batch, hkv, head_dim}));
-    if (P::uses_eviction_scores || !args.c.empty()) NOSA_TRY(check_view(args.c, {batch, hkv}));
-    NOSA_TRY(check_view(args.o, {batch, hq, head_dim}));
+    NOSA_TRY(check_view(args.q, {rows, hq, head_dim}));
+    NOSA_TRY(check_view(args.k, {rows, hkv, head_dim}));
+    NOSA_TRY(check_view(args.v, {rows, hkv, head_dim}));
+    if (P::uses_eviction_scores || !args.c.empty()) NOSA_TRY(check_view(args.c, {rows, hkv}));
+    return check_view(args.o, {rows, hq, head_dim});
+  }
+
+  /// The state checks of a batch, in the order every backend makes them: each sequence live and listed
+  /// once, with room for the `tokens(b)` tokens row b appends and a page for each block they reach.
+  template <class Tokens>
+  status check_batch(const tensor_view<const std::int32_t, 1>& sequences, Tokens&& tokens) const noexcept {
+    const std::int64_t batch = sequences.extents[0];
+    const int block = config_.selection.block_size;
     std::int32_t* marks = dev<std::int32_t>(layout_.batch_mark);
     status result = status::success;
     std::int64_t checked = 0;
     for (; checked < batch && ok(result); ++checked) {
-      const std::int32_t seq = args.sequences(checked);
+      const std::int32_t seq = sequences(checked);
       if (seq < 0 || seq >= layout_.sequences || !live_flags()[seq]) {
         result = status::unknown_sequence;
       } else if (marks[seq]) {
         result = status::duplicate_sequence;
       } else {
         marks[seq] = 1;
-        const int t = lengths()[seq];
-        if (t + 1 > layout_.max_tokens) {
+        const std::int64_t t = lengths()[seq], n = tokens(checked);
+        if (t + n > layout_.max_tokens) {
           result = status::sequence_full;
-        } else if (block_table(seq)[t / config_.selection.block_size] < 0) {
-          result = status::not_reserved;
+        } else if (n > 0) {
+          for (std::int64_t m = t / block; m <= (t + n - 1) / block && ok(result); ++m) {
+            if (block_table(seq)[m] < 0) result = status::not_reserved;
+          }
         }
       }
     }
     for (std::int64_t b = 0; b < checked; ++b) {
-      const std::int32_t seq = args.sequences(b);
+      const std::int32_t seq = sequences(b);
       if (seq >= 0 && seq < layout_.sequences) marks[seq] = 0;
     }
     return result;
+  }
+
+  template <storage_element Out>
+  status validate_step(const step_args<element_type, Out>& args) const noexcept {
+    const std::int64_t batch = args.sequences.extents[0];
+    if (batch < 0) return status::shape_mismatch;
+    NOSA_TRY(check_view(args.sequences, {batch}));
+    NOSA_TRY(check_token_views(args, batch));
+    return check_batch(args.sequences, [](std::int64_t) { return std::int64_t{1}; });
+  }
+
+  /// Views first (rows within `max_prefill_rows`), then the chunk offsets, then the state checks.
+  template <storage_element Out>
+  status validate_prefill(const prefill_args<element_type, Out>& args) const noexcept {
+    const std::int64_t batch = args.sequences.extents[0], rows = args.q.extents[0];
+    if (batch < 0 || rows < 0) return status::shape_mismatch;
+    NOSA_TRY(check_view(args.sequences, {batch}));
+    NOSA_TRY(check_view(args.row_offsets, {batch + 1}));
+    NOSA_TRY(check_token_views(args, rows));
+    if (rows > layout_.prefill_rows) return status::shape_mismatch;
+    for (std::int64_t b = 0; b <= batch; ++b) {
+      const std::int64_t at = args.row_offsets(b);
+      if (at < (b == 0 ? 0 : args.row_offsets(b - 1)) || at > rows) return status::invalid_argument;
+    }
+    return check_batch(args.sequences, [&](std::int64_t b) {
+      return std::int64_t{args.row_offsets(b + 1)} - args.row_offsets(b);
+    });
   }
 
   // --- stages -------------------------------------------------------------------------------------
@@ -619,6 +723,66 @@ class decode_layer<P, host_backend> {
 
   /// A clock for the slot stamps: the sequence's length, which every step advances.
   std::int32_t length_clock(int seq) const noexcept { return lengths()[seq]; }
+
+  /// The queries of KV head h's group in fp32; `row(i)` points at query head i's D values.
+  template <class Row>
+  void group_queries(Row&& row, int h, float (&q)[max_group][head_dim]) const noexcept {
+    const int group = config_.group_size();
+    for (int g = 0; g < group; ++g) {
+      const element_type* x = row(h * group + g);
+      for (int d = 0; d < head_dim; ++d) q[g][d] = to_float(x[d]);
+    }
+  }
+
+  /// Starts the slot cache of (seq, h) over as admission leaves it for a sequence of `length` tokens:
+  /// nothing resident but a partial tail, which takes the first slot. Offload store, element format: rows
+  /// of the tail already in another slot (a prefill) move there.
+  void restart_slots(int seq, int h, int length) noexcept {
+    if constexpr (offloads) {
+      const int tail = length / config_.selection.block_size;
+      const bool partial = length % config_.selection.block_size != 0;
+      const int old = partial ? block_slot(seq, h)[tail] : -1;
+      std::fill_n(slot_map(seq, h), layout_.slots, -1);
+      std::fill_n(block_slot(seq, h), layout_.max_blocks, -1);
+      if (!partial) return;
+      const int slot = claim_free_slot(seq, h, tail);
+      if (!quantized && old >= 0 && old != slot) {
+        std::memcpy(slot_keys(seq, h, slot), slot_keys(seq, h, old), block_value_bytes());
+        std::memcpy(slot_values(seq, h, slot), slot_values(seq, h, old), block_value_bytes());
+      }
+    }
+  }
+
+  /// The selection admission makes for a sequence of `length` tokens, for the group's queries `q` (null:
+  /// none, the query-aware part is then empty) and without a budget, loaded into the slot cache.
+  void initial_selection(int seq, int h, int length, const float (*q)[head_dim]) noexcept {
+    selection_counts()[sh(seq, h)] = 0;
+    step_miss_counts()[sh(seq, h)] = 0;
+    if constexpr (!P::dense) {
+      score_blocks(seq, h, length, q);
+      selection_counts()[sh(seq, h)] = select(seq, h, length, q != nullptr, /*with_budget=*/false);
+      if constexpr (offloads) {
+        const load_result loaded = load_selection(seq, h);
+        total_counters_ptr()->bytes_h2d += loaded.misses * 2 * block_bytes();
+      }
+    }
+  }
+
+  /// Sparse prefill: keeps the n blocks packed row `row` attended for KV head h, for inspection.
+  void record_row_selection(std::int64_t row, int h, const std::int32_t* blocks, int n) noexcept {
+    const std::size_t i = std::size_t(row) * config_.num_kv_heads + h;
+    std::copy_n(blocks, n, dev<std::int32_t>(layout_.row_selection) + i * layout_.top_k);
+    dev<std::int32_t>(layout_.row_selection_count)[i] = n;
+  }
+
+  /// Stores for good the block that the token at `t` completed, if it did and the store keeps the tail
+  /// apart (offload store, quantized format): it was attended in the element type up to now. Returns the
+  /// bytes written back to the host pool.
+  std::uint64_t store_completed_block(int seq, int h, int t) noexcept {
+    if (!(offloads || quantized) || (t + 1) % config_.selection.block_size != 0) return 0;
+    write_back(seq, h, t / config_.selection.block_size);
+    return offloads ? 2 * block_bytes() : 0;
+  }
 
   /// Append: the token at position t goes to the tail, the key ring and the score history; a window that
   /// the token completes yields a compressed key and a compressed score (summed in token order).
@@ -768,30 +932,31 @@ class decode_layer<P, host_backend> {
     return r;
   }
 
-  /// Attend: softmax over the tokens of the selected blocks with the policy's bias, one block at a time,
-  /// each block's partial softmax merged into the running one by log-sum-exp. With a quantized format the
-  /// current block is read from its tail buffer in the element type and every other block as its codes
-  /// times its scale.
+  /// Attend: softmax over the tokens j < `length` of `n` blocks with the policy's bias, one block at a
+  /// time, each block's partial softmax merged into the running one by log-sum-exp. `blocks` lists them in
+  /// merge order (a selection in rank order), or is null for blocks 0 .. n-1 in index order (full
+  /// attention, dense prefill). The current block is read in the element type where append wrote it;
+  /// every other block from the slot cache (a step) or, `from_pool`, from its page (a prefill, whose
+  /// blocks need not be resident), with a quantized format as its codes times its scale.
   template <storage_element Out>
-  void attend(int seq, int h, int length, const float* q, Out* o) noexcept {
+  void attend(int seq, int h, int length, const std::int32_t* blocks, int n, bool from_pool, const float* q,
+              Out* o) noexcept {
     const selection_params& sel = config_.selection;
-    const std::int32_t* chosen = selection_ptr(seq, h);
-    // Full attention reads every block in index order; sparse attention the selection in rank order.
-    const int n = P::dense ? block_count(length, sel) : selection_counts()[sh(seq, h)];
     const int tail = (length - 1) / sel.block_size;
     softmax_partial total;
     float acc[head_dim] = {};
     for (int i = 0; i < n; ++i) {
-      const int m = P::dense ? i : chosen[i];
+      const int m = blocks == nullptr ? i : blocks[i];
       const int first = m * sel.block_size;
       const int rows = std::min(sel.block_size, length - first);
       softmax_partial part;
       float block_acc[head_dim] = {};
-      if (quantized && m == tail) {
-        attend_block(block_view<element_type>{tail_keys(seq, h), tail_values(seq, h)}, seq, h, first, rows, q, part,
-                     block_acc);
+      if (m == tail) {
+        const block_view<element_type> current{tail_keys_of(seq, h, m), tail_values_of(seq, h, m)};
+        attend_block(current, seq, h, first, rows, q, part, block_acc);
       } else {
-        attend_block(stored_block(seq, h, m), seq, h, first, rows, q, part, block_acc);
+        attend_block(from_pool ? pool_block(seq, h, m) : stored_block(seq, h, m), seq, h, first, rows, q,
+                     part, block_acc);
       }
       float total_scale = 0.0f, part_scale = 0.0f;
       const float merged_max = total.merge_factors(part, total_scale, part_scale);
