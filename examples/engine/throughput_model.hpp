@@ -161,14 +161,19 @@ struct sizing_choice {
   std::vector<prediction> per_size;  ///< the best batch of each slot-cache size, in the order tried
 };
 
+/// Largest batch `--batch auto` considers: the engine keeps one graph of the whole batch per lane, and a small
+/// model at a short context would otherwise fit hundreds of thousands of sequences in the budget.
+inline constexpr int max_auto_batch = 4096;
+
 /// Tries each of `sizes` (slot-cache sizes) with batches 1 .. `largest(size)` (the largest that fits the
-/// memory budgets; 0 when none does), or only `batch` when it is not 0, and keeps the highest predicted
-/// tokens/s (ties: the larger batch, then the smaller cache). `best.batch` is 0 when nothing fits.
+/// memory budgets, at most `max_auto_batch`; 0 when none does), or only `batch` when it is not 0, and keeps
+/// the highest predicted tokens/s (ties: the larger batch, then the smaller cache). `best.batch` is 0 when
+/// nothing fits.
 inline sizing_choice choose_sizing(const throughput_inputs& in, const std::vector<int>& sizes, int batch,
                                    const std::function<int(int)>& largest, std::string& error) {
   sizing_choice out;
   for (const int size : sizes) {
-    const int top = largest(size);
+    const int top = std::min(largest(size), batch > 0 ? std::max(batch, max_auto_batch) : max_auto_batch);
     if (!error.empty()) return out;
     if (top < 1 || (batch > 0 && batch > top)) continue;
     prediction best;

@@ -270,10 +270,13 @@ TEST_CASE("CUDA engine: the start-up measurements of the link, HBM and the GEMMs
   MESSAGE("copy " << copy << " GB/s, gather " << gather / 1e9 << " GB/s, HBM read " << hbm / 1e9 << " GB/s");
   // Any link and any HBM of a card that runs this: 1 to 1000 GB/s over PCIe or NVLink-C2C, 100 GB/s to 100
   // TB/s.
-  CHECK(copy > 1.0);
-  CHECK(gather > 1e9);
+  // Under a sanitizer (short runs) every kernel is 10-100x slower: only the upper bounds hold there.
+  if (!nosa_cuda_test::short_run()) {
+    CHECK(copy > 1.0);
+    CHECK(gather > 1e9);
+    CHECK(hbm > 1e11);
+  }
   CHECK(gather < 1e12);
-  CHECK(hbm > 1e11);
   CHECK(hbm < 1e14);
   const auto engine = drift_engine(0, 2);
   gemm_curve layer, head;
