@@ -25,7 +25,8 @@
 #
 # Environment (defaults in brackets):
 #   OUT [out]  PRESET [nosa-8b]  BACKEND [cuda]  METHODS [full infllmv2-offload nosa-offload
-#   nosa-resident]  CONTEXTS [16384 32768 65536 98304]  BATCHES [1 4 16 64]  HBM_GIB ["80 whole"] ("whole":
+#   nosa-resident, then with FP8=1 full-fp8 infllmv2-offload-fp8 nosa-offload-fp8]  FP8 [1] (0: the bf16
+#   methods only; ignored when METHODS is set)  CONTEXTS [16384 32768 65536 98304]  BATCHES [1 4 16 64]  HBM_GIB ["80 whole"] ("whole":
 #   the whole card)  CACHE_SLOTS [64] ("" for none)  STEPS [64] timed decode steps  WARMUP [4]  DRIFT [calibrated]  DRIFTS [0.02 0.05 0.1 0.2 0.4]
 #   RUN_TIMEOUT [540] seconds per run  NOSA_THROUGHPUT_BUILD_DIR [build-throughput]  NOSA_CUDA_ARCHITECTURES
 #   [90]  JOBS [all cores]  PYTHON [python3]  DRY_RUN [0] (1: print the runs instead of running them)
@@ -52,7 +53,10 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 preset=${PRESET:-nosa-8b}
 backend=${BACKEND:-cuda}
-read -r -a methods <<<"${METHODS:-full infllmv2-offload nosa-offload nosa-resident}"
+# The FP8 methods (complete KV blocks in FP8 E4M3, docs/engine.md) run beside their bf16 namesakes.
+default_methods="full infllmv2-offload nosa-offload nosa-resident"
+[[ ${FP8:-1} == 1 ]] && default_methods+=" full-fp8 infllmv2-offload-fp8 nosa-offload-fp8"
+read -r -a methods <<<"${METHODS:-$default_methods}"
 read -r -a contexts <<<"${CONTEXTS:-16384 32768 65536 98304}"
 read -r -a batches <<<"${BATCHES-1 4 16 64}"
 read -r -a budgets <<<"${HBM_GIB:-80 whole}"
@@ -189,14 +193,14 @@ for budget in "${budgets[@]}"; do
           auto=$(last_field batch)
           auto_lanes=$(last_field lanes)
         fi
-        if [[ $method == *-offload && $lanes_compare == 1 && -n $auto && ${auto_lanes:-1} -gt 1 ]]; then
+        if [[ $method == *-offload* && $lanes_compare == 1 && -n $auto && ${auto_lanes:-1} -gt 1 ]]; then
           phase=lanes
           run_engine "$method, context $context, HBM $budget, batch $auto, one lane" "${common[@]}" \
             --batch "$auto" --lanes 1
           phase=sweep
         fi
       fi
-      if [[ $backend == cuda && $method == *-offload ]]; then
+      if [[ $backend == cuda && $method == *-offload* ]]; then
         for slots in "${cache_slots[@]}"; do
           run_engine "$method, context $context, HBM $budget, batch auto, $slots cache slots" "${common[@]}" \
             --batch auto --cache-slots "$slots"

@@ -19,12 +19,15 @@ import os
 import sys
 from collections import defaultdict
 
-METHODS = ["full", "infllmv2-offload", "nosa-offload", "nosa-resident"]
+METHODS = ["full", "infllmv2-offload", "nosa-offload", "nosa-resident", "full-fp8", "infllmv2-offload-fp8",
+           "nosa-offload-fp8"]
+FP8_SUFFIX = "-fp8"         # a method with complete KV blocks in FP8; its bf16 namesake is the name without it
 PAPER_LOCALITY = 0.944
 TARGET_VS_FULL = 5.0        # nosa-offload / full at the longest context that fits, 80 GiB
 TARGET_VS_INFLLMV2 = 1.9    # nosa-offload / infllmv2-offload, same settings
 TARGET_SMALL_BATCH = 0.97   # nosa-resident at least 97% of full at batch 1-4
 TARGET_LINK_SHARE = 0.85    # a miss-bound run moves at least 85% of the link's bandwidth
+TARGET_FP8 = 1.6            # nosa-offload-fp8 / nosa-offload at 96K tokens, 80 GiB
 IMAGES = ["throughput_vs_context.png", "throughput_vs_batch.png", "ratios.png"]
 GIB = 1024.0 ** 3
 
@@ -102,6 +105,11 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
     return a["tokens_per_s"] / b["tokens_per_s"]
 
 
+def bf16_namesake(method: str) -> str | None:
+    """The bf16 method an FP8 method is compared with, or None for a bf16 method."""
+    return method[:-len(FP8_SUFFIX)] if method.endswith(FP8_SUFFIX) else None
+
+
 def headline_section(autos: dict, link_gbps: float | None) -> list[str]:
     if not autos:
         return []
@@ -111,13 +119,15 @@ def headline_section(autos: dict, link_gbps: float | None) -> list[str]:
            "the engine's prediction), or the one of the highest predicted tokens/s, which without extra cache slots "
            "is the largest too. Ratios compare tokens/s at each method's own batch. "
            "*% of link* is the run's host-to-device rate over the PCIe ceiling measured by the same run; *roofline* is "
-           "the step time the hardware allows the run (see the roofline section) and *x roofline* the step over it.",
+           "the step time the hardware allows the run (see the roofline section) and *x roofline* the step over it. "
+           "*x bf16* compares an FP8 method (complete KV blocks in FP8 E4M3: half the bytes of every miss and slot) "
+           "with its bf16 namesake.",
            ""]
     for budget in sorted(autos):
         out += [f"### HBM budget: {budget}", "",
-                "| context | method | batch | tokens/s | x full | x infllmv2-offload | ms/step | misses/step | locality "
-                "| PCIe GB/s | HBM GiB | host GiB | lanes | % of link | roofline ms | x roofline |",
-                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| context | method | batch | tokens/s | x full | x infllmv2-offload | x bf16 | ms/step | misses/step "
+                "| locality | PCIe GB/s | HBM GiB | host GiB | lanes | % of link | roofline ms | x roofline |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for context in sorted(autos[budget]):
             row = autos[budget][context]
             for m in METHODS:
@@ -126,7 +136,8 @@ def headline_section(autos: dict, link_gbps: float | None) -> list[str]:
                     continue
                 out.append(
                     f"| {context} | {m} | {r['batch']} | {fmt(r['tokens_per_s'])} | {fmt(ratio(r, row.get('full')), 2)} "
-                    f"| {fmt(ratio(r, row.get('infllmv2-offload')), 2)} | {fmt(r['ms_per_step'], 2)} "
+                    f"| {fmt(ratio(r, row.get('infllmv2-offload')), 2)} "
+                    f"| {fmt(ratio(r, row.get(bf16_namesake(m) or '')), 2)} | {fmt(r['ms_per_step'], 2)} "
                     f"| {fmt(r['misses_per_step'])} | {locality(r)} | {fmt(r['h2d_gb_per_s'], 2)} "
                     f"| {fmt(r['device_bytes'] / GIB)} | {fmt(r['host_bytes'] / GIB)} | {r.get('lanes', 1)} "
                     f"| {percent(link_share(r, link_gbps))} | {fmt(r.get('roofline_ms'), 2)} "
@@ -202,6 +213,15 @@ def targets_section(autos: dict, runs: list[dict], link_gbps: float | None) -> l
                    f"{fmt(vs_full, 2)} (target >= {TARGET_VS_FULL}: {'met' if vs_full and vs_full >= TARGET_VS_FULL else 'missed'}); "
                    f"nosa-offload / infllmv2-offload = {fmt(vs_inf, 2)} (target >= {TARGET_VS_INFLLMV2}: "
                    f"{'met' if vs_inf and vs_inf >= TARGET_VS_INFLLMV2 else 'missed'}).")
+    for budget in sorted(autos):
+        contexts = [c for c in sorted(autos[budget]) if {"nosa-offload", "nosa-offload-fp8"} <= set(autos[budget][c])]
+        if not contexts:
+            continue
+        c = contexts[-1]
+        q = ratio(autos[budget][c]["nosa-offload-fp8"], autos[budget][c]["nosa-offload"])
+        out.append(f"- FP8 KV cache, {budget}, longest context where both ran ({c} tokens): nosa-offload-fp8 / "
+                   f"nosa-offload = {fmt(q, 2)} (target >= {TARGET_FP8} at 98304 tokens, 80 GiB: "
+                   f"{'met' if q and q >= TARGET_FP8 else 'missed'}).")
     small = defaultdict(dict)
     for r in runs:
         if r.get("phase", "sweep") == "sweep" and not r.get("batch_auto") and 1 <= r["batch"] <= 4:
@@ -381,13 +401,15 @@ def plots(runs: list[dict], autos: dict, out_dir: str, prefix: str) -> list[str]
         lines += [f"![throughput vs context]({prefix}{IMAGES[0]})", ""]
 
         fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
-        width = 0.2
+        pairs = [("nosa-offload", "full"), ("nosa-offload", "infllmv2-offload"), ("infllmv2-offload", "full"),
+                 ("nosa-resident", "full"), ("nosa-offload-fp8", "nosa-offload")]
+        width = 0.8 / len(pairs)
         for ax, budget in zip(axes[0], budgets):
             contexts = sorted(autos[budget])
-            for i, (m, base) in enumerate([("nosa-offload", "full"), ("nosa-offload", "infllmv2-offload"),
-                                           ("infllmv2-offload", "full"), ("nosa-resident", "full")]):
+            for i, (m, base) in enumerate(pairs):
                 vals = [ratio(autos[budget][c].get(m), autos[budget][c].get(base)) or 0.0 for c in contexts]
-                ax.bar([j + (i - 1.5) * width for j in range(len(contexts))], vals, width, label=f"{m} / {base}")
+                ax.bar([j + (i - (len(pairs) - 1) / 2) * width for j in range(len(contexts))], vals, width,
+                       label=f"{m} / {base}")
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xticks(range(len(contexts)), [str(c) for c in contexts])
             ax.set_xlabel("context (tokens)")

@@ -21,16 +21,26 @@
 
 namespace nosa_engine {
 
-/// The attention methods the engine runs.
+/// The attention methods the engine runs. The `_fp8` methods are their namesakes with complete KV blocks
+/// stored in FP8 E4M3 and one fp32 scale per (block, KV head) for K and for V (spec §6b): half the bytes of
+/// every miss and every slot, or of the resident cache.
 enum class method : unsigned char {
   full,              ///< dense attention over every block, whole KV cache in device memory
   infllmv2_offload,  ///< InfLLMv2 selection (query-aware only, no bias), KV cache offloaded to host memory
   nosa_offload,      ///< NOSA, KV cache offloaded to host memory (the paper's system)
   nosa_resident,     ///< NOSA with the whole KV cache in device memory
+  full_fp8,          ///< `full` with the FP8 resident store
+  infllmv2_offload_fp8,  ///< `infllmv2_offload` with the FP8 offload store
+  nosa_offload_fp8,      ///< `nosa_offload` with the FP8 offload store
 };
 
-inline constexpr method all_methods[] = {method::full, method::infllmv2_offload, method::nosa_offload,
-                                         method::nosa_resident};
+inline constexpr method all_methods[] = {
+    method::full,     method::infllmv2_offload,     method::nosa_offload,    method::nosa_resident,
+    method::full_fp8, method::infllmv2_offload_fp8, method::nosa_offload_fp8};
+
+/// The methods' command-line names, for messages.
+inline constexpr std::string_view method_names =
+    "full, infllmv2-offload, nosa-offload, nosa-resident, full-fp8, infllmv2-offload-fp8, nosa-offload-fp8";
 
 /// The command-line name of `m`.
 constexpr std::string_view method_name(method m) noexcept {
@@ -43,6 +53,12 @@ constexpr std::string_view method_name(method m) noexcept {
     return "nosa-offload";
   case method::nosa_resident:
     return "nosa-resident";
+  case method::full_fp8:
+    return "full-fp8";
+  case method::infllmv2_offload_fp8:
+    return "infllmv2-offload-fp8";
+  case method::nosa_offload_fp8:
+    return "nosa-offload-fp8";
   }
   return "?";
 }
@@ -58,13 +74,27 @@ inline std::optional<method> find_method(std::string_view name) noexcept {
 /// True when the method adds the eviction scores `c` to the logits (NOSA's trained semantics); the dense
 /// prefill uses the same attention as the decode steps.
 constexpr bool uses_bias(method m) noexcept {
-  return m == method::nosa_offload || m == method::nosa_resident;
+  return m == method::nosa_offload || m == method::nosa_resident || m == method::nosa_offload_fp8;
 }
+
+/// True for full attention: every block attended, nothing selected.
+constexpr bool attends_every_block(method m) noexcept { return m == method::full || m == method::full_fp8; }
 
 /// True when the method keeps the KV cache in host memory.
 constexpr bool offloads(method m) noexcept {
-  return m == method::infllmv2_offload || m == method::nosa_offload;
+  return m == method::infllmv2_offload || m == method::nosa_offload || m == method::infllmv2_offload_fp8 ||
+         m == method::nosa_offload_fp8;
 }
+
+/// True when the method stores complete KV blocks in FP8 (its prefill, selection and bias are those of the
+/// method of the same name without `-fp8`).
+constexpr bool stores_fp8(method m) noexcept {
+  return m == method::full_fp8 || m == method::infllmv2_offload_fp8 || m == method::nosa_offload_fp8;
+}
+
+/// True when the CUDA step of the method can gather beside attention (`nosa::cuda_overlap`): the offloading
+/// methods with blocks in bf16. The library runs the FP8 store's overlapped step as a plain step.
+constexpr bool overlaps_gather(method m) noexcept { return offloads(m) && !stores_fp8(m); }
 
 /// Calls `f.template operator()<Pipeline>()` with the pipeline of method `m` at head dim D: the one place
 /// where a method becomes a pipeline type.
@@ -77,6 +107,13 @@ decltype(auto) with_pipeline(method m, F&& f) {
     return f.template operator()<nosa::infllmv2_pipeline<nosa::bf16, D, nosa::offload_store>>();
   case method::nosa_offload:
     return f.template operator()<nosa::nosa_pipeline<nosa::bf16, D, nosa::offload_store>>();
+  case method::full_fp8:
+    return f.template operator()<
+        nosa::full_attention_pipeline<nosa::bf16, D, nosa::bias_mode::none, nosa::fp8_resident_store>>();
+  case method::infllmv2_offload_fp8:
+    return f.template operator()<nosa::infllmv2_pipeline<nosa::bf16, D, nosa::fp8_offload_store>>();
+  case method::nosa_offload_fp8:
+    return f.template operator()<nosa::nosa_pipeline<nosa::bf16, D, nosa::fp8_offload_store>>();
   case method::nosa_resident:
     break;
   }

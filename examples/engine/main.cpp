@@ -90,7 +90,7 @@ int main(int argc, char** argv) {
   r.drift = opt.run.drift;
   r.batch_auto = opt.batch_auto;
   r.cache_slots = offloads(opt.run.attention) ? opt.run.cache_slots : 0;
-  r.overlap = opt.backend == backend_kind::cuda && opt.run.overlap && offloads(opt.run.attention);
+  r.overlap = opt.backend == backend_kind::cuda && opt.run.overlap && overlaps_gather(opt.run.attention);
   std::string error;
   if (opt.backend == backend_kind::cuda) {
 #ifdef NOSA_ENGINE_CUDA

@@ -22,7 +22,9 @@ prompts, ingest into the KV cache (NOSA with full prefill), then batched greedy 
 
 options:
   --preset NAME         nosa-8b | llama3-8b | tiny                          (tiny)
-  --method NAME         full | infllmv2-offload | nosa-offload | nosa-resident (nosa-offload)
+  --method NAME         full | infllmv2-offload | nosa-offload | nosa-resident, or
+                        full-fp8 | infllmv2-offload-fp8 | nosa-offload-fp8: the
+                        same with complete KV blocks in FP8 E4M3   (nosa-offload)
   --backend NAME        host | cuda (CUDA builds, with a GPU)              (host)
   --batch N|auto        sequences decoded together; auto (CUDA): the batch of the
                         highest predicted tokens/s among those that fit the HBM
@@ -43,8 +45,8 @@ options:
                         from 0, k/8, ... 4k                                  (0)
   --calibration-steps N steps of the calibration run of --batch auto and
                         --cache-slots auto, after --warmup untimed ones     (16)
-  --overlap on|off      CUDA, offloading methods: gather on a second stream while
-                        attention reads the blocks already resident         (on)
+  --overlap on|off      CUDA, offloading methods in bf16: gather on a second stream
+                        while attention reads the blocks already resident   (on)
   --lanes N|auto        split the batch into N lanes of contiguous rows; on CUDA
                         they run side by side, so one lane's gathers cross PCIe
                         while another computes; auto: 2 for the offloading
@@ -144,7 +146,7 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
       opt.preset = text;
     } else if (name == "--method") {
       const auto m = find_method(text);
-      if (!m) return bad("a method (full, infllmv2-offload, nosa-offload, nosa-resident)");
+      if (!m) return bad("a method (" + std::string(method_names) + ")");
       opt.run.attention = *m;
     } else if (name == "--backend") {
       if (text == "host") {

@@ -27,6 +27,9 @@ namespace nosa_engine {
 struct layer_traffic {
   double miss_bytes = 0.0;
   double hbm_bytes = 0.0;
+  /// The K (or V) values of one block of one KV head without its scale: the contiguous run a miss copies
+  /// twice (`b_s * D` bytes in FP8, twice that in bf16).
+  std::size_t block_run_bytes = 0;
 };
 
 inline nosa::status traffic_of(const model_config& m, const run_config& run, int first_step, int steps,
@@ -35,6 +38,8 @@ inline nosa::status traffic_of(const model_config& m, const run_config& run, int
   return nosa::dispatch_value<64, 128>(m.head_dim, [&](auto dim) {
     return with_pipeline<decltype(dim)::value>(run.attention, [&]<class P>() {
       out.miss_bytes = double(nosa::miss_bytes<P>(config));
+      const nosa::state_layout layout = nosa::make_state_layout<P>(config);
+      out.block_run_bytes = layout.block_elements() * layout.value_size;
       double sum = 0.0;
       for (int s = first_step; s < first_step + steps; ++s)
         sum += double(nosa::step_hbm_bytes<P>(config, run.prompt_tokens + s + 1));

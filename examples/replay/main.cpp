@@ -24,12 +24,17 @@
 
 namespace replay {
 
-replay_status run_replay(const options& opt, const replay_inputs& in, replay_outputs& out) {
+namespace {
+
+/// Calls `run.template operator()<Element, HeadDim>()` for the storage element of `opt` and the head
+/// dimension of `in`; a value outside the compiled lists gives `not_supported` from the call "dispatch".
+template <class Run>
+replay_status dispatch_shape(const options& opt, const replay_inputs& in, Run&& run) {
   replay_status result;
   const nosa::status dispatched =
       nosa::dispatch_element<float, nosa::fp16, nosa::bf16>(opt.element, [&](auto element) {
         return nosa::dispatch_value<64, 128, 256>(in.head_dim, [&](auto head_dim) {
-          result = run_replay<typename decltype(element)::type, decltype(head_dim)::value>(opt, in, out);
+          result = run.template operator()<typename decltype(element)::type, decltype(head_dim)::value>();
           return result.status;
         });
       });
@@ -37,18 +42,25 @@ replay_status run_replay(const options& opt, const replay_inputs& in, replay_out
   return result;
 }
 
+}  // namespace
+
+replay_status run_replay(const options& opt, const replay_inputs& in, replay_outputs& out) {
+  return dispatch_shape(
+      opt, in, [&]<class Element, int HeadDim>() { return run_replay<Element, HeadDim>(opt, in, out); });
+}
+
 #ifdef NOSA_REPLAY_CUDA
 replay_status run_replay_cuda(const options& opt, const replay_inputs& in, replay_outputs& out) {
-  replay_status result;
-  const nosa::status dispatched =
-      nosa::dispatch_element<float, nosa::fp16, nosa::bf16>(opt.element, [&](auto element) {
-        return nosa::dispatch_value<64, 128, 256>(in.head_dim, [&](auto head_dim) {
-          result = run_replay_cuda<typename decltype(element)::type, decltype(head_dim)::value>(opt, in, out);
-          return result.status;
-        });
-      });
-  if (!nosa::ok(dispatched) && nosa::ok(result.status)) result = {dispatched, "dispatch"};
-  return result;
+  return dispatch_shape(opt, in, [&]<class Element, int HeadDim>() -> replay_status {
+    if (opt.kv_format == kv_format_kind::element) return run_replay_cuda<Element, HeadDim>(opt, in, out);
+    if constexpr (cuda_fp8_compiled<Element, HeadDim>) {
+      return run_replay_cuda<Element, HeadDim, kv_format_kind::fp8>(opt, in, out);
+    } else {
+      // parse_options refuses fp32 storage; the head dimension comes with the inputs.
+      return {nosa::status::not_supported, "dispatch",
+              "--kv-format fp8 runs on the cuda backend with bf16 or fp16 storage and D 64 or 128 only"};
+    }
+  });
 }
 #endif
 

@@ -46,7 +46,8 @@ options (defaults are the paper's):
   --store NAME          offload | resident                      (offload)
   --kv-format NAME      fp8 | the --dtype name                  (--dtype)
                         complete K and V blocks in FP8 E4M3, a scale
-                        per block and head, or in the storage type
+                        per block and head, or in the storage type;
+                        fp8 on cuda: bf16 or fp16, D 64 or 128
   --prefill NAME        dense | sparse: run the prompts through the (none)
                         library's prefill (sparse: NOSA^S) instead
                         of ingesting them; host backend
@@ -253,8 +254,8 @@ inline parse_result parse_options(int argc, const char* const* argv, options& op
   // Whether a GPU is present is a run-time question that the caller asks next.
   if (opt.backend == backend_kind::cuda) {
     if (!cuda_in_build) return fail("backend 'cuda' is not available in this build");
-    if (opt.kv_format == kv_format_kind::fp8) {
-      return fail("--backend cuda does not support --kv-format fp8 yet (the host backend does)");
+    if (opt.kv_format == kv_format_kind::fp8 && opt.element == nosa::dtype::fp32) {
+      return fail("--backend cuda runs --kv-format fp8 with --dtype bf16 or fp16 only (got --dtype fp32)");
     }
     if (opt.prefill != prefill_kind::none) {
       return fail("--backend cuda does not support --prefill yet (the host backend does)");

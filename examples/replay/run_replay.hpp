@@ -8,8 +8,9 @@
 /// `standard_bias`) are instantiated in nine translation units, one per (element, head dim), under
 /// `instances/`: each stays quick to compile and a parallel build spreads them over the cores. A CUDA build
 /// adds 36 CUDA pipelines (3 elements x 3 head dims x 2 variants x 2 stores, each variant with its standard
-/// bias, blocks in the element type) in nine CUDA sources under `cuda/`. This header stays plain C++: only
-/// those sources include CUDA headers.
+/// bias, blocks in the element type) in nine CUDA sources under `cuda/`, and 16 with blocks in FP8 (bf16 and
+/// fp16, D 64 and 128: the shapes of the CUDA backend's FP8 attention) in four more. This header stays plain
+/// C++: only those sources include CUDA headers.
 
 #include <nosa/core/numeric.hpp>
 #include <nosa/core/params.hpp>
@@ -58,6 +59,12 @@ constexpr nosa::bias_mode standard_bias(variant_kind v) noexcept {
 
 /// The one bias mode the CUDA replay compiles for each variant (`standard_bias`).
 constexpr nosa::bias_mode cuda_bias(variant_kind v) noexcept { return standard_bias(v); }
+
+/// True for the storage elements and head dimensions whose FP8 KV format the CUDA backend runs (bf16 and
+/// fp16, D 64 and 128); the CUDA replay compiles its FP8 pipelines for these only.
+template <class Element, int HeadDim>
+inline constexpr bool cuda_fp8_compiled = nosa::dtype_of<Element> != nosa::dtype::fp32 &&
+                                          (HeadDim == 64 || HeadDim == 128);
 
 /// Everything the command line chooses. Defaults are the paper's.
 struct options {
@@ -141,13 +148,14 @@ extern template replay_status run_replay<nosa::bf16, 256>(const options&, const 
                                                           replay_outputs&);
 
 /// As `run_replay`, on the CUDA backend: the inputs are copied to device memory once, the steps run on the
-/// default stream, and the outputs are copied back. `opt.bias` must be `cuda_bias(opt.variant)`. Defined
+/// default stream, and the outputs are copied back. `opt.bias` must be `cuda_bias(opt.variant)` and
+/// `opt.kv_format` must be `Format`, which is `fp8` only where `cuda_fp8_compiled<Element, HeadDim>`. Defined
 /// only in CUDA builds (`cuda_in_build`), in the sources under `cuda/`.
-template <nosa::storage_element Element, int HeadDim>
+template <nosa::storage_element Element, int HeadDim, kv_format_kind Format = kv_format_kind::element>
 replay_status run_replay_cuda(const options& opt, const replay_inputs& in, replay_outputs& out);
 
-/// Runs `run_replay_cuda<Element, HeadDim>` for the element and head dimension chosen at run time. CUDA
-/// builds only.
+/// Runs `run_replay_cuda<Element, HeadDim, Format>` for the element, head dimension and KV format chosen at
+/// run time; FP8 with a head dimension outside `cuda_fp8_compiled` gives `not_supported`. CUDA builds only.
 replay_status run_replay_cuda(const options& opt, const replay_inputs& in, replay_outputs& out);
 
 }  // namespace replay

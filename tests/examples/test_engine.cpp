@@ -26,7 +26,9 @@ model_config tiny() { return *find_preset("tiny"); }
 
 /// Prefills the tiny model for `attention` and checks `steps` decode steps against the reference. Sequences
 /// 0 and 2 share a prompt (and, for the offloading methods, its pages).
-double check_against_reference(method attention, int steps, int cache_slots = 0, int lanes = 1) {
+/// Bounds: |o - ref| <= rel * |ref| + abs per element.
+double check_against_reference(method attention, int steps, int cache_slots = 0, int lanes = 1,
+                               double rel = 0.0, double abs = 2e-5) {
   const model_config model = tiny();
   run_config run;
   run.attention = attention;
@@ -42,9 +44,10 @@ double check_against_reference(method attention, int steps, int cache_slots = 0,
   const auto engine = host_engine::create(model, random_weights(model, 7), run, error);
   REQUIRE_MESSAGE(engine, error);
   REQUIRE_MESSAGE(engine->prefill(error), error);
-  // fp32 arithmetic over bf16 inputs (fp32 output) against a double reference: only summation order differs.
+  // fp32 arithmetic over bf16 inputs (fp32 output) against a double reference: only summation order differs
+  // (by default; the FP8 methods also round complete blocks).
   return nosa_engine_test::check_steps_against_reference(
-      *engine, steps, [&](int l, int b, int h) { return engine->selection(l, b, h); }, 0.0, 2e-5);
+      *engine, steps, [&](int l, int b, int h) { return engine->selection(l, b, h); }, rel, abs);
 }
 
 }  // namespace
@@ -76,9 +79,55 @@ TEST_CASE("engine attention equals dense attention over the selected tokens: nos
   CHECK(check_against_reference(method::nosa_offload, 12, 0, 2) > 0.05);
 }
 
+TEST_CASE("FP8 methods attend the selected tokens within the rounding of their complete blocks") {
+  for (const method m : {method::nosa_offload_fp8, method::infllmv2_offload_fp8, method::full_fp8}) {
+    INFO(method_name(m));
+    check_against_reference(m, 8, 0, 1, nosa_engine_test::fp8_rel, nosa_engine_test::fp8_abs);
+  }
+}
+
+TEST_CASE("FP8 methods move b_s * D + 4 bytes per block-head of K or V, half of bf16, and report tokens/s") {
+  const model_config model = tiny();
+  const int block_head = model.selection.block_size * model.head_dim;
+  for (const auto& [fp8, bf16] : {std::pair(method::nosa_offload_fp8, method::nosa_offload),
+                                  std::pair(method::infllmv2_offload_fp8, method::infllmv2_offload)}) {
+    INFO(method_name(fp8));
+    run_config run = nosa_engine_test::drift_workload(0.05f, 0, 10);
+    run.attention = fp8;
+    std::string error;
+    const auto engine = host_engine::create(model, random_weights(model, 5), run, error);
+    REQUIRE_MESSAGE(engine, error);
+    REQUIRE_MESSAGE(engine->prefill(error), error);
+    const nosa::counters before = engine->total_counters();
+    for (int s = 0; s < run.steps; ++s) REQUIRE_MESSAGE(engine->step(error), error);
+    const nosa::counters d = engine->total_counters() - before;
+    REQUIRE(d.misses > 0);
+    CHECK(d.bytes_h2d == d.misses * 2 * (block_head + 4));
+    // The sizing the engine plans with counts the same bytes, and half a bf16 block's values per run.
+    layer_traffic f8, b16;
+    REQUIRE(nosa::ok(traffic_of(model, run, 0, run.steps, f8)));
+    run.attention = bf16;
+    REQUIRE(nosa::ok(traffic_of(model, run, 0, run.steps, b16)));
+    CHECK(f8.miss_bytes == 2.0 * (block_head + 4));
+    CHECK(b16.miss_bytes == 2.0 * 2 * block_head);
+    CHECK(f8.block_run_bytes == std::size_t(block_head));
+    CHECK(b16.block_run_bytes == 2 * std::size_t(block_head));
+    CHECK(f8.hbm_bytes < b16.hbm_bytes);
+    run_report r;
+    r.method = std::string(method_name(fp8));
+    r.batch = run.batch;
+    r.steps = run.steps;
+    r.layers = model.layers;
+    finish_report(r, d, 0.5, model.kv_heads);
+    CHECK(r.tokens_per_s == doctest::Approx(2 * 10 / 0.5));
+    CHECK(r.locality >= 0.0);
+  }
+}
+
 TEST_CASE("lanes split the batch without changing what any sequence computes") {
   const model_config model = tiny();
-  for (const method m : {method::nosa_offload, method::infllmv2_offload, method::nosa_resident, method::full}) {
+  for (const method m : {method::nosa_offload, method::infllmv2_offload, method::nosa_resident, method::full,
+                         method::nosa_offload_fp8}) {
     INFO(method_name(m));
     const auto run_with = [&](int lanes) {
       run_config run;
@@ -277,6 +326,9 @@ TEST_CASE("the prefill cache gives the decode a computed prefill gives") {
   CHECK(cached_run(method::nosa_resident, dir.path)->prefill_cached());
   CHECK_FALSE(cached_run(method::full, dir.path)->prefill_cached());
   CHECK(cached_run(method::infllmv2_offload, dir.path)->prefill_cached());
+  // The FP8 methods quantise at ingest: their prefill is their namesake's.
+  CHECK(cached_run(method::nosa_offload_fp8, dir.path)->prefill_cached());
+  CHECK(cached_run(method::full_fp8, dir.path)->prefill_cached());
 }
 
 TEST_CASE("a truncated or foreign prefill cache file is recomputed, not read") {

@@ -25,7 +25,9 @@ using namespace nosa_engine;
 
 namespace {
 
-double check_against_reference(method attention, int steps, int cache_slots = 0, int lanes = 1, int batch = 3) {
+/// Bounds on top of the bf16 output's: |o - ref| <= (rel + 2^-8) * |ref| + abs + 1e-5 per element.
+double check_against_reference(method attention, int steps, int cache_slots = 0, int lanes = 1, int batch = 3,
+                               double rel = 0.0, double abs = 0.0) {
   const model_config model = *find_preset("tiny");
   run_config run;
   run.attention = attention;
@@ -44,9 +46,8 @@ double check_against_reference(method attention, int steps, int cache_slots = 0,
   // The output is bf16: rounding it costs up to half an ulp (2^-9 relative); one ulp (2^-8) covers fp32
   // summation-order differences on top of it.
   const double gap = nosa_engine_test::check_steps_against_reference(
-      *engine, steps,
-      [&](int l, int b, int h) { return engine->selection(l, b, h); },
-      1.0 / 256.0, 1e-5);
+      *engine, steps, [&](int l, int b, int h) { return engine->selection(l, b, h); }, rel + 1.0 / 256.0,
+      abs + 1e-5);
   REQUIRE_MESSAGE(engine->finish(error), error);
   return gap;
 }
@@ -149,6 +150,33 @@ TEST_CASE("CUDA engine: the profile step accounts for every component") {
   }
   CHECK(total > 0.0);
   CHECK(std::abs(parts - total) <= 1e-6 * total + 1e-9);
+}
+
+TEST_CASE("CUDA engine FP8 methods attend the selected tokens within the rounding of their complete blocks") {
+  NOSA_REQUIRE_GPU();
+  for (const method m : {method::nosa_offload_fp8, method::infllmv2_offload_fp8, method::full_fp8}) {
+    INFO(method_name(m));
+    check_against_reference(m, nosa_cuda_test::scaled(8, 3), 0, m == method::nosa_offload_fp8 ? 2 : 1, 3,
+                            nosa_engine_test::fp8_rel, nosa_engine_test::fp8_abs);
+  }
+}
+
+TEST_CASE("CUDA engine: a miss of nosa-offload-fp8 moves b_s * D + 4 bytes per block-head of K or V") {
+  NOSA_REQUIRE_GPU();
+  const model_config model = *find_preset("tiny");
+  run_config run = nosa_engine_test::drift_workload(0.05f, 0, 10);
+  run.attention = method::nosa_offload_fp8;
+  std::string error;
+  const auto engine = cuda_engine::create(model, nullptr, run, error);
+  REQUIRE_MESSAGE(engine, error);
+  REQUIRE_MESSAGE(engine->prefill(error), error);
+  REQUIRE_MESSAGE(engine->finish(error), error);
+  const nosa::counters before = engine->total_counters();
+  for (int s = 0; s < run.steps; ++s) REQUIRE_MESSAGE(engine->step(error), error);
+  REQUIRE_MESSAGE(engine->finish(error), error);
+  const nosa::counters d = engine->total_counters() - before;
+  REQUIRE(d.misses > 0);
+  CHECK(d.bytes_h2d == d.misses * 2 * (model.selection.block_size * model.head_dim + 4));
 }
 
 TEST_CASE("CUDA engine attention equals dense attention over every token: full") {

@@ -574,20 +574,25 @@ TEST_CASE("nosa-replay --backend cuda runs on a GPU or says in one line why it c
     CHECK((refused || not_built));
   }
 
-  SUBCASE("the FP8 KV format is refused up front: the CUDA backend has no FP8 kernels yet") {
+  SUBCASE("the FP8 KV format with fp32 storage is refused up front: the CUDA FP8 path is bf16 and fp16") {
     const run_result r =
         run_replay(scratch, in_dir, scratch.path / "out", small_flags + " --backend cuda --kv-format fp8");
     CAPTURE(r.err);
     CHECK(r.exit_status == 2);
     CHECK(r.out.empty());
-    const bool refused = r.err == "nosa-replay: --backend cuda does not support --kv-format fp8 yet (the host "
-                                  "backend does)\n";
+    const bool refused = r.err ==
+                         "nosa-replay: --backend cuda runs --kv-format fp8 with --dtype bf16 or fp16 "
+                         "only (got --dtype fp32)\n";
     const bool not_built = r.err == "nosa-replay: backend 'cuda' is not available in this build\n";
     CHECK((refused || not_built));
   }
 
   SUBCASE("the outputs agree with the host backend, or one line says why the GPU cannot be used") {
-    const char* const cases[] = {"", " --variant infllmv2 --bias none --store resident --dtype bf16"};
+    // The FP8 cases compare the two backends' FP8 paths: the same codes and scales, attention summed in
+    // different orders (the CUDA kernel applies each block's scales once per tile).
+    const char* const cases[] = {
+        "", " --variant infllmv2 --bias none --store resident --dtype bf16", " --dtype bf16 --kv-format fp8",
+        " --variant infllmv2 --bias none --store resident --dtype fp16 --kv-format fp8"};
     for (const char* extra : cases) {
       const std::string flags = small_flags + extra;
       CAPTURE(flags);

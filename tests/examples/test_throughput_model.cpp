@@ -107,6 +107,27 @@ TEST_CASE("a predicted step: HBM bytes of the library's sizing, GEMMs per lane, 
   CHECK(predict(in, 100, 8, error).misses_per_step == 0.0);
 }
 
+TEST_CASE(
+    "an FP8 method: half the bytes per miss plus the scales, so the same misses predict a faster step") {
+  throughput_inputs in = inputs_8b();
+  in.misses = swapping_misses(in.model, {0});
+  std::string error;
+  const prediction bf16 = predict(in, 100, 0, error);
+  in.run.attention = method::nosa_offload_fp8;
+  const prediction fp8 = predict(in, 100, 0, error);
+  REQUIRE(error.empty());
+  run_config run = in.run;
+  run.batch = 100;
+  layer_traffic traffic;
+  REQUIRE(nosa::ok(traffic_of(in.model, run, in.first_step, in.steps, traffic)));
+  CHECK(traffic.miss_bytes == 2.0 * (64 * 128 + 4));  // b_s * D + 4 per block-head of K or V
+  CHECK(traffic.block_run_bytes == 64 * 128);
+  CHECK(fp8.misses_per_step == bf16.misses_per_step);
+  CHECK(fp8.bound.gather_s == doctest::Approx(bf16.bound.gather_s * (64 * 128 + 4) / (2.0 * 64 * 128)));
+  CHECK(fp8.bound.hbm_s < bf16.bound.hbm_s);
+  CHECK(fp8.tokens_per_s() > 1.9 * bf16.tokens_per_s());  // gather-bound at 8 misses per head
+}
+
 TEST_CASE("the sizing choice: the largest batch without misses, a slot cache when the link bounds the step") {
   throughput_inputs in = inputs_8b();
   std::string error;

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Tests of scripts/throughput_report.py on hand-made runs: the ratios, the target lines, the failures, the
-calibration table, the roofline and sizing tables and the plots."""
+calibration table, the roofline and sizing tables, the FP8 methods beside the bf16 ones and the plots."""
 
 import json
 import os
@@ -158,6 +158,22 @@ class ThroughputReport(unittest.TestCase):
         self.assertIn("| 32768 | nosa-offload | 120 | 2,600.0 | 5.20 | 2.00 |", text)
         self.assertNotIn("| 80 GiB | 32768 | nosa-offload | 32 | 150 |", text)
         self.assertIn("150 (auto), 32 cache slots (auto)", text)
+
+    def test_fp8_methods_beside_their_bf16_namesakes(self):
+        fp8 = [run("nosa-offload-fp8", 32768, 200, 4420.0, True, locality=0.945, misses=150.0),
+               run("full-fp8", 32768, 16, 900.0, True),
+               run("nosa-offload-fp8", 16384, 300, 4000.0, True, locality=0.94)]
+        text, _ = self.render(RUNS + fp8)
+        # 4420 / 2600 = 1.70 against nosa-offload, 4420 / 500 = 8.84 against full, 4420 / 1300 = 3.40 against
+        # InfLLMv2; full-fp8 against full: 900 / 500 = 1.80.
+        self.assertIn("| 32768 | nosa-offload-fp8 | 200 | 4,420.0 | 8.84 | 3.40 | 1.70 |", text)
+        self.assertIn("| 32768 | full-fp8 | 16 | 900.0 | 1.80 | 0.69 | 1.80 |", text)
+        # A bf16 method has no namesake to compare with.
+        self.assertIn("| 32768 | nosa-offload | 120 | 2,600.0 | 5.20 | 2.00 | n/a |", text)
+        self.assertIn("FP8 KV cache, 80 GiB, longest context where both ran (32768 tokens): nosa-offload-fp8 / "
+                      "nosa-offload = 1.70 (target >= 1.6 at 98304 tokens, 80 GiB: met)", text)
+        # The bf16 targets still compare the bf16 methods.
+        self.assertIn("nosa-offload / full = 5.20 (target >= 5.0: met)", text)
 
     def test_malformed_input_is_an_error(self):
         tmp = tempfile.TemporaryDirectory()

@@ -260,7 +260,7 @@ std::unique_ptr<cuda_engine> cuda_engine::create(const model_config& model, cons
 }
 
 bool cuda_engine::create_lanes(std::string& error) {
-  const bool overlap = run_.overlap && offloads(run_.attention);
+  const bool overlap = run_.overlap && overlaps_gather(run_.attention);
   for (int i = 0; i < layout_.lanes; ++i) {
     auto ln = std::make_unique<lane>();
     ln->first = layout_.first(i);
@@ -1245,12 +1245,13 @@ bool report_roofline(const cuda_engine& engine, const std::vector<nosa::counters
 }  // namespace
 
 bool run_cuda_engine(const model_config& model, const options& opt, run_report& r, std::string& error) {
-  // The speeds first, while the card is still empty: the copy engine's, the gather's and HBM's.
+  // The speeds first, while the card is still empty: the copy engine's, the gather's (of blocks of the
+  // method's format: half the run in FP8) and HBM's.
   device_speeds speeds;
-  const std::size_t block_bytes =
-      std::size_t(model.selection.block_size) * model.head_dim * sizeof(nosa::bf16);
-  if (!measure_h2d_copy(r.link_h2d_gb_per_s, error) || !measure_gather(block_bytes, speeds.gather, error) ||
-      !measure_hbm_read(speeds.hbm, error))
+  layer_traffic blocks;
+  if (!nosa_ok(traffic_of(model, opt.run, 0, 0, blocks), "sizing the layers", error)) return false;
+  if (!measure_h2d_copy(r.link_h2d_gb_per_s, error) ||
+      !measure_gather(blocks.block_run_bytes, speeds.gather, error) || !measure_hbm_read(speeds.hbm, error))
     return false;
   speeds.copy = 1e9 * r.link_h2d_gb_per_s;
   r.gather_gb_per_s = speeds.gather / 1e9;

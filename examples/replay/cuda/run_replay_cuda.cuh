@@ -1,15 +1,16 @@
 #pragma once
 /// \file
-/// Definition of `run_replay_cuda<Element, HeadDim>`: the replay loop of `run_replay_impl.hpp` on the CUDA
-/// backend. The inputs are converted to the storage element on the host and copied to device memory once,
-/// before the first step; the attention output of every step goes to one device buffer that is copied back
-/// at the end. Included only by the CUDA sources of this directory that instantiate it.
+/// Definition of `run_replay_cuda<Element, HeadDim, Format>`: the replay loop of `run_replay_impl.hpp` on the
+/// CUDA backend. The inputs are converted to the storage element on the host and copied to device memory
+/// once, before the first step; the attention output of every step goes to one device buffer that is copied
+/// back at the end. Included only by the CUDA sources of this directory that instantiate it.
 
 #include "../run_replay_impl.hpp"
 
 #include <nosa/backend/cuda/arena.cuh>
 #include <nosa/backend/cuda/backend.cuh>
 #include <nosa/backend/cuda/decode_layer.cuh>
+#include <nosa/backend/cuda/detail/attention_fp8.cuh>
 
 #include <cuda_runtime.h>
 
@@ -104,21 +105,23 @@ struct replay_memory<nosa::cuda_backend> {
 
 }  // namespace detail
 
-template <nosa::storage_element Element, int HeadDim>
+template <nosa::storage_element Element, int HeadDim, kv_format_kind Format>
 replay_status run_replay_cuda(const options& opt, const replay_inputs& in, replay_outputs& out) {
+  static_assert(cuda_fp8_compiled<Element, HeadDim> == nosa::detail::uses_fp8_attention<Element, HeadDim>,
+                "the replay compiles FP8 for exactly the shapes of the CUDA backend's FP8 attention");
+  static_assert(Format == kv_format_kind::element || cuda_fp8_compiled<Element, HeadDim>);
   replay_status result;
   const nosa::status dispatched =
       nosa::dispatch_value<variant_kind::nosa, variant_kind::infllmv2>(opt.variant, [&](auto variant) {
         return nosa::dispatch_value<store_kind::offload, store_kind::resident>(opt.store, [&](auto store) {
-          using store_type = detail::store_of<decltype(store)::value, kv_format_kind::element>;
+          using store_type = detail::store_of<decltype(store)::value, Format>;
           using pipeline = std::conditional_t<decltype(variant)::value == variant_kind::nosa,
                                               nosa::nosa_pipeline<Element, HeadDim, store_type>,
                                               nosa::infllmv2_pipeline<Element, HeadDim, store_type>>;
           static_assert(pipeline::attention::bias == cuda_bias(decltype(variant)::value));
-          // parse_options refuses any other bias, and the FP8 KV format, for the cuda backend.
-          if (opt.bias != cuda_bias(opt.variant) || opt.kv_format != kv_format_kind::element) {
+          // parse_options refuses any other bias for the cuda backend; the caller dispatched the format.
+          if (opt.bias != cuda_bias(opt.variant) || opt.kv_format != Format)
             return nosa::status::not_supported;
-          }
           result = detail::run_pipeline<pipeline, nosa::cuda_backend>(opt, in, out);
           return result.status;
         });
