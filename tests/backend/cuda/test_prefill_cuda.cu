@@ -70,7 +70,8 @@ struct prefill_case {
 template <class Out>
 bool close(double x, double y) {
   double tol = 2e-5 + 1e-4 * std::abs(y);
-  if constexpr (!std::is_same_v<Out, float>) tol += 2.0 * std::abs(y) * (std::is_same_v<Out, bf16> ? 1.0 / 128 : 1.0 / 1024);
+  if constexpr (!std::is_same_v<Out, float>)
+    tol += 2.0 * std::abs(y) * (std::is_same_v<Out, bf16> ? 1.0 / 128 : 1.0 / 1024);
   return std::abs(x - y) <= tol;
 }
 
@@ -214,7 +215,8 @@ void check_prefill_cuda(const prefill_case& pc) {
         const double x = nosa::to_float(o_gpu[std::size_t(r) * hq * D + i]);
         const double y = nosa::to_float(o_host[std::size_t(r) * hq * D + i]);
         if (!close<Out>(x, y)) {
-          INFO("round " << round << " row " << r << " head " << i / D << " d " << i % D << ": " << x << " vs " << y);
+          INFO("round " << round << " row " << r << " head " << i / D << " d " << i % D << ": " << x << " vs "
+                        << y);
           REQUIRE(close<Out>(x, y));
         }
       }
@@ -265,15 +267,17 @@ void check_prefill_cuda(const prefill_case& pc) {
 }
 
 template <class T, bias_mode Bias, class Store = nosa::offload_store>
-using nosa_pipeline = nosa::pipeline<T, 64, nosa::eviction_score_pooling, Store, nosa::sparse_attention<Bias>>;
+using nosa_pipeline =
+    nosa::pipeline<T, 64, nosa::eviction_score_pooling, Store, nosa::sparse_attention<Bias>>;
 
 }  // namespace
 
 TEST_CASE("dense prefill on tensor cores against the host backend, bf16 and fp16, offload and resident") {
   NOSA_REQUIRE_GPU();
-  check_prefill_cuda<nosa_pipeline<bf16, bias_mode::after_scale>, nosa::dense_prefill>({{37, 100, 5}, 24, 20, 4, 2, 1});
-  check_prefill_cuda<nosa_pipeline<fp16, bias_mode::before_scale, nosa::resident_store>, nosa::dense_prefill, float>(
-      {{70, 19, 129}, 32, 16, 6, 2, 2});
+  check_prefill_cuda<nosa_pipeline<bf16, bias_mode::after_scale>, nosa::dense_prefill>(
+      {{37, 100, 5}, 24, 20, 4, 2, 1});
+  check_prefill_cuda<nosa_pipeline<fp16, bias_mode::before_scale, nosa::resident_store>, nosa::dense_prefill,
+                     float>({{70, 19, 129}, 32, 16, 6, 2, 2});
   check_prefill_cuda<nosa::pipeline<bf16, 128>, nosa::dense_prefill>({{150, 45}, 40, 12, 6, 2, 3});
   check_prefill_cuda<nosa::full_attention_pipeline<bf16, 64, bias_mode::after_scale>, nosa::dense_prefill>(
       {{90, 33}, 28, 10, 4, 2, 4});
@@ -281,7 +285,8 @@ TEST_CASE("dense prefill on tensor cores against the host backend, bf16 and fp16
 
 TEST_CASE("sparse prefill (NOSA^S) against the host backend: per-row selections and outputs") {
   NOSA_REQUIRE_GPU();
-  check_prefill_cuda<nosa_pipeline<bf16, bias_mode::after_scale>, nosa::sparse_prefill>({{37, 100, 5}, 24, 20, 4, 2, 5});
+  check_prefill_cuda<nosa_pipeline<bf16, bias_mode::after_scale>, nosa::sparse_prefill>(
+      {{37, 100, 5}, 24, 20, 4, 2, 5});
   check_prefill_cuda<nosa_pipeline<fp16, bias_mode::none, nosa::resident_store>, nosa::sparse_prefill, float>(
       {{70, 19, 129}, 32, 16, 6, 2, 6});
 }

@@ -136,15 +136,17 @@ __device__ inline prefill_chunk_info chunk_of(const cuda_state<E, D>& s, sequenc
 /// the key ring); then the ring's last `l_c` keys.
 template <class P, class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
-    prefill_append_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const std::int32_t, 1> row_offsets,
-                          tensor_view<const E, 3> k, tensor_view<const float, 2> c) {
+    prefill_append_kernel(cuda_state<E, D> s, sequence_source seqs,
+                          tensor_view<const std::int32_t, 1> row_offsets, tensor_view<const E, 3> k,
+                          tensor_view<const float, 2> c) {
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const prefill_chunk_info ch = chunk_of(s, seqs, row_offsets, b);
   if (ch.tokens == 0) return;
   const selection_params& sel = s.sel;
   const int end = ch.start + ch.tokens;
   float* history = s.scores_of(ch.seq, h);
-  for (int i = threadIdx.x; i < ch.tokens; i += blockDim.x) history[ch.start + i] = c.empty() ? 0.0f : c(ch.row0 + i, h);
+  for (int i = threadIdx.x; i < ch.tokens; i += blockDim.x)
+    history[ch.start + i] = c.empty() ? 0.0f : c(ch.row0 + i, h);
   if constexpr (P::store::offloads) {
     const int old = ch.start / sel.block_size, held = ch.start % sel.block_size;
     if (held != 0 && end >= (old + 1) * sel.block_size) {
@@ -160,7 +162,8 @@ __global__ void __launch_bounds__(cuda_threads)
     __syncthreads();  // the scores of the windows' tokens are in the history
     E* ring = s.ring_of(ch.seq, h);
     const auto key_row = [&](int token) -> const E* {
-      return token >= ch.start ? &k(ch.row0 + token - ch.start, h, 0) : ring + std::size_t(token % sel.window) * D;
+      return token >= ch.start ? &k(ch.row0 + token - ch.start, h, 0)
+                               : ring + std::size_t(token % sel.window) * D;
     };
     // Window w completes at token w * s_c + l_c - 1: the first that completes at or after the chunk's start.
     const int reach = ch.start - sel.window + 1;
@@ -176,8 +179,8 @@ __global__ void __launch_bounds__(cuda_threads)
 }
 
 /// Where attention finds the key and value rows of one (sequence, KV head) during a prefill: the chunk's own
-/// rows in the packed views; earlier rows in their pages, except, offload store, the rows of the partial block
-/// the chunk continues, which are in that block's slot.
+/// rows in the packed views; earlier rows in their pages, except, offload store, the rows of the partial
+/// block the chunk continues, which are in that block's slot.
 template <bool Offloads, class E, int D>
 struct prefill_rows_source {
   const cuda_state<E, D>* s;
@@ -212,12 +215,12 @@ struct prefill_rows_source {
 };
 
 template <bool Offloads, class E, int D>
-__device__ inline prefill_rows_source<Offloads, E, D> rows_source(const cuda_state<E, D>& s,
-                                                                  const prefill_chunk_info& ch, int h,
-                                                                  tensor_view<const E, 3> k,
-                                                                  tensor_view<const E, 3> v) {
+__device__ inline prefill_rows_source<Offloads, E, D>
+rows_source(const cuda_state<E, D>& s, const prefill_chunk_info& ch, int h, tensor_view<const E, 3> k,
+            tensor_view<const E, 3> v) {
   int tail_slot = -1;
-  if (Offloads && ch.start % s.sel.block_size != 0) tail_slot = s.block_slot_of(ch.seq, h)[ch.start / s.sel.block_size];
+  if (Offloads && ch.start % s.sel.block_size != 0)
+    tail_slot = s.block_slot_of(ch.seq, h)[ch.start / s.sel.block_size];
   return {&s, k, v, ch.seq, h, ch.start, ch.row0, tail_slot};
 }
 
@@ -261,32 +264,33 @@ __device__ inline void issue_position_tile(const Source& src, const float* histo
     const auto* key = valid ? src.key(first + r) + ch * 8 : nullptr;
     const auto* value = valid ? src.value(first + r) + ch * 8 : nullptr;
     cp_async_16(shared_address(dst + at), valid ? static_cast<const void*>(key) : history, valid);
-    cp_async_16(shared_address(dst + R * D * 2 + at), valid ? static_cast<const void*>(value) : history, valid);
+    cp_async_16(shared_address(dst + R * D * 2 + at), valid ? static_cast<const void*>(value) : history,
+                valid);
   }
   if (Biased && threadIdx.x < R / 4) {
     // Four scores a copy; a partly valid piece reads scores past the rows (within the capacity), which the
     // logits mask.
     const bool valid = static_cast<int>(threadIdx.x) * 4 < rows;
-    cp_async_16(shared_address(dst + 2 * R * D * 2 + threadIdx.x * 16), valid ? history + first + threadIdx.x * 4 : history,
-                valid);
+    cp_async_16(shared_address(dst + 2 * R * D * 2 + threadIdx.x * 16),
+                valid ? history + first + threadIdx.x * 4 : history, valid);
   }
 }
 
 /// Grid (tiles of a chunk's tokens, batch rows x KV heads), `prefill_warps` warps,
-/// `dense_prefill_smem_bytes<D>()` bytes. CTA (x, (b, h)) takes tokens `[x T, (x + 1) T)` of chunk b (T = 64 / G,
-/// the last CTAs first, since they attend the most) with all G query heads of KV head h: the 64 rows of its
-/// query tile are (token i / G, head i % G). It streams every position up to its last token in tiles of 64
-/// (K, V and the eviction scores), computes S = Q K^T on tensor cores, masks positions after each row's own
-/// token, keeps each row's running softmax in fp32 and accumulates O += P V with P split into a high and a
-/// low 16-bit part.
+/// `dense_prefill_smem_bytes<D>()` bytes. CTA (x, (b, h)) takes tokens `[x T, (x + 1) T)` of chunk b (T = 64
+/// / G, the last CTAs first, since they attend the most) with all G query heads of KV head h: the 64 rows of
+/// its query tile are (token i / G, head i % G). It streams every position up to its last token in tiles of
+/// 64 (K, V and the eviction scores), computes S = Q K^T on tensor cores, masks positions after each row's
+/// own token, keeps each row's running softmax in fp32 and accumulates O += P V with P split into a high and
+/// a low 16-bit part.
 ///
 /// Fragment layout (lane = 4 r + c): a thread holds query rows r and r + 8 of its warp's 16; the S
 /// accumulator of 8-key tile nt holds keys 8 nt + 2c and the one after.
 template <class P, class E, int D, class Out>
 __global__ void __launch_bounds__(prefill_warps * 32)
-    dense_prefill_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const std::int32_t, 1> row_offsets,
-                         tensor_view<const E, 3> q, tensor_view<const E, 3> k, tensor_view<const E, 3> v,
-                         tensor_view<Out, 3> o) {
+    dense_prefill_kernel(cuda_state<E, D> s, sequence_source seqs,
+                         tensor_view<const std::int32_t, 1> row_offsets, tensor_view<const E, 3> q,
+                         tensor_view<const E, 3> k, tensor_view<const E, 3> v, tensor_view<Out, 3> o) {
   using attention = typename P::attention;
   constexpr bool offloads = P::store::offloads;
   constexpr bool biased = attention::bias != bias_mode::none;
@@ -315,10 +319,12 @@ __global__ void __launch_bounds__(prefill_warps * 32)
       const int packed = ch.row0 + first_token + token;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        w[e] = pack_elements(q(packed, h * group + g, piece * 8 + 2 * e), q(packed, h * group + g, piece * 8 + 2 * e + 1));
+        w[e] = pack_elements(q(packed, h * group + g, piece * 8 + 2 * e),
+                             q(packed, h * group + g, piece * 8 + 2 * e + 1));
       }
     }
-    *reinterpret_cast<uint4*>(q_tile + swizzled_offset<D * 2>(row, piece)) = make_uint4(w[0], w[1], w[2], w[3]);
+    *reinterpret_cast<uint4*>(q_tile + swizzled_offset<D * 2>(row, piece)) =
+        make_uint4(w[0], w[1], w[2], w[3]);
   }
 
   const prefill_rows_source<offloads, E, D> src = rows_source<offloads>(s, ch, h, k, v);
@@ -329,7 +335,7 @@ __global__ void __launch_bounds__(prefill_warps * 32)
     const int first = t * R;
     const int rows = last + 1 - first < R ? last + 1 - first : R;
     issue_position_tile<biased, prefill_rows_source<offloads, E, D>, D>(src, history, first, rows,
-                                                                       stages + (t % 2) * stage_bytes);
+                                                                        stages + (t % 2) * stage_bytes);
   };
   issue(0);
   cp_async_commit();
@@ -348,7 +354,8 @@ __global__ void __launch_bounds__(prefill_warps * 32)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int token = (warp * 16 + r + 8 * i) / group;
-    position[i] = (warp * 16 + r + 8 * i) < per_cta * group && token < cta_tokens ? ch.start + first_token + token : -1;
+    position[i] =
+        (warp * 16 + r + 8 * i) < per_cta * group && token < cta_tokens ? ch.start + first_token + token : -1;
   }
   const bool warp_active = (warp * 16) / group < cta_tokens && warp * 16 < per_cta * group;
 
@@ -402,7 +409,8 @@ __global__ void __launch_bounds__(prefill_warps * 32)
         tile_max[i] = max_keep_left(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
         const float new_max = max_keep_left(run_max[i], tile_max[i]);
         rescale[i] = 1.0f;
-        if (new_max != negative_infinity) rescale[i] = run_max[i] == negative_infinity ? 0.0f : expf(run_max[i] - new_max);
+        if (new_max != negative_infinity)
+          rescale[i] = run_max[i] == negative_infinity ? 0.0f : expf(run_max[i] - new_max);
         run_max[i] = new_max;
       }
       float tile_sum[2] = {0.0f, 0.0f};
@@ -474,15 +482,17 @@ __global__ void __launch_bounds__(prefill_warps * 32)
 /// scoring reads as a batch), for the chunks that have that row. CTA (b, h) copies the group of KV head h.
 template <class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
-    stage_prefill_query_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const std::int32_t, 1> row_offsets,
-                               tensor_view<const E, 3> q, int which, E* staged) {
+    stage_prefill_query_kernel(cuda_state<E, D> s, sequence_source seqs,
+                               tensor_view<const std::int32_t, 1> row_offsets, tensor_view<const E, 3> q,
+                               int which, E* staged) {
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const prefill_chunk_info ch = chunk_of(s, seqs, row_offsets, b);
   const int i = which >= 0 ? which : ch.tokens - 1;
   if (ch.tokens == 0 || i >= ch.tokens) return;
   const int hq = s.kv_heads * s.group;
   E* dst = staged + (std::size_t(b) * hq + std::size_t(h) * s.group) * D;
-  for (int j = threadIdx.x; j < s.group * D; j += blockDim.x) dst[j] = q(ch.row0 + i, h * s.group + j / D, j % D);
+  for (int j = threadIdx.x; j < s.group * D; j += blockDim.x)
+    dst[j] = q(ch.row0 + i, h * s.group + j / D, j % D);
 }
 
 /// Grid (batch rows x KV heads), 32 threads: copies the selection the scoring and selection kernels just made
@@ -495,19 +505,21 @@ __global__ void record_row_selection_kernel(cuda_state<E, D> s, sequence_source 
   if (which >= ch.tokens) return;
   const std::size_t at = std::size_t(ch.row0 + which) * s.kv_heads + h;
   const int n = s.selection_count[s.sh(ch.seq, h)];
-  for (int i = threadIdx.x; i < n; i += blockDim.x) s.row_selection[at * s.top_k + i] = s.selection_of(ch.seq, h)[i];
+  for (int i = threadIdx.x; i < n; i += blockDim.x)
+    s.row_selection[at * s.top_k + i] = s.selection_of(ch.seq, h)[i];
   if (threadIdx.x == 0) s.row_selection_count[at] = n;
 }
 
 /// Grid (N x KV heads), `prefill_warps` warps, `sparse_prefill_smem_bytes<D>()` bytes: CTA (row, h) attends
 /// the G query heads of packed row `row` over the blocks of its selection (`row_selection`, in rank order),
 /// as decode's tensor-core attention attends a selection: 64-key tiles, each warp 16 keys of a tile with its
-/// own running softmax (`mma_attend_rows`), the warps combined in warp order. Rows outside every chunk are left
-/// as they are.
+/// own running softmax (`mma_attend_rows`), the warps combined in warp order. Rows outside every chunk are
+/// left as they are.
 template <class P, class E, int D, class Out>
 __global__ void __launch_bounds__(prefill_warps * 32)
-    sparse_prefill_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const std::int32_t, 1> row_offsets,
-                          int batch, tensor_view<const E, 3> q, tensor_view<const E, 3> k, tensor_view<const E, 3> v,
+    sparse_prefill_kernel(cuda_state<E, D> s, sequence_source seqs,
+                          tensor_view<const std::int32_t, 1> row_offsets, int batch,
+                          tensor_view<const E, 3> q, tensor_view<const E, 3> k, tensor_view<const E, 3> v,
                           tensor_view<Out, 3> o) {
   using attention = typename P::attention;
   constexpr bool offloads = P::store::offloads;
@@ -550,7 +562,7 @@ __global__ void __launch_bounds__(prefill_warps * 32)
     int first = 0;
     const int rows = tile_at(t, first);
     issue_position_tile<biased, prefill_rows_source<offloads, E, D>, D>(src, history, first, rows,
-                                                                       smem + (t % 2) * stage_bytes);
+                                                                        smem + (t % 2) * stage_bytes);
   };
   float acc[D / 8][4];
 #pragma unroll
@@ -572,15 +584,17 @@ __global__ void __launch_bounds__(prefill_warps * 32)
     if (rows > 0) {
       const unsigned char* st = smem + (t % 2) * stage_bytes;
       const float* scores = reinterpret_cast<const float*>(st + 2 * R * D * 2) + warp * 16;
-      mma_attend_rows<P, E, D>(qa, shared_address(st), shared_address(st + R * D * 2), scores, rows,
-                               [](int r, int c) { return swizzled_offset<D * 2>(r, c); }, acc, run_max, run_sum);
+      mma_attend_rows<P, E, D>(
+          qa, shared_address(st), shared_address(st + R * D * 2), scores, rows,
+          [](int r, int c) { return swizzled_offset<D * 2>(r, c); }, acc, run_max, run_sum);
     }
     __syncthreads();
   }
   cp_async_wait<0>();
   __syncthreads();
-  const std::size_t pipeline = 2 * stage_bytes > mma_combine_bytes<D>(prefill_warps) ? 2 * stage_bytes
-                                                                                      : mma_combine_bytes<D>(prefill_warps);
+  const std::size_t pipeline = 2 * stage_bytes > mma_combine_bytes<D>(prefill_warps)
+                                   ? 2 * stage_bytes
+                                   : mma_combine_bytes<D>(prefill_warps);
   float* out_acc = reinterpret_cast<float*>(smem + pipeline);  // [G][D]
   float* out_stats = out_acc + cuda_max_group * D;             // [G][2]
   mma_combine_warps<D>(smem, prefill_warps, s.group, acc, run_max, run_sum, out_acc, out_stats);
@@ -598,8 +612,9 @@ __global__ void __launch_bounds__(prefill_warps * 32)
 /// completed as written back (offload store).
 template <class P, class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
-    prefill_store_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const std::int32_t, 1> row_offsets,
-                         tensor_view<const E, 3> k, tensor_view<const E, 3> v) {
+    prefill_store_kernel(cuda_state<E, D> s, sequence_source seqs,
+                         tensor_view<const std::int32_t, 1> row_offsets, tensor_view<const E, 3> k,
+                         tensor_view<const E, 3> v) {
   constexpr bool offloads = P::store::offloads;
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const prefill_chunk_info ch = chunk_of(s, seqs, row_offsets, b);
@@ -625,7 +640,9 @@ __global__ void __launch_bounds__(cuda_threads)
   }
   if (offloads && blockIdx.y == 0 && threadIdx.x == 0) {
     const unsigned long long completed = static_cast<unsigned long long>(end / bs - ch.start / bs);
-    if (completed > 0) atomicAdd(reinterpret_cast<unsigned long long*>(&s.totals->bytes_d2h), completed * 2ull * s.block_bytes());
+    if (completed > 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(&s.totals->bytes_d2h),
+                completed * 2ull * s.block_bytes());
   }
 }
 
@@ -635,7 +652,8 @@ __global__ void __launch_bounds__(cuda_threads)
 /// its old slot).
 template <class P, class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
-    prefill_restart_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const std::int32_t, 1> row_offsets) {
+    prefill_restart_kernel(cuda_state<E, D> s, sequence_source seqs,
+                           tensor_view<const std::int32_t, 1> row_offsets) {
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const prefill_chunk_info ch = chunk_of(s, seqs, row_offsets, b);
   if (ch.tokens == 0) return;
