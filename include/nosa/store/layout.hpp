@@ -63,6 +63,8 @@ struct state_layout {
   std::size_t step_misses = 0;      // int32 [S][H]                  blocks loaded by the last step
   std::size_t row_selection = 0;    // int32 [R][H][k]               sparse prefill: each row's selection
   std::size_t row_selection_count = 0;  // int32 [R][H]              entries in use (0: dense prefill)
+  std::size_t prefill_chunk = 0;    // int32 [S][2]                  scratch: (first position, tokens) of each
+                                    //                               sequence's chunk in a prefill (CUDA backend)
   std::size_t slot_map = 0;         // int32 [S][H][NS]              block held by each slot, -1 if free
   std::size_t block_slot = 0;       // int32 [S][H][MB]              slot holding each block, -1 if none
   std::size_t slot_stamp = 0;       // int32 [S][H][NS]              length at which each slot's block was last selected
@@ -181,6 +183,7 @@ constexpr state_layout make_state_layout(const layer_config& config) noexcept {
     s.row_selection = dev.take(RH * s.top_k * i32);
     s.row_selection_count = dev.take(RH * i32);
   }
+  s.prefill_chunk = dev.take(S * 2 * i32);
   if (s.offloads) {
     s.slot_map = dev.take(SH * s.slots * i32);
     s.block_slot = dev.take(SH * s.max_blocks * i32);

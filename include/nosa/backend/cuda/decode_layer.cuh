@@ -461,6 +461,100 @@ class decode_layer<P, cuda_backend> {
     return detail::from_cuda(cudaGetLastError());
   }
 
+  /// Prefill of a ragged batch of prompt chunks (see the host backend's `prefill` and `prefill_args`),
+  /// enqueued on `stream`: no allocation, no synchronisation, `row_offsets` read on the device, so one call
+  /// per chunk shape can be captured in a CUDA graph. Views are checked at once (and `rows` against
+  /// `max_prefill_rows`); the offsets and the state (unknown, duplicate, full, unreserved) by the first kernel,
+  /// whose status `step_status()` reads; a call that fails changes nothing.
+  ///
+  /// Runs on tensor cores: bf16 or fp16 storage, D 64 or 128, the element format (other pipelines give
+  /// `not_supported`). The packed `k` and `v` rows must be 16-byte aligned (`misaligned_pointer`).
+  /// \tparam Prefill `dense_prefill` or `sparse_prefill`; full attention has `dense_prefill` only
+  template <prefill_policy Prefill = dense_prefill, storage_element Out>
+  [[nodiscard]] status prefill(const prefill_args<element_type, Out>& args, cudaStream_t stream = nullptr) noexcept {
+    static_assert(
+        !Prefill::selects_per_token || !P::dense,
+        "sparse_prefill attends each query's selection; full attention selects nothing: use dense_prefill");
+    if constexpr (!prefill_on_tensor_cores) {
+      return status::not_supported;
+    } else {
+      const std::int64_t batch = args.sequences.extents[0], rows = args.q.extents[0];
+      if (batch < 0 || rows < 0) return status::shape_mismatch;
+      const int hq = config_.num_q_heads, hkv = config_.num_kv_heads;
+      NOSA_TRY(check_view(args.sequences, {batch}));
+      NOSA_TRY(check_view(args.row_offsets, {batch + 1}));
+      NOSA_TRY(check_view(args.q, {rows, hq, head_dim}));
+      NOSA_TRY(check_view(args.k, {rows, hkv, head_dim}));
+      NOSA_TRY(check_view(args.v, {rows, hkv, head_dim}));
+      if (P::uses_eviction_scores || !args.c.empty()) NOSA_TRY(check_view(args.c, {rows, hkv}));
+      NOSA_TRY(check_view(args.o, {rows, hq, head_dim}));
+      if (rows > layout_.prefill_rows) return status::shape_mismatch;
+      if (!rows_aligned(args.k) || !rows_aligned(args.v)) return status::misaligned_pointer;
+      if (batch > std::int64_t(1) << 20) return status::invalid_argument;
+      const int n = static_cast<int>(rows), bh = static_cast<int>(batch) * hkv;
+      const detail::sequence_source seqs{args.sequences, -1};
+      constexpr int threads = detail::cuda_threads;
+      detail::begin_prefill_kernel<<<1, threads, 0, stream>>>(state_, seqs, args.row_offsets, static_cast<int>(batch),
+                                                              n);
+      if (bh == 0 || n == 0) return detail::from_cuda(cudaGetLastError());
+      detail::prefill_append_kernel<P><<<bh, threads, 0, stream>>>(state_, seqs, args.row_offsets, args.k, args.c);
+      // Scratch for a query of every chunk as a batch (`[B][H_q][D]`): the split-attention partials, which a
+      // prefill does not use otherwise and which hold at least S * H_kv * G * D floats.
+      element_type* staged = reinterpret_cast<element_type*>(device_ + layout_.partial_acc);
+      tensor_view<const element_type, 3> staged_q;
+      staged_q.data = staged;
+      staged_q.extents[0] = batch;
+      staged_q.extents[1] = hq;
+      staged_q.extents[2] = head_dim;
+      staged_q.strides[0] = std::int64_t(hq) * head_dim;
+      staged_q.strides[1] = head_dim;
+      staged_q.strides[2] = 1;
+      if constexpr (Prefill::selects_per_token) {
+        // Each row's selection, for the rows at offset i of every chunk at once (row i of a chunk that
+        // starts at position t0 is the query at t0 + i, whose sequence has t0 + i + 1 tokens).
+        for (int i = 0; i < n; ++i) {
+          detail::stage_prefill_query_kernel<<<bh, threads, 0, stream>>>(state_, seqs, args.row_offsets, args.q, i,
+                                                                         staged);
+          NOSA_CUDA_TRY(detail::launch_scoring<P>(state_, seqs, bh, i + 1, staged_q, true, scoring_, stream, true));
+          NOSA_CUDA_TRY(detail::launch_select<P>(state_, seqs, bh, i + 1, true, false, detail::count_mode::prefill,
+                                                 stream));
+          detail::record_row_selection_kernel<<<bh, 32, 0, stream>>>(state_, seqs, args.row_offsets, i);
+        }
+        const auto kernel = detail::sparse_prefill_kernel<P, element_type, head_dim, Out>;
+        const int smem = static_cast<int>(detail::sparse_prefill_smem_bytes<head_dim>());
+        NOSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        kernel<<<dim3(n, hkv), detail::prefill_warps * 32, smem, stream>>>(
+            state_, seqs, args.row_offsets, static_cast<int>(batch), args.q, args.k, args.v, args.o);
+      } else {
+        const auto kernel = detail::dense_prefill_kernel<P, element_type, head_dim, Out>;
+        const int smem = static_cast<int>(detail::dense_prefill_smem_bytes<head_dim>());
+        NOSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        const int per_cta = detail::prefill_tile_rows / config_.group_size();
+        kernel<<<dim3((n + per_cta - 1) / per_cta, bh), detail::prefill_warps * 32, smem, stream>>>(
+            state_, seqs, args.row_offsets, args.q, args.k, args.v, args.o);
+      }
+      const int per_row = std::clamp((n * head_dim + threads - 1) / threads, 1, 64);
+      detail::prefill_store_kernel<P>
+          <<<dim3(bh, per_row), threads, 0, stream>>>(state_, seqs, args.row_offsets, args.k, args.v);
+      detail::prefill_restart_kernel<P><<<bh, threads, 0, stream>>>(state_, seqs, args.row_offsets);
+      if constexpr (!P::dense) {
+        // The selection of each chunk's last query, loaded as admission loads it.
+        detail::stage_prefill_query_kernel<<<bh, threads, 0, stream>>>(state_, seqs, args.row_offsets, args.q, -1,
+                                                                       staged);
+        NOSA_CUDA_TRY(detail::launch_scoring<P>(state_, seqs, bh, 0, staged_q, true, scoring_, stream, true));
+        NOSA_CUDA_TRY(
+            detail::launch_select<P>(state_, seqs, bh, 0, true, false, detail::count_mode::prefill, stream));
+        if constexpr (offloads) {
+          NOSA_CUDA_TRY(detail::launch_diff(state_, seqs, bh, 0, detail::count_mode::prefill, stream));
+          NOSA_CUDA_TRY(
+              detail::launch_gather(state_, seqs, bh, false, stream, detail::gather_target_ctas, /*prefill=*/true));
+          detail::prefill_clear_misses_kernel<<<bh, 32, 0, stream>>>(state_, seqs, args.row_offsets);
+        }
+      }
+      return detail::from_cuda(cudaGetLastError());
+    }
+  }
+
   // ---------------------------------------------------------------------------------------------------
   // Inspection: each call synchronises `stream` and reads state memory. Spans point into the host arena
   // and stay valid until the next call of the same function.
@@ -514,6 +608,21 @@ class decode_layer<P, cuda_backend> {
                       cudaStreamSynchronize(stream) == cudaSuccess;
     return read && live != 0 ? n : 0;
   }
+  /// The blocks packed row `row` of the most recent prefill attended for KV head `head` (see the host
+  /// backend): its selection in rank order under `sparse_prefill`, else empty.
+  std::span<const std::int32_t> prefill_selection(int row, int head, cudaStream_t stream = nullptr) const noexcept {
+    if (P::dense || row < 0 || row >= layout_.prefill_rows || head < 0 || head >= config_.num_kv_heads) return {};
+    const std::size_t i = std::size_t(row) * config_.num_kv_heads + head;
+    std::int32_t count = 0;
+    std::int32_t* out = hst<std::int32_t>(layout_.inspect_selection);
+    const bool read =
+        ok(copy_from_device(&count, layout_.row_selection_count + sizeof(std::int32_t) * i, 1, stream)) &&
+        ok(copy_from_device(out, layout_.row_selection + sizeof(std::int32_t) * i * layout_.top_k, layout_.top_k,
+                            stream)) &&
+        cudaStreamSynchronize(stream) == cudaSuccess;
+    if (!read) return {};
+    return {out, static_cast<std::size_t>(std::clamp(count, 0, layout_.top_k))};
+  }
   std::span<const std::int32_t> slots(int seq, int head, cudaStream_t stream = nullptr) const noexcept {
     if constexpr (!offloads) {
       return {};
@@ -552,6 +661,16 @@ class decode_layer<P, cuda_backend> {
   static constexpr bool quantized = P::store::kv_format::quantized;
   /// A quantized format the kernels support: codes read by the tensor-core FP8 attention.
   static constexpr bool fp8_attention = quantized && detail::uses_fp8_attention<element_type, head_dim>;
+
+  /// Prefill runs on tensor cores only: 16-bit storage, D 64 or 128, complete blocks in the element type.
+  static constexpr bool prefill_on_tensor_cores = mma_attention && !quantized;
+
+  /// True when every row of a packed `[N][H][D]` view starts on a 16-byte boundary (the prefill copies rows
+  /// of K and V asynchronously in 16-byte pieces).
+  static bool rows_aligned(const tensor_view<const element_type, 3>& x) noexcept {
+    constexpr std::int64_t per = 16 / sizeof(element_type);
+    return reinterpret_cast<std::uintptr_t>(x.data) % 16 == 0 && x.strides[0] % per == 0 && x.strides[1] % per == 0;
+  }
 
   layer_config config_{};
   state_layout layout_{};

@@ -51,14 +51,16 @@ __device__ inline void copy_pair(const void* src_k, const void* src_v, void* dst
 
 /// Grid (batch rows x KV heads, Y). CTA (r, y) loads misses y, y + Y, ... of row r from their pool pages
 /// (mapped host memory) into their slots; with `write_back`, CTA (r, k mod Y) then writes back the tail
-/// block when this step completed it. With Y = k + 1 every CTA has one item at most.
+/// block when this step completed it. With Y = k + 1 every CTA has one item at most. With `prefill` (the final
+/// selection of a prefill), only when the prefill's checks passed and the row's chunk is not empty.
 template <class E, int D>
 __global__ void __launch_bounds__(cuda_threads)
-    gather_kernel(cuda_state<E, D> s, sequence_source seqs, bool write_back) {
+    gather_kernel(cuda_state<E, D> s, sequence_source seqs, bool write_back, bool prefill) {
   dependent_launch_wait();
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
-  if (write_back && *s.status != 0) return;  // `write_back` is set by steps only; plan calls always run
+  if ((write_back || prefill) && *s.status != 0) return;  // set by steps and prefills; plan calls always run
+  if (prefill && s.prefill_skips(seq, 0)) return;
   const int misses = s.step_misses[s.sh(seq, h)];
   for (int j = blockIdx.y; j < misses && j < s.top_k; j += gridDim.y) {
     const int blk = s.misses_of(seq, h)[j];
@@ -90,13 +92,14 @@ inline int gather_ctas_per_row(int rows, int items, int target = gather_target_c
 }
 
 /// Enqueues `gather_kernel` for `rows` (batch row, KV head) pairs: up to `k` misses each, and the write-back
-/// of a completed tail block with `write_back` (steps); about `target` CTAs in all.
+/// of a completed tail block with `write_back` (steps); about `target` CTAs in all; `prefill`: see
+/// `gather_kernel`.
 template <class E, int D>
 cudaError_t launch_gather(const cuda_state<E, D>& s, sequence_source seqs, int rows, bool write_back,
-                          cudaStream_t stream, int target = gather_target_ctas) {
+                          cudaStream_t stream, int target = gather_target_ctas, bool prefill = false) {
   const int per_row = gather_ctas_per_row(rows, s.top_k + (write_back ? 1 : 0), target);
   return launch_kernel(gather_kernel<E, D>, dim3(rows, per_row), dim3(cuda_threads), 0, stream, s.dependent_launch, 1,
-                       s, seqs, write_back);
+                       s, seqs, write_back, prefill);
 }
 
 }  // namespace nosa::detail

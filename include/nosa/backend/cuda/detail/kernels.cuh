@@ -13,6 +13,7 @@
 #include <nosa/backend/cuda/detail/attention.cuh>
 #include <nosa/backend/cuda/detail/attention_tma.cuh>
 #include <nosa/backend/cuda/detail/plan.cuh>
+#include <nosa/backend/cuda/detail/prefill.cuh>
 
 // A quantized KV format (FP8): the quantisation, the gather of codes and the attention over them.
 #include <nosa/backend/cuda/detail/attention_fp8.cuh>

@@ -114,11 +114,12 @@ score_shape plan_scoring(const selection_params& sel, int max_blocks, int group,
 /// scores the windows that overlap them, joins the cluster's per-head softmax, and writes those blocks' `Sq`
 /// (the pooling identity without a query) and `Se`. `columns` is the logit row length in shared memory, or
 /// 0 for the global scratch. Plan calls pass one row with `length_offset` 0; steps run only when the step's
-/// checks passed (every CTA of a cluster sees the same status, so they return together).
+/// checks passed (every CTA of a cluster sees the same status, so they return together); with `prefill`, only
+/// when the prefill's checks passed and the row's chunk reaches `length_offset` (`prefill_skips`).
 template <class P, class E, int D>
 __global__ void __launch_bounds__(score_threads)
     score_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, tensor_view<const E, 3> q,
-                 bool have_query, int columns) {
+                 bool have_query, int columns, bool prefill) {
   dependent_launch_wait();
   using traits = score_traits<E, D>;
   using scorer = typename P::query_aware;
@@ -129,12 +130,13 @@ __global__ void __launch_bounds__(score_threads)
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float cta_stats[G][2];  // (max, sum of exp) per head over the windows this CTA owns
   __shared__ float head_max[G], head_inv[G];
-  if (length_offset > 0 && *s.status != 0) return;
+  if ((length_offset > 0 || prefill) && *s.status != 0) return;
 
   const unsigned C = cluster_ctas(), rank = cluster_rank();
   const int row = static_cast<int>(blockIdx.x / C);
   const int b = row / s.kv_heads, h = row % s.kv_heads;
   const int seq = seqs(b);
+  if (prefill && s.prefill_skips(seq, length_offset)) return;  // the same for every CTA of the cluster
   const int length = s.lengths[seq] + length_offset;
   const selection_params& sel = s.sel;
   const int group = s.group;
@@ -350,15 +352,17 @@ __global__ void __launch_bounds__(score_threads)
   if (have_query) cluster_wait();
 }
 
-/// Enqueues the scoring of `rows` (batch row, KV head) pairs in the shape `plan_scoring` gives.
+/// Enqueues the scoring of `rows` (batch row, KV head) pairs in the shape `plan_scoring` gives (`prefill`: see
+/// `score_kernel`).
 template <class P, class E, int D>
 cudaError_t launch_scoring(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset,
-                           tensor_view<const E, 3> q, bool have_query, const score_device& dev, cudaStream_t stream) {
+                           tensor_view<const E, 3> q, bool have_query, const score_device& dev, cudaStream_t stream,
+                           bool prefill = false) {
   if (rows <= 0) return cudaSuccess;
   const score_shape shape = plan_scoring<E, D>(s.sel, s.max_blocks, s.group, rows, dev);
   return launch_kernel(score_kernel<P, E, D>, dim3(static_cast<unsigned>(rows) * shape.cluster), dim3(score_threads),
                        shape.smem, stream, s.dependent_launch, shape.cluster, s, seqs, length_offset, q, have_query,
-                       shape.columns);
+                       shape.columns, prefill);
 }
 
 /// Opts the scoring kernel into the shared memory it may use (once per pipeline and device).

@@ -182,7 +182,18 @@ __device__ std::uint64_t take_best(select_shared& sh, int& n, int count, int ava
 enum class count_mode : int {
   step,    ///< a decode step: hits, misses, bytes both ways, into the step's and the total counters
   ingest,  ///< the initial load of a new sequence: bytes host-to-device into the totals only
+  prefill, ///< a prefill's selections: only when its checks passed and for sequences whose chunk reaches the
+           ///< length offset (`cuda_state::prefill_skips`); bytes host-to-device into the totals only
 };
+
+/// True when a selection-stage kernel of `mode` has nothing to do for `seq`: a step or a prefill whose checks
+/// failed, or a prefill whose chunk for `seq` does not reach `length_offset`. Plan calls always run.
+template <class E, int D>
+__device__ inline bool selection_skips(const cuda_state<E, D>& s, count_mode mode, int seq, int length_offset) {
+  if (mode == count_mode::ingest) return false;
+  if (*s.status != 0) return true;
+  return mode == count_mode::prefill && s.prefill_skips(seq, length_offset);
+}
 
 /// Adds `v` to a counter; zeros are skipped, since every CTA of a launch adds to the same few addresses.
 __device__ inline void add_count(unsigned long long& counter, unsigned long long v) {
@@ -229,7 +240,7 @@ __global__ void __launch_bounds__(select_threads)
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
   // Plan calls (ingest) run whatever the last step's status; a step runs only when its checks passed.
-  if (mode == count_mode::step && *s.status != 0) return;
+  if (selection_skips(s, mode, seq, length_offset)) return;
   const int length = s.lengths[seq] + length_offset;
   const selection_params& sel = s.sel;
   const int n_blocks = block_count(length, sel);
@@ -345,7 +356,7 @@ __global__ void __launch_bounds__(select_threads)
   __shared__ diff_shared sh;
   const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
   const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
-  if (mode == count_mode::step && *s.status != 0) return;
+  if (selection_skips(s, mode, seq, length_offset)) return;
   const int t = threadIdx.x;
   std::int32_t* map = s.slot_map_of(seq, h);
   std::int32_t* where = s.block_slot_of(seq, h);

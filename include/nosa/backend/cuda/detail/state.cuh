@@ -50,6 +50,10 @@ struct cuda_state {
   std::int32_t* status;
   counters* totals;
   counters* last_step;
+  int prefill_rows;                   ///< R: rows one prefill call may carry
+  std::int32_t* row_selection;        ///< [R][H][k] sparse prefill: each row's selection
+  std::int32_t* row_selection_count;  ///< [R][H] entries in use
+  std::int32_t* prefill_chunk;        ///< [S][2] (first position, tokens) of each sequence's chunk in a prefill
   E* pool;  ///< device address of the pool: mapped host memory (offload) or device memory (resident)
 
   // A quantized KV format (FP8, spec §6b) keeps complete blocks as codes plus a scale, and each current block
@@ -140,6 +144,12 @@ struct cuda_state {
   NOSA_HOST_DEVICE float* stats_of(int row, int split, int splits) const {
     return partial_stats + ((std::size_t(row) * splits + split) * group) * 2;
   }
+  /// Prefill: true when the kernels that work on `seq` at `offset` tokens past the chunk's first position
+  /// have nothing to do: its chunk in the running prefill is empty, or shorter than `offset` tokens.
+  NOSA_HOST_DEVICE bool prefill_skips(int seq, int offset) const {
+    const int tokens = prefill_chunk[2 * seq + 1];
+    return tokens == 0 || offset > tokens;
+  }
 };
 
 /// Builds the kernel view of a state from the arenas' base addresses (`pool_base` is the device address
@@ -190,6 +200,11 @@ cuda_state<E, D> make_cuda_state(const layer_config& config, const state_layout&
   s.status = reinterpret_cast<std::int32_t*>(at(l.step_status));
   s.totals = reinterpret_cast<counters*>(at(l.totals));
   s.last_step = reinterpret_cast<counters*>(at(l.last_step));
+  s.prefill_rows = l.prefill_rows;
+  s.row_selection = l.row_selection != 0 ? reinterpret_cast<std::int32_t*>(at(l.row_selection)) : nullptr;
+  s.row_selection_count =
+      l.row_selection_count != 0 ? reinterpret_cast<std::int32_t*>(at(l.row_selection_count)) : nullptr;
+  s.prefill_chunk = reinterpret_cast<std::int32_t*>(at(l.prefill_chunk));
   s.pool = reinterpret_cast<E*>(pool_base + (l.offloads ? l.host_pool : l.device_pool));
   s.quantized = l.quantized;
   if (l.quantized) {
