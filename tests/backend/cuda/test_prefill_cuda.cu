@@ -302,7 +302,7 @@ TEST_CASE("one prefill chunk captured in a CUDA graph and replayed") {
 TEST_CASE("bad prefill calls report their status and change nothing; unsupported pipelines say so") {
   NOSA_REQUIRE_GPU();
   using P = nosa_pipeline<bf16, bias_mode::after_scale>;
-  constexpr int D = 64, hq = 4, hkv = 2, rows = 8;
+  constexpr int D = 64, hq = 4, hkv = 2, rows = 24;
   const nosa::layer_config cfg = prefill_config(2, 64, rows, hq, hkv);
   nosa::owning_layer<nosa::decode_layer<P, nosa::cuda_backend>> gpu;
   REQUIRE(gpu.create(cfg) == status::success);
@@ -334,8 +334,9 @@ TEST_CASE("bad prefill calls report their status and change nothing; unsupported
   CHECK(run(0, 0, 0, 2, 4) == status::duplicate_sequence);
   CHECK(run(0, 5, 0, 2, 4) == status::unknown_sequence);
   CHECK(run(0, 1, 0, 5, 4) == status::invalid_argument);
-  CHECK(run(0, 1, 0, 2, 9) == status::invalid_argument);
-  CHECK(run(0, 1, 0, 2, 4) == status::not_reserved);  // sequence 1 has no page
+  CHECK(run(0, 1, 0, 2, rows + 1) == status::invalid_argument);
+  // Admission reserves the block of a sequence's next token; 18 tokens reach sequence 1's second block.
+  CHECK(run(0, 1, 0, 2, 20) == status::not_reserved);
   CHECK(gpu->length(0, stream) == 0);
   CHECK(gpu->length(1, stream) == 0);
   CHECK(run(0, 1, 0, 4, 4) == status::success);
