@@ -8,10 +8,12 @@
 /// `mma.m16n8k16` (Q K^T, then P V, fp32 accumulation), as in the element-type kernel. A CTA streams 64-row
 /// tiles of K and V codes and the eviction scores through a `cp.async` pipeline into shared memory (half the
 /// bytes of an element-type tile, so twice the stages in the same space), and each warp converts its 16 rows'
-/// codes to the element type in registers, where E4M3 is exact in bf16 and fp16, right before the `mma`.
-/// Each block's fp32 scales are applied once per tile: the K scale to the dot products, the V scale to the
-/// softmax weights that multiply V (the weights' sum stays unscaled). The current block, in the element type,
-/// is read from global memory into the same fragments when its tile comes.
+/// codes in registers right before the `mma` (E4M3 is exact in bf16 and fp16): K codes to the element type,
+/// V codes to fp16 (see "Precision").
+/// Each block's fp32 scales are applied once per tile, in fp32, to the products of its codes: the K scale to
+/// the dot products, the V scale to the tile's P V, which each 8-column output tile sums in a fragment of its
+/// own before it is added to the accumulator. The softmax weights P themselves are never scaled. The current
+/// block, in the element type, is read from global memory into the same fragments when its tile comes.
 ///
 /// Operand layouts. There is no `ldmatrix` for 8-bit data on sm_90, so each thread reads its fragments' codes
 /// from shared memory itself, and two permutations make those reads 16-byte words:
@@ -23,11 +25,35 @@
 ///    reads `D / 8` consecutive codes of each of its four key rows.
 /// The rows of both tiles are swizzled in 16-byte pieces so that those reads are free of bank conflicts.
 ///
-/// Precision: Q and the codes enter the products exactly (E4M3 converts exactly to bf16 and fp16); the dot
-/// products and the weighted sums accumulate in fp32 and are scaled by the block's scale once, where the host
-/// backend scales every value before it multiplies: the two agree within fp32 accumulation error. P is split
-/// into a high and a low 16-bit part, as in the element-type kernel. A NaN code (only a NaN input makes one)
-/// reads as 480 instead of NaN.
+/// Precision. The host backend, the reference, computes in fp32 with every value dequantised
+/// (`code * scale`), so each of its products and sums is exact to 2^-24 relative; this kernel matches that:
+///  - Q K^T: Q (element type) and the codes (exact in bf16 and fp16) multiply exactly, the products
+///    accumulate in fp32, and the K scale multiplies the sum once: `(sum q code) * s_K` against the host's
+///    `sum q (code * s_K)`, the same value within fp32 accumulation error.
+///  - P V: the weights P = exp(logit - max) are fp32 in (0, 1] and the tensor cores take 16-bit operands,
+///    so P is split into parts whose sum carries about 24 bits. The codes convert exactly to fp16 as well
+///    as to bf16, so a complete block's P V runs in fp16 whatever the element type: P * 2^15 (at most 32768,
+///    finite in fp16) is split into a high fp16 part and the rounded remainder, 11 + 11 significant bits, an
+///    error of at most 2^-23 of P, where bf16 parts (8 + 8 bits) leave up to 2^-16. The factor 2^15 keeps
+///    the remainder a normal fp16 number down to P of about 2^-18; below, both parts round to fp16's
+///    smallest spacing 2^-24, which is 2^-39 of P: far below fp32's resolution at the tile's largest weight
+///    (P = 1). The tile's P V is summed in its own fp32 fragment, then multiplied by 2^-15 (exact) and by
+///    the V scale in one `fma` into the accumulator. The current block's V is bf16 or fp16: fp16 takes the
+///    same path with scale 1; bf16 V cannot enter an fp16 product, so P is split into three bf16 parts
+///    (8 + 8 + 8 bits, fp32's range: no scaling) and all three multiply V.
+///    Scaling P by the V scale before splitting it into two parts of the element type would lose those
+///    bits: in fp16 a scale s makes P s subnormal below 2^-14 (s = 0.008, a block whose largest value is
+///    3.5, leaves the low part an absolute resolution of 2^-25 / s, about 4e-6 of P; a scale below 2^-14
+///    leaves the high part only a few bits), and bf16 parts keep 16 bits whatever the scale, an error of up
+///    to 2^-16 (1.5e-5) of every weight, which |V| multiplies: at |V| = 1 most of the 2e-5 absolute
+///    tolerance of the comparison with the host backend, and far more where large values cancel.
+///  - The sum of P stays fp32 and unscaled, and the running max, the sum and the accumulator are rescaled
+///    together by the same factors as in the element-type kernel; the scales never touch them.
+/// So the two backends agree within fp32 rounding of the logits and the sums. Where large V values cancel to
+/// a small output, that rounding (2^-24 of |logit| moves P by as much) is amplified by |V| / |output| on
+/// both backends alike.
+///
+/// A NaN code (only a NaN input makes one) reads as 480 instead of NaN.
 
 #include <nosa/attention/sparse_attention.hpp>
 #include <nosa/backend/cuda/detail/common.cuh>
@@ -41,6 +67,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace nosa::detail {
@@ -134,6 +161,46 @@ __device__ inline fp8_share fp8_share_of(int n, int split, int splits, int block
   r.tiles_per_block = (block_size + fp8_tile_rows - 1) / fp8_tile_rows;
   r.tiles = r.last > r.first ? (r.last - r.first) * r.tiles_per_block : 0;
   return r;
+}
+
+/// The factor the softmax weights P (at most 1) are multiplied by before they are split into fp16 parts: the
+/// largest power of two that keeps P = 1 finite in fp16 (65504), so that the low part stays a normal fp16
+/// number down to P of about 2^-18 (see "Precision" in the file comment).
+inline constexpr float fp8_weight_prescale = 32768.0f;
+/// Its inverse, applied (exactly) to each tile's P V.
+inline constexpr float fp8_weight_unscale = 1.0f / 32768.0f;
+
+/// The A fragments of P (`p[nt][e]`: 16 x 8 tile nt of the accumulator layout) times
+/// `fp8_weight_prescale`, as a high fp16 part `hi` and the rounded remainder `lo`: together 22 significant
+/// bits of each weight.
+__device__ inline void fp8_split_weights(const float (&p)[2][4], std::uint32_t (&hi)[4], std::uint32_t (&lo)[4]) {
+  constexpr float s = fp8_weight_prescale;
+  hi[0] = pack_split<fp16>(p[0][0] * s, p[0][1] * s, lo[0]);
+  hi[1] = pack_split<fp16>(p[0][2] * s, p[0][3] * s, lo[1]);
+  hi[2] = pack_split<fp16>(p[1][0] * s, p[1][1] * s, lo[2]);
+  hi[3] = pack_split<fp16>(p[1][2] * s, p[1][3] * s, lo[3]);
+}
+
+/// Two fp32 values as three bf16 pairs (x in the low halves): x = hi + mid + lo to 24 significant bits,
+/// without scaling (bf16 has fp32's range).
+__device__ inline void fp8_split3_pair(float x, float y, std::uint32_t& hi, std::uint32_t& mid, std::uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  const float2 hb = __bfloat1622float2(h);
+  const float rx = x - hb.x, ry = y - hb.y;  // exact
+  const __nv_bfloat162 m = __floats2bfloat162_rn(rx, ry);
+  const float2 mb = __bfloat1622float2(m);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(rx - mb.x, ry - mb.y);  // the differences are exact
+  std::memcpy(&hi, &h, 4);
+  std::memcpy(&mid, &m, 4);
+  std::memcpy(&lo, &l, 4);
+}
+/// The A fragments of P in three bf16 parts, for the current block's bf16 V.
+__device__ inline void fp8_split3_bf16(const float (&p)[2][4], std::uint32_t (&hi)[4], std::uint32_t (&mid)[4],
+                                       std::uint32_t (&lo)[4]) {
+  fp8_split3_pair(p[0][0], p[0][1], hi[0], mid[0], lo[0]);
+  fp8_split3_pair(p[0][2], p[0][3], hi[1], mid[1], lo[1]);
+  fp8_split3_pair(p[1][0], p[1][1], hi[2], mid[2], lo[2]);
+  fp8_split3_pair(p[1][2], p[1][3], hi[3], mid[3], lo[3]);
 }
 
 /// Grid (batch rows x KV heads, splits), `fp8_attention_warps` warps, `fp8_attention_smem_bytes<D>()` bytes
@@ -383,7 +450,7 @@ __global__ void __launch_bounds__(fp8_attention_warps * 32)
         const float m = run_max[e >> 1];
         const float p = m == negative_infinity ? 0.0f : expf(sc[nt][e] - m);
         tile_sum[e >> 1] += p;
-        sc[nt][e] = p * src.value_scale;  // the weight of the codes of V
+        sc[nt][e] = p;  // unscaled: the block's V scale multiplies the tile's P V (below)
       }
     }
 #pragma unroll
@@ -398,16 +465,12 @@ __global__ void __launch_bounds__(fp8_attention_warps * 32)
       }
     }
 
-    // O += P V, with P split into a high and a low 16-bit part. Thread (g, c) reads key rows 2c, 2c + 1,
-    // 2c + 8 and 2c + 9 of the warp's 16, columns g D/8 .. g D/8 + D/8 - 1 (output columns g of every tile).
-    std::uint32_t pa[4], pr[4];
-    pa[0] = pack_split<E>(sc[0][0], sc[0][1], pr[0]);
-    pa[1] = pack_split<E>(sc[0][2], sc[0][3], pr[1]);
-    pa[2] = pack_split<E>(sc[1][0], sc[1][1], pr[2]);
-    pa[3] = pack_split<E>(sc[1][2], sc[1][3], pr[3]);
+    // O += P V (see "Precision" in the file comment). Thread (g, c) reads key rows 2c, 2c + 1, 2c + 8 and
+    // 2c + 9 of the warp's 16, columns g D/8 .. g D/8 + D/8 - 1 (output columns g of every tile).
     const int key_rows[4] = {2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9};
     if (exact) {
-      // cols elements of each row: D/8 * 2 bytes, one or two 16-byte words.
+      // The current block in the element type (its scale is 1): cols elements of each row, D/8 * 2 bytes,
+      // one or two 16-byte words.
       constexpr int words = cols / 2;
       std::uint32_t vw[4][words];
 #pragma unroll
@@ -424,17 +487,43 @@ __global__ void __launch_bounds__(fp8_attention_warps * 32)
           }
         }
       }
+      if constexpr (std::is_same_v<E, bf16>) {
+        // bf16 V: P in three bf16 parts, straight into the accumulator.
+        std::uint32_t pa[4], pm[4], pr[4];
+        fp8_split3_bf16(sc, pa, pm, pr);
 #pragma unroll
-      for (int j = 0; j < n_tiles; ++j) {
-        // Element j of each row: the low (j even) or high half of word j / 2.
-        const std::uint32_t sel_pair = j % 2 == 0 ? 0x5410u : 0x7632u;
-        const std::uint32_t b0 = __byte_perm(vw[0][j / 2], vw[1][j / 2], sel_pair);
-        const std::uint32_t b1 = __byte_perm(vw[2][j / 2], vw[3][j / 2], sel_pair);
-        mma_16816<E>(o[j], pa, b0, b1);
-        mma_16816<E>(o[j], pr, b0, b1);
+        for (int j = 0; j < n_tiles; ++j) {
+          // Element j of each row: the low (j even) or high half of word j / 2.
+          const std::uint32_t sel_pair = j % 2 == 0 ? 0x5410u : 0x7632u;
+          const std::uint32_t b0 = __byte_perm(vw[0][j / 2], vw[1][j / 2], sel_pair);
+          const std::uint32_t b1 = __byte_perm(vw[2][j / 2], vw[3][j / 2], sel_pair);
+          mma_16816<bf16>(o[j], pa, b0, b1);
+          mma_16816<bf16>(o[j], pm, b0, b1);
+          mma_16816<bf16>(o[j], pr, b0, b1);
+        }
+      } else {
+        // fp16 V: as the codes below, with scale 1.
+        std::uint32_t pa[4], pr[4];
+        fp8_split_weights(sc, pa, pr);
+#pragma unroll
+        for (int j = 0; j < n_tiles; ++j) {
+          const std::uint32_t sel_pair = j % 2 == 0 ? 0x5410u : 0x7632u;
+          const std::uint32_t b0 = __byte_perm(vw[0][j / 2], vw[1][j / 2], sel_pair);
+          const std::uint32_t b1 = __byte_perm(vw[2][j / 2], vw[3][j / 2], sel_pair);
+          float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          mma_16816<fp16>(t, pa, b0, b1);
+          mma_16816<fp16>(t, pr, b0, b1);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[j][e] += t[e] * fp8_weight_unscale;
+        }
       }
     } else {
-      // cols codes of each row: 16 bytes (D 128) or 8 bytes (D 64) of a swizzled piece.
+      // Codes: cols of each row, 16 bytes (D 128) or 8 bytes (D 64) of a swizzled piece, converted to fp16
+      // whatever E is (exact either way), with P scaled by 2^15 and split into two fp16 parts; each 8-column
+      // tile's P V is summed on its own and added to the accumulator times 2^-15 (exact) times the block's V
+      // scale, in fp32.
+      std::uint32_t pa[4], pr[4];
+      fp8_split_weights(sc, pa, pr);
       constexpr int words = cols / 4;
       std::uint32_t vw[4][words];
 #pragma unroll
@@ -449,14 +538,18 @@ __global__ void __launch_bounds__(fp8_attention_warps * 32)
           vw[k][0] = x.x, vw[k][1] = x.y;
         }
       }
+      const float value_scale = src.value_scale;
 #pragma unroll
       for (int j = 0; j < n_tiles; ++j) {
         // Code j of each row: byte j % 4 of word j / 4, from rows (2c, 2c + 1) and (2c + 8, 2c + 9).
         const std::uint32_t sel_pair = std::uint32_t(j % 4) | (std::uint32_t(4 + j % 4) << 8);
-        const std::uint32_t b0 = e4m3_pair_to<E>(__byte_perm(vw[0][j / 4], vw[1][j / 4], sel_pair));
-        const std::uint32_t b1 = e4m3_pair_to<E>(__byte_perm(vw[2][j / 4], vw[3][j / 4], sel_pair));
-        mma_16816<E>(o[j], pa, b0, b1);
-        mma_16816<E>(o[j], pr, b0, b1);
+        const std::uint32_t b0 = e4m3_pair_to<fp16>(__byte_perm(vw[0][j / 4], vw[1][j / 4], sel_pair));
+        const std::uint32_t b1 = e4m3_pair_to<fp16>(__byte_perm(vw[2][j / 4], vw[3][j / 4], sel_pair));
+        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        mma_16816<fp16>(t, pa, b0, b1);
+        mma_16816<fp16>(t, pr, b0, b1);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][e] = fmaf(t[e] * fp8_weight_unscale, value_scale, o[j][e]);
       }
     }
   }
