@@ -17,11 +17,12 @@
 
 namespace nosa::detail {
 
-/// Checks every batch row as the host backend does (unknown, duplicate, full, unreserved; the first row in
-/// batch order with an error decides the status), publishes the status and, on success, opens the step's
-/// counters. One CTA.
-template <class E, int D>
-__global__ void begin_step_kernel(cuda_state<E, D> s, sequence_source seqs, int batch) {
+/// Checks every batch row against the state as the host backend does, row `b` appending `tokens(b)` tokens:
+/// unknown, duplicate, full, unreserved (a block the row's tokens reach has no page); the first row in batch
+/// order with an error decides. Returns that status's code, 0 on success, to every thread. Called by every
+/// thread of one CTA.
+template <class E, int D, class Tokens>
+__device__ int check_batch_rows(const cuda_state<E, D>& s, sequence_source seqs, int batch, Tokens tokens) {
   __shared__ int first_error;
   if (threadIdx.x == 0) first_error = INT_MAX;
   __syncthreads();
@@ -39,11 +40,16 @@ __global__ void begin_step_kernel(cuda_state<E, D> s, sequence_source seqs, int 
     } else if (s.batch_mark[seq] != batch - b) {
       e = status::duplicate_sequence;
     } else {
-      const int t = s.lengths[seq];
-      if (t < 0 || t + 1 > s.max_tokens) {
+      const long long t = s.lengths[seq], n = tokens(b);
+      if (t < 0 || t + n > s.max_tokens) {
         e = status::sequence_full;
-      } else if (s.table(seq)[t / s.sel.block_size] < 0) {
-        e = status::not_reserved;
+      } else if (n > 0) {
+        for (long long m = t / s.sel.block_size; m <= (t + n - 1) / s.sel.block_size; ++m) {
+          if (s.table(seq)[m] < 0) {
+            e = status::not_reserved;
+            break;
+          }
+        }
       }
     }
     if (e != status::success) atomicMin(&first_error, b * 64 + static_cast<int>(e));
@@ -53,8 +59,15 @@ __global__ void begin_step_kernel(cuda_state<E, D> s, sequence_source seqs, int 
     const int seq = seqs(b);
     if (seq >= 0 && seq < s.sequences) s.batch_mark[seq] = 0;
   }
+  return first_error == INT_MAX ? 0 : first_error % 64;
+}
+
+/// Checks every batch row of a step (`check_batch_rows`, one token each), publishes the status and, on
+/// success, opens the step's counters. One CTA.
+template <class E, int D>
+__global__ void begin_step_kernel(cuda_state<E, D> s, sequence_source seqs, int batch) {
+  const int code = check_batch_rows(s, seqs, batch, [](int) { return 1; });
   if (threadIdx.x == 0) {
-    const int code = first_error == INT_MAX ? 0 : first_error % 64;
     *s.status = code;
     if (code == 0) {
       *s.last_step = counters{1, 0, 0, 0, 0};

@@ -28,6 +28,7 @@
 #include <nosa/attention/sparse_attention.hpp>
 #include <nosa/backend/cuda/detail/append.cuh>
 #include <nosa/backend/cuda/detail/attention.cuh>
+#include <nosa/backend/cuda/detail/begin.cuh>
 #include <nosa/backend/cuda/detail/common.cuh>
 #include <nosa/backend/cuda/detail/state.cuh>
 #include <nosa/core/status.hpp>
@@ -49,12 +50,8 @@ namespace nosa::detail {
 template <class E, int D>
 __global__ void begin_prefill_kernel(cuda_state<E, D> s, sequence_source seqs,
                                      tensor_view<const std::int32_t, 1> row_offsets, int batch, int rows) {
-  __shared__ int first_error;
   __shared__ int offsets_bad;
-  if (threadIdx.x == 0) {
-    first_error = INT_MAX;
-    offsets_bad = 0;
-  }
+  if (threadIdx.x == 0) offsets_bad = 0;
   __syncthreads();
   for (int b = threadIdx.x; b <= batch; b += blockDim.x) {
     const int at = row_offsets(b);
@@ -63,43 +60,8 @@ __global__ void begin_prefill_kernel(cuda_state<E, D> s, sequence_source seqs,
   __syncthreads();
   const bool offsets_ok = offsets_bad == 0;
   const auto tokens = [&](int b) { return row_offsets(b + 1) - row_offsets(b); };
-  if (offsets_ok) {
-    // Marks hold (batch - first row) of each sequence, so the largest value belongs to the first occurrence.
-    for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-      const int seq = seqs(b);
-      if (seq >= 0 && seq < s.sequences && s.live[seq] != 0) atomicMax(&s.batch_mark[seq], batch - b);
-    }
-    __syncthreads();
-    for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-      const int seq = seqs(b);
-      status e = status::success;
-      if (seq < 0 || seq >= s.sequences || s.live[seq] == 0) {
-        e = status::unknown_sequence;
-      } else if (s.batch_mark[seq] != batch - b) {
-        e = status::duplicate_sequence;
-      } else {
-        const long long t = s.lengths[seq], n = tokens(b);
-        if (t + n > s.max_tokens) {
-          e = status::sequence_full;
-        } else if (n > 0) {
-          for (long long m = t / s.sel.block_size; m <= (t + n - 1) / s.sel.block_size; ++m) {
-            if (s.table(seq)[m] < 0) {
-              e = status::not_reserved;
-              break;
-            }
-          }
-        }
-      }
-      if (e != status::success) atomicMin(&first_error, b * 64 + static_cast<int>(e));
-    }
-    __syncthreads();
-    for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-      const int seq = seqs(b);
-      if (seq >= 0 && seq < s.sequences) s.batch_mark[seq] = 0;
-    }
-  }
-  const int code = !offsets_ok ? static_cast<int>(status::invalid_argument)
-                               : (first_error == INT_MAX ? 0 : first_error % 64);
+  const int checked = offsets_ok ? check_batch_rows(s, seqs, batch, tokens) : 0;
+  const int code = !offsets_ok ? static_cast<int>(status::invalid_argument) : checked;
   if (threadIdx.x == 0) *s.status = code;
   if (code != 0) return;
   for (int b = threadIdx.x; b < batch; b += blockDim.x) {
