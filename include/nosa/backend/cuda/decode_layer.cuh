@@ -151,7 +151,8 @@ class decode_layer<P, cuda_backend> {
       // The kernel's static shared memory and the driver's reserve come out of the opt-in limit.
       scoring.smem_limit = optin - static_cast<int>(attributes.sharedSizeBytes) - 1024;
       scoring.clusters = major >= 9 && attributes.binaryVersion >= 90;
-      NOSA_CUDA_TRY((detail::prepare_scoring<P, element_type, head_dim>(scoring)));
+      NOSA_CUDA_TRY((detail::prepare_scoring<P, element_type, head_dim>(scoring, config.selection, s.max_blocks,
+                                                                        config.group_size())));
     }
 
     decode_layer layer;

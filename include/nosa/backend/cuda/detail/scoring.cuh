@@ -36,8 +36,9 @@ namespace nosa::detail {
 inline constexpr int score_threads = 128;
 /// Compressed keys of one pipeline stage.
 inline constexpr int score_tile_windows = 64;
-/// Largest cluster the scoring launches (the portable limit).
-inline constexpr int score_max_cluster = 8;
+/// Largest cluster the scoring launches where the device allows more than the portable limit (8).
+inline constexpr int score_max_cluster = 16;
+inline constexpr int score_portable_cluster = 8;
 
 /// Shared-memory geometry of the scoring kernel for an element type and head dimension.
 template <class E, int D>
@@ -50,8 +51,8 @@ struct score_traits {
   /// About 64 KiB of keys in flight or landed, so that two CTAs fit on an SM beside their logits.
   static constexpr int stages = std::max(2, std::min(8, 65536 / stage_bytes));
   static constexpr int pipeline_bytes = stages * stage_bytes;
-  /// The group's queries in fp32 (the CUDA-core path only).
-  static constexpr int query_bytes = tensor_cores ? 0 : cuda_max_group * D * 4;
+  /// The group's queries: 16-bit rows for `ldmatrix` (tensor cores), fp32 rows (CUDA cores).
+  static constexpr int query_bytes = tensor_cores ? query_rows_bytes<D>() : cuda_max_group * D * 4;
 };
 
 /// Upper bound of the windows overlapping `blocks` consecutive blocks.
@@ -72,6 +73,7 @@ struct score_device {
   int sms = 1;
   int smem_limit = 48 * 1024;  ///< dynamic shared memory a CTA may opt into
   bool clusters = false;       ///< sm_90 or later
+  int max_cluster = score_portable_cluster;  ///< the largest cluster `prepare_scoring` found schedulable
 };
 
 /// The launch shape for `rows` (sequence, KV head) pairs: clusters large enough for the capacity's logits
@@ -86,7 +88,7 @@ score_shape plan_scoring(const selection_params& sel, int max_blocks, int group,
     columns = (windows + score_tile_windows - 1) / score_tile_windows * score_tile_windows + 8;  // 8 mod 32
     return std::size_t(traits::pipeline_bytes + traits::query_bytes) + std::size_t(group + 2) * columns * 4;
   };
-  const int most = dev.clusters ? score_max_cluster : 1;
+  const int most = dev.clusters ? dev.max_cluster : 1;
   int spread = 1;
   while (spread < most && rows * spread * 2 <= dev.sms) spread *= 2;
   // The smallest cluster that spreads the launch and lets two CTAs share an SM; else the smallest that fits.
@@ -109,6 +111,16 @@ score_shape plan_scoring(const selection_params& sel, int max_blocks, int group,
   return shape;
 }
 
+/// Folds the softmax statistics (max `om`, sum of exp2 against it `os`) of other logits into (`m`, `sum`).
+__device__ inline void combine_exp2_stats(float& m, float& sum, float om, float os) {
+  const float top = max_keep_left(m, om);
+  float total = 0.0f;
+  if (m != negative_infinity) total += sum * exp2f(m - top);
+  if (om != negative_infinity) total += os * exp2f(om - top);
+  m = top;
+  sum = total;
+}
+
 /// Step stage 3, grid (C x batch rows x KV heads) in clusters of C CTAs, `score_threads` threads: CTA `r` of
 /// row `(b, h)`'s cluster owns blocks `[r * per, (r + 1) * per)` of the sequence (`per` = its blocks / C),
 /// scores the windows that overlap them, joins the cluster's per-head softmax, and writes those blocks' `Sq`
@@ -128,7 +140,8 @@ __global__ void __launch_bounds__(score_threads)
   constexpr int T = score_tile_windows;
   constexpr int stages = traits::stages;
   extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ float cta_stats[G][2];  // (max, sum of exp) per head over the windows this CTA owns
+  __shared__ float cta_stats[G][2];  // (max, sum of exp2) per head over the windows this CTA owns
+  __shared__ float warp_stats[score_threads / 32][G][2];  // the same per warp (tensor cores)
   __shared__ float head_max[G], head_inv[G];
   if ((length_offset > 0 || prefill) && *s.status != 0) return;
 
@@ -167,8 +180,12 @@ __global__ void __launch_bounds__(score_threads)
       cc = staged;
     }
   };
+  // Logits are kept in base 2 (the window logit times log2 e), so that every exponential below is one
+  // `exp2f`: the same softmax, with the scale folded into one multiply.
   const float scale = softmax_scale(D);
+  constexpr float log2e = 1.4426950408889634f;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int owned = own_end - wa;  // windows [0, owned) of the logits enter this CTA's softmax statistics
 
   if (have_query) {
     const E* kc = s.kc_of(seq, h) + std::size_t(wa) * D;
@@ -196,12 +213,19 @@ __global__ void __launch_bounds__(score_threads)
       if (t < tiles) issue(t);
       cp_async_commit();
     }
-    stage_cc();  // while the first keys arrive
 
     if constexpr (traits::tensor_cores) {
+      // The queries staged with 16-byte loads and read back as A fragments; the compressed scores beside.
+      unsigned char* query_rows = smem + traits::pipeline_bytes;
+      stage_query_rows<E, D>(q, b, h, group, query_rows);
+      stage_cc();
+      __syncthreads();
       std::uint32_t qa[D / 16][4];
-      load_query_fragments<E, D>(q, b, h, group, qa);
+      load_query_fragments_shared<E, D>(query_rows, qa);
       const int r = lane / 4, c = lane % 4;
+      // Running (max, sum of exp2) of heads r and r + 8 over this lane's owned windows, updated tile by tile
+      // while the keys stream: no second pass over the logits.
+      float run_max[2] = {negative_infinity, negative_infinity}, run_sum[2] = {0.0f, 0.0f};
       for (int t = 0; t < tiles; ++t) {
         cp_async_wait<stages - 2>();
         __syncthreads();
@@ -209,7 +233,7 @@ __global__ void __launch_bounds__(score_threads)
         cp_async_commit();
         const std::uint32_t keys = shared_address(smem + (t % stages) * traits::stage_bytes);
         // Even and odd k steps in separate accumulators (two chains of half the length), added at the end.
-        float sc[2][4], half[2][2][4] = {};
+        float half[2][2][4] = {};
 #pragma unroll
         for (int kt = 0; kt < D / 16; ++kt) {
           const int mat = lane / 8, kr = warp * 16 + (mat >> 1) * 8 + lane % 8, ch = 2 * kt + (mat & 1);
@@ -218,26 +242,68 @@ __global__ void __launch_bounds__(score_threads)
           mma_16816<E>(half[kt & 1][0], qa[kt], kb[0], kb[1]);
           mma_16816<E>(half[kt & 1][1], qa[kt], kb[2], kb[3]);
         }
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) sc[nt][e] = half[0][nt][e] + half[1][nt][e];
-        }
         // Accumulator (lane = 4 r + c): heads r and r + 8, windows 2c and 2c + 1 of each 8-window tile.
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const int i = t * T + warp * 16 + nt * 8 + 2 * c;
-          if (r < group) {
-            logits[std::size_t(r) * stride + i] = scorer::window_logit(sc[nt][0], scale);
-            logits[std::size_t(r) * stride + i + 1] = scorer::window_logit(sc[nt][1], scale);
+        for (int j = 0; j < 2; ++j) {
+          const int head = r + 8 * j;
+          float l[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int nt = e / 2, x = 2 * j + e % 2;
+            l[e] = scorer::window_logit(half[0][nt][x] + half[1][nt][x], scale) * log2e;
           }
-          if (r + 8 < group) {
-            logits[std::size_t(r + 8) * stride + i] = scorer::window_logit(sc[nt][2], scale);
-            logits[std::size_t(r + 8) * stride + i + 1] = scorer::window_logit(sc[nt][3], scale);
+          const int i0 = t * T + warp * 16 + 2 * c;  // windows i0, i0 + 1, i0 + 8, i0 + 9
+          if (head < group) {  // windows past `count` are not stored (they would cross into the next head's row)
+            float* out = logits + std::size_t(head) * stride + i0;
+            if (i0 < count) out[0] = l[0];
+            if (i0 + 1 < count) out[1] = l[1];
+            if (i0 + 8 < count) out[8] = l[2];
+            if (i0 + 9 < count) out[9] = l[3];
+          }
+          float tile_max = negative_infinity;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = i0 + (e % 2) + 8 * (e / 2);
+            if (i >= owned) l[e] = negative_infinity;
+            tile_max = max_keep_left(tile_max, l[e]);
+          }
+          if (tile_max > run_max[j]) {
+            if (run_max[j] != negative_infinity) run_sum[j] *= exp2f(run_max[j] - tile_max);
+            run_max[j] = tile_max;
+          }
+          if (run_max[j] != negative_infinity) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) run_sum[j] += exp2f(l[e] - run_max[j]);
           }
         }
       }
+      // The four lanes of a head row, then the four warps, in a fixed order.
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+          const float om = __shfl_xor_sync(0xffffffffu, run_max[j], o);
+          const float os = __shfl_xor_sync(0xffffffffu, run_sum[j], o);
+          combine_exp2_stats(run_max[j], run_sum[j], om, os);
+        }
+        if (c == 0) {
+          warp_stats[warp][r + 8 * j][0] = run_max[j];
+          warp_stats[warp][r + 8 * j][1] = run_sum[j];
+        }
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      if (static_cast<int>(threadIdx.x) < group) {
+        float m = warp_stats[0][threadIdx.x][0], sum = warp_stats[0][threadIdx.x][1];
+#pragma unroll
+        for (int x = 1; x < score_threads / 32; ++x) {
+          combine_exp2_stats(m, sum, warp_stats[x][threadIdx.x][0], warp_stats[x][threadIdx.x][1]);
+        }
+        cta_stats[threadIdx.x][0] = m;
+        cta_stats[threadIdx.x][1] = sum;
+      }
     } else {
+      stage_cc();
       // CUDA cores (fp32 storage): lane l takes window l % 16 of its warp's 16 and heads l / 16, l / 16 + 2,
       // ..., each a dot product over the key row in shared memory against the queries in shared memory.
       float* qs = reinterpret_cast<float*>(smem + traits::pipeline_bytes);
@@ -270,18 +336,15 @@ __global__ void __launch_bounds__(score_threads)
 #pragma unroll
         for (int j = 0; j < G / 2; ++j) {
           const int head = first_head + 2 * j;
-          if (head < group) logits[std::size_t(head) * stride + i] = scorer::window_logit(acc[j], scale);
+          if (head < group && i < count) {
+            logits[std::size_t(head) * stride + i] = scorer::window_logit(acc[j], scale) * log2e;
+          }
         }
       }
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-
-    // Each head's (max, sum of exp) over the owned windows, [0, own_end - wa): eight threads a head, in a
-    // fixed order of reduction.
-    {
+      cp_async_wait<0>();
+      __syncthreads();
+      // Each head's (max, sum of exp2) over the owned windows: eight threads a head, in a fixed order.
       const int head = static_cast<int>(threadIdx.x) / 8, sub = static_cast<int>(threadIdx.x) % 8;
-      const int owned = own_end - wa;
       const float* l = logits + std::size_t(head) * stride;
       float m = negative_infinity;
       if (head < group) {
@@ -291,7 +354,7 @@ __global__ void __launch_bounds__(score_threads)
       for (int o = 1; o < 8; o <<= 1) m = max_keep_left(m, __shfl_xor_sync(0xffffffffu, m, o));
       float sum = 0.0f;
       if (head < group && m != negative_infinity) {
-        for (int i = sub; i < owned; i += 8) sum += expf(l[i] - m);
+        for (int i = sub; i < owned; i += 8) sum += exp2f(l[i] - m);
       }
 #pragma unroll
       for (int o = 1; o < 8; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -304,13 +367,25 @@ __global__ void __launch_bounds__(score_threads)
     cluster_arrive();
     cluster_wait();
     if (static_cast<int>(threadIdx.x) < group) {
+      // Every CTA's statistics loaded first (independent remote loads in flight together), then combined.
       const int head = static_cast<int>(threadIdx.x);
+      float ms[score_max_cluster], ss[score_max_cluster];
+#pragma unroll
+      for (int x = 0; x < score_max_cluster; ++x) {
+        if (x < static_cast<int>(C)) {
+          ms[x] = load_cluster_shared(&cta_stats[head][0], static_cast<unsigned>(x));
+          ss[x] = load_cluster_shared(&cta_stats[head][1], static_cast<unsigned>(x));
+        }
+      }
       float m = negative_infinity;
-      for (unsigned x = 0; x < C; ++x) m = max_keep_left(m, load_cluster_shared(&cta_stats[head][0], x));
+#pragma unroll
+      for (int x = 0; x < score_max_cluster; ++x) {
+        if (x < static_cast<int>(C)) m = max_keep_left(m, ms[x]);
+      }
       float sum = 0.0f;
-      for (unsigned x = 0; x < C; ++x) {
-        const float mx = load_cluster_shared(&cta_stats[head][0], x);
-        if (mx != negative_infinity) sum += load_cluster_shared(&cta_stats[head][1], x) * expf(mx - m);
+#pragma unroll
+      for (int x = 0; x < score_max_cluster; ++x) {
+        if (x < static_cast<int>(C) && ms[x] != negative_infinity) sum += ss[x] * exp2f(ms[x] - m);
       }
       head_max[head] = m;
       head_inv[head] = 1.0f / sum;
@@ -319,13 +394,10 @@ __global__ void __launch_bounds__(score_threads)
     __syncthreads();
     // P[w]: each head's probability, summed over the group in head order.
     for (int i = static_cast<int>(threadIdx.x); i < count; i += score_threads) {
-      float l[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) l[g] = g < group ? logits[std::size_t(g) * stride + i] : 0.0f;
       float p = 0.0f;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        if (g < group) p += expf(l[g] - head_max[g]) * head_inv[g];
+        if (g < group) p += exp2f(logits[std::size_t(g) * stride + i] - head_max[g]) * head_inv[g];
       }
       prob[i] = p;
     }
@@ -365,10 +437,41 @@ cudaError_t launch_scoring(const cuda_state<E, D>& s, sequence_source seqs, int 
                        shape.columns, prefill);
 }
 
-/// Opts the scoring kernel into the shared memory it may use (once per pipeline and device).
+/// Opts the scoring kernel into the shared memory it may use and, where the device schedules them, into
+/// clusters of `score_max_cluster` CTAs (beyond the portable 8: long contexts keep two CTAs an SM, and small
+/// batches spread further). Once per layer, with the layer's capacity (`max_blocks`) and group size.
 template <class P, class E, int D>
-cudaError_t prepare_scoring(const score_device& dev) {
-  return cudaFuncSetAttribute(score_kernel<P, E, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_limit);
+cudaError_t prepare_scoring(score_device& dev, const selection_params& sel, int max_blocks, int group) {
+  const auto kernel = score_kernel<P, E, D>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_limit);
+  if (e != cudaSuccess || !dev.clusters) return e;
+  dev.max_cluster = score_portable_cluster;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    cudaGetLastError();
+    return cudaSuccess;
+  }
+  // The largest shape the wider clusters would launch: `score_max_cluster` CTAs of the smallest cluster's
+  // share of the capacity.
+  score_device wide = dev;
+  wide.max_cluster = score_max_cluster;
+  const score_shape shape = plan_scoring<E, D>(sel, max_blocks, group, 1, wide);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(score_max_cluster);
+  config.blockDim = dim3(score_threads);
+  config.dynamicSmemBytes = shape.smem;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = score_max_cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) {
+    dev.max_cluster = score_max_cluster;
+  }
+  cudaGetLastError();
+  return cudaSuccess;
 }
 
 }  // namespace nosa::detail
