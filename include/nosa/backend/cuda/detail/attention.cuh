@@ -561,6 +561,7 @@ __device__ inline void mma_attend_rows(const std::uint32_t (&qa)[D / 16][4], std
   constexpr int k_steps = D / 16, n_tiles = D / 8;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, c = lane % 4;
   const float scale = softmax_scale(D);
+  constexpr float log2e = 1.4426950408889634f;  // e^x as 2^(x log2 e): one multiply and the hardware exp2
   // S = Q K^T for this warp's 16 key rows: two 16 x 8 tiles, the even and odd k steps in separate
   // accumulators (two chains of half the length), added at the end.
   float sc[2][4], half[2][2][4] = {};
@@ -598,7 +599,9 @@ __device__ inline void mma_attend_rows(const std::uint32_t (&qa)[D / 16][4], std
     tile_max[i] = max_keep_left(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
     const float new_max = max_keep_left(run_max[i], tile_max[i]);
     rescale[i] = 1.0f;
-    if (new_max != negative_infinity) rescale[i] = run_max[i] == negative_infinity ? 0.0f : expf(run_max[i] - new_max);
+    if (new_max != negative_infinity) {
+      rescale[i] = run_max[i] == negative_infinity ? 0.0f : exp2f((run_max[i] - new_max) * log2e);
+    }
     run_max[i] = new_max;
   }
   float tile_sum[2] = {0.0f, 0.0f};
@@ -607,7 +610,7 @@ __device__ inline void mma_attend_rows(const std::uint32_t (&qa)[D / 16][4], std
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float m = run_max[e >> 1];
-      const float p = m == negative_infinity ? 0.0f : expf(sc[nt][e] - m);
+      const float p = m == negative_infinity ? 0.0f : exp2f((sc[nt][e] - m) * log2e);
       sc[nt][e] = p;
       tile_sum[e >> 1] += p;
     }
