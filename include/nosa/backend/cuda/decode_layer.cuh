@@ -110,6 +110,7 @@ class decode_layer<P, cuda_backend> {
                                                         offloads ? static_cast<std::byte*>(mapped) : device_arena.data());
     state.dependent_launch = major >= 9;
     detail::tma_maps tma{};
+    int tma_clusters[3] = {0, 0, 0};  // clusters of 2, 4, 8 attention CTAs held at once
     if constexpr (fp8_attention) {
       const auto kernel = detail::attention_fp8_kernel<P, element_type, head_dim>;
       const int smem = static_cast<int>(detail::fp8_attention_smem_bytes<head_dim>());
@@ -129,6 +130,26 @@ class decode_layer<P, cuda_backend> {
         const int smem = static_cast<int>(detail::tma_attention_smem_bytes<head_dim>());
         NOSA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         NOSA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_ctas, kernel, detail::tma_threads, smem));
+        // How many clusters of 2, 4 and 8 CTAs the device holds at once (clusters are placed within a GPC,
+        // so fewer CTAs than `resident_ctas` a SM may run as clusters).
+        for (int i = 0; i < 3; ++i) {
+          const int cluster = 2 << i;
+          cudaLaunchConfig_t launch{};
+          launch.gridDim = dim3(cluster);
+          launch.blockDim = dim3(detail::tma_threads);
+          launch.dynamicSmemBytes = std::size_t(smem);
+          cudaLaunchAttribute attribute{};
+          attribute.id = cudaLaunchAttributeClusterDimension;
+          attribute.val.clusterDim.x = cluster;
+          attribute.val.clusterDim.y = 1;
+          attribute.val.clusterDim.z = 1;
+          launch.attrs = &attribute;
+          launch.numAttrs = 1;
+          if (cudaOccupancyMaxActiveClusters(&tma_clusters[i], kernel, &launch) != cudaSuccess) {
+            cudaGetLastError();
+            tma_clusters[i] = 0;
+          }
+        }
       } else {
         const auto kernel = detail::attention_mma_kernel<P, element_type, head_dim>;
         const int smem = static_cast<int>(detail::mma_attention_smem_bytes<head_dim>());
@@ -165,6 +186,7 @@ class decode_layer<P, cuda_backend> {
     layer.attention_slots_ = std::max(1, sms * std::max(1, resident_ctas));
     layer.state_ = state;
     layer.tma_ = tma;
+    for (int i = 0; i < 3; ++i) layer.tma_clusters_[i] = tma_clusters[i];
     NOSA_TRY(layer.initialise(stream));
     out = layer;
     return status::success;
@@ -408,9 +430,31 @@ class decode_layer<P, cuda_backend> {
       loaded_splits = std::max(1, splits / 4);
       splits = std::max(1, std::min(splits - loaded_splits, layout_.max_splits - loaded_splits));
     }
-    // The Hopper attention merges a row in its last CTA when the row has few splits (one CTA's merge of
-    // many splits would take longer than the merge kernel).
-    const bool merged_in_attention = tma_.valid && splits + loaded_splits <= detail::tma_merge_max_splits;
+    // The Hopper attention merges rows itself: in one launch, the splits of a row are a cluster of CTAs that
+    // merge it together (at most `tma_cluster_max_splits` of them, a divisor of the head dimension's column
+    // groups); across the two launches of the overlap, the CTA that finishes a row's last split merges it when
+    // the row has few splits (one CTA's merge of many would take longer than the merge kernel).
+    // A cluster launch is taken only when every row's cluster is resident at once (a second wave of clusters
+    // costs more than the merge kernel), and, where it caps the splits below those wanted, only when a row's
+    // tiles are few enough that latency, not bandwidth, bounds each CTA (a long dense row of a small batch
+    // keeps its many splits and the merge kernel).
+    detail::tma_merge merge_mode = detail::tma_merge::kernel;
+    if (tma_.valid) {
+      int capped = std::min(splits, detail::tma_cluster_max_splits);
+      while (capped > 1 && ((head_dim / 4) % capped != 0 || (capped & (capped - 1)) != 0)) --capped;
+      const int block_tiles = (config_.selection.block_size + detail::tma_tile_rows - 1) / detail::tma_tile_rows;
+      const std::int64_t row_tiles = std::int64_t(P::dense ? layout_.max_blocks : config_.selection.top_k) * block_tiles;
+      const int held = capped >= 2 ? tma_clusters_[capped == 2 ? 0 : capped == 4 ? 1 : 2] : 0;
+      const bool resident = rows <= held;
+      const bool worth = capped == splits || row_tiles <= 16 * std::int64_t(capped);
+      if (!overlapped && capped >= 2 && resident && worth) {
+        splits = capped;
+        merge_mode = detail::tma_merge::cluster;
+      } else if (splits + loaded_splits <= detail::tma_merge_max_splits) {
+        merge_mode = detail::tma_merge::last_cta;
+      }
+    }
+    const bool merged_in_attention = merge_mode != detail::tma_merge::kernel;
     if (runs(step_stage::attention)) {
       if constexpr (quantized) {
         if constexpr (fp8_attention) {
@@ -429,11 +473,11 @@ class decode_layer<P, cuda_backend> {
             const cudaError_t opted = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                            static_cast<int>(detail::tma_attention_smem_bytes<head_dim>()));
             if (opted != cudaSuccess) return opted;
-            return detail::launch_kernel(kernel,
-                                         dim3(rows, count), dim3(detail::tma_threads),
-                                         detail::tma_attention_smem_bytes<head_dim>(), stream, dependent, 1, state_, seqs,
-                                         args.q, args.o, tma_.keys, tma_.values, tma_.box_rows, part, base,
-                                         splits + loaded_splits, merged_in_attention);
+            const bool clustered = merge_mode == detail::tma_merge::cluster;
+            return detail::launch_kernel(kernel, clustered ? dim3(rows * count) : dim3(rows, count),
+                                         dim3(detail::tma_threads), detail::tma_attention_smem_bytes<head_dim>(), stream,
+                                         dependent, clustered ? count : 1, state_, seqs, args.q, args.o, tma_.keys,
+                                         tma_.values, tma_.box_rows, part, base, splits + loaded_splits, merge_mode);
           }
           return detail::launch_kernel(detail::attention_mma_kernel<P, element_type, head_dim>, dim3(rows, count),
                                        dim3(detail::mma_warps * 32), detail::mma_attention_smem_bytes<head_dim>(), stream,
@@ -682,6 +726,7 @@ class decode_layer<P, cuda_backend> {
   detail::score_device scoring_{};
   detail::cuda_state<element_type, head_dim> state_{};
   detail::tma_maps tma_{};  ///< the attention's tensor maps (Hopper), when valid
+  int tma_clusters_[3] = {0, 0, 0};  ///< clusters of 2, 4 and 8 attention CTAs the device holds at once
 
   static status check_config(const layer_config& config) noexcept {
     NOSA_TRY(validate(config));

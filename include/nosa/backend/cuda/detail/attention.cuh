@@ -363,10 +363,15 @@ inline constexpr int merge_row_scratch_floats = cuda_max_group * (2 * max_attent
 /// `merge_row_scratch_floats` floats of shared memory). The CTA that merges the last KV head of batch row b
 /// advances its sequence by the token this step appended. Partials written by other CTAs are read through L2
 /// (the caller fenced after seeing their arrivals), every load of a pass issued before any is used.
+///
+/// With `first_column` and `column_count` (in groups of four columns), only those columns are merged: the
+/// CTAs of a cluster share a row's merge that way (`merge_in_cluster`), and only the one with `count_row`
+/// does the row's bookkeeping.
 template <class E, int D, class Out>
 __device__ inline void merge_row(const cuda_state<E, D>& s, int row, int splits, int seq, tensor_view<Out, 3> o,
-                                 float* scratch) {
-  constexpr int columns = D / 4;
+                                 float* scratch, int first_column = 0, int column_count = D / 4,
+                                 bool count_row = true) {
+  const int columns = column_count;
   const int b = row / s.kv_heads, h = row % s.kv_heads, group = s.group;
   float* weight = scratch;                                    // [G][splits]: each split's max, then its weight
   float* sums = scratch + cuda_max_group * max_attention_splits;  // [G][splits]: each split's sum of exp
@@ -393,7 +398,7 @@ __device__ inline void merge_row(const cuda_state<E, D>& s, int row, int splits,
   }
   __syncthreads();
   for (int i = static_cast<int>(threadIdx.x); i < group * columns; i += blockDim.x) {
-    const int g = i / columns, col = i % columns;
+    const int g = i / columns, col = first_column + i % columns;
     const float* w = weight + g * splits;
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     constexpr int batch = 4;
@@ -422,7 +427,7 @@ __device__ inline void merge_row(const cuda_state<E, D>& s, int row, int splits,
 #pragma unroll
     for (int e = 0; e < 4; ++e) o(b, h * group + g, col * 4 + e) = from_float<Out>(sum > 0.0f ? values[e] / sum : 0.0f);
   }
-  if (threadIdx.x == 0) {
+  if (count_row && threadIdx.x == 0) {
     s.attention_done[row] = 0;  // every split of the row has arrived: ready for the next step
     std::int32_t* heads = s.attention_done + std::size_t(s.sequences) * s.kv_heads + b;
     if (atomicAdd(heads, 1) == s.kv_heads - 1) {
@@ -445,6 +450,20 @@ __device__ inline void finish_split(const cuda_state<E, D>& s, int row, int spli
   if (!last) return;
   __threadfence();
   merge_row<E, D, Out>(s, row, splits, seq, o, scratch);
+}
+
+/// The merge of batch row `row` when its `splits` splits are the CTAs of one thread-block cluster (sm_90):
+/// after a cluster barrier (every partial written), CTA `r` merges columns `[r, r + 1) * D / splits` of the
+/// row, and CTA 0 does the row's bookkeeping. No atomics, no merge kernel, and the merge itself is spread
+/// over the splits. `D / 4` must be a multiple of `splits`. Called by every thread of every CTA of the cluster.
+template <class E, int D, class Out>
+__device__ inline void merge_in_cluster(const cuda_state<E, D>& s, int row, int splits, int seq, tensor_view<Out, 3> o,
+                                        float* scratch) {
+  __threadfence();
+  cluster_arrive();
+  cluster_wait();
+  const int rank = static_cast<int>(cluster_rank()), share = D / 4 / splits;
+  merge_row<E, D, Out>(s, row, splits, seq, o, scratch, rank * share, share, rank == 0);
 }
 
 // ---------------------------------------------------------------------------------------------------------

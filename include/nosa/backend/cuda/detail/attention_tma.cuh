@@ -38,6 +38,15 @@ inline constexpr int tma_threads = (tma_consumer_warps + 1) * 32;
 inline constexpr int tma_tile_rows = 64;
 /// Most splits of a row that the attention's last CTA merges itself (more go to `merge_kernel`).
 inline constexpr int tma_merge_max_splits = 4;
+/// Most splits of a row launched as one thread-block cluster that merges the row itself (the portable limit).
+inline constexpr int tma_cluster_max_splits = 8;
+
+/// Where the TMA attention's partials are merged.
+enum class tma_merge : int {
+  kernel,   ///< by `merge_kernel`, launched after the attention
+  last_cta, ///< by the CTA that finishes the row's last split (`finish_split`)
+  cluster,  ///< by all the row's splits, one cluster of CTAs (`merge_in_cluster`); grid (rows x splits) in x
+};
 
 /// Bytes of one K (or V) tile in shared memory: `D / 64` swizzled boxes of 64 rows of 128 bytes.
 template <int D>
@@ -199,14 +208,14 @@ tma_maps make_tma_maps(const cuda_state<E, D>& s, int pool_pages) noexcept {
 
 /// Grid (batch rows x KV heads, splits), `tma_threads` threads, `tma_attention_smem_bytes<D>()` bytes of
 /// dynamic shared memory; same contract as `attention_mma_kernel` (the partial softmax of split
-/// `split_base + x` of `total_splits`, 0: the grid's). `keys` and `values` are `tma_maps`' maps. With `merge`,
-/// the CTA that finishes a row's last split merges the row into `o` (`finish_split`) and no merge kernel
-/// follows (for few splits: one CTA's merge of many would outlast the merge kernel).
+/// `split_base + x` of `total_splits`, 0: the grid's). `keys` and `values` are `tma_maps`' maps. `merge` says
+/// who merges the row (`tma_merge`); with `tma_merge::cluster` the grid is (batch rows x KV heads x splits) in
+/// x, in clusters of `splits` CTAs, and the cluster rank is the split.
 template <class P, class E, int D, class Out>
 __global__ void __launch_bounds__(tma_threads)
     attention_tma_kernel(cuda_state<E, D> s, sequence_source seqs, tensor_view<const E, 3> q, tensor_view<Out, 3> o,
                          const __grid_constant__ CUtensorMap keys, const __grid_constant__ CUtensorMap values,
-                         int box_rows, attend_part part, int split_base, int total_splits, bool merge) {
+                         int box_rows, attend_part part, int split_base, int total_splits, tma_merge merge) {
   dependent_launch_wait();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   static_assert(uses_mma_attention<E, D>);
@@ -229,8 +238,11 @@ __global__ void __launch_bounds__(tma_threads)
   __shared__ attend_list_storage shared_list;
   __shared__ __align__(16) unsigned char query_rows[query_rows_bytes<D>()];
 
-  const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
-  const int split = blockIdx.y, splits = gridDim.y;
+  const bool clustered = merge == tma_merge::cluster;
+  const int splits = clustered ? static_cast<int>(cluster_ctas()) : static_cast<int>(gridDim.y);
+  const int row = clustered ? static_cast<int>(blockIdx.x) / splits : static_cast<int>(blockIdx.x);
+  const int split = clustered ? static_cast<int>(cluster_rank()) : static_cast<int>(blockIdx.y);
+  const int b = row / s.kv_heads, h = row % s.kv_heads;
   const int seq = seqs(b);
   const int length = s.lengths[seq] + 1;
   const int group = s.group;
@@ -344,9 +356,10 @@ __global__ void __launch_bounds__(tma_threads)
   }
   __syncthreads();  // every warp is done with the pipeline
   const int all_splits = total_splits > 0 ? total_splits : splits;
-  mma_combine_warps<D>(smem, W, group, acc, run_max, run_sum, s.acc_of(blockIdx.x, split_base + split, all_splits),
-                       s.stats_of(blockIdx.x, split_base + split, all_splits));
-  if (merge) finish_split<E, D, Out>(s, blockIdx.x, all_splits, seq, o, reinterpret_cast<float*>(smem));
+  mma_combine_warps<D>(smem, W, group, acc, run_max, run_sum, s.acc_of(row, split_base + split, all_splits),
+                       s.stats_of(row, split_base + split, all_splits));
+  if (merge == tma_merge::last_cta) finish_split<E, D, Out>(s, row, all_splits, seq, o, reinterpret_cast<float*>(smem));
+  if (clustered) merge_in_cluster<E, D, Out>(s, row, splits, seq, o, reinterpret_cast<float*>(smem));
 #else
   (void)s, (void)seqs, (void)q, (void)o, (void)keys, (void)values, (void)box_rows, (void)part, (void)split_base,
       (void)total_splits, (void)merge;
