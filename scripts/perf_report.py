@@ -591,9 +591,14 @@ def section_peer(ctx: dict, results, peer: list[dict]) -> str:
                             verdict(r.get("score_ratio") >= 0.80, pct(r.get("score_ratio")))])
         if r.p("batch") == 1 and r.p("context") == 32768 and r.p("hkv") == 2 and store != "full":
             bound = 35.0 if store == "resident" else 40.0
-            targets.append([f"whole step, B 1, graph <= {bound:.0f} us", f"{store}, 32768 ctx, H_kv 2",
-                            f"{num(r.get('median_us'))} us", f"{bound:.0f} us", num(r.get("median_us") / bound) + "x",
-                            verdict(r.get("median_us") <= bound, f"{num(r.get('median_us') - bound)} us over")])
+            # The offload target is the step without misses: the replay on unchanged inputs (`steady_us`).
+            key, what = ("median_us", "") if store == "resident" else ("steady_us", ", no misses")
+            if r.get(key) is not None:
+                targets.append([f"whole step, B 1, graph <= {bound:.0f} us{what}",
+                                f"{store}, 32768 ctx, H_kv 2" + (
+                                    f" ({num(r.get('steady_misses_per_step'))} misses/step)" if what else ""),
+                                f"{num(r.get(key))} us", f"{bound:.0f} us", num(r.get(key) / bound) + "x",
+                                verdict(r.get(key) <= bound, f"{num(r.get(key) - bound)} us over")])
         if r.p("batch") == 64 and r.p("context") == 32768 and store != "full":
             targets.append(["not attention or transfer <= 15% of the step", f"{store}, B 64, H_kv {r.p('hkv')}",
                             pct(r.get("other_share")), "15%", pct(r.get("other_share")),
