@@ -401,10 +401,12 @@ class decode_layer<P, cuda_backend> {
       after(step_stage::diff);
     }
     // Overlap needs a transfer stream, both events, and a split of the attention into two parts (element
-    // type only).
+    // type only), with room for two partials a row in the split scratch: a batch of more rows than half the
+    // scratch's partials attends in one part (two parts wrote past the scratch, over the step's status).
     const bool overlapped = offloads && mma_attention && !quantized && overlap != nullptr &&
                             overlap->transfer != nullptr && overlap->fork != nullptr &&
-                            overlap->join != nullptr && layout_.max_splits >= 2;
+                            overlap->join != nullptr && layout_.max_splits >= 2 &&
+                            std::int64_t(rows) * 2 <= std::int64_t(layout_.partials);
     if (runs(step_stage::gather)) {
       if constexpr (quantized) {
         // Codes and scales of the misses; the block this step completed, quantised from its tail buffer.
