@@ -133,22 +133,7 @@ class decode_layer<P, cuda_backend> {
         // How many clusters of 2, 4 and 8 CTAs the device holds at once (clusters are placed within a GPC,
         // so fewer CTAs than `resident_ctas` a SM may run as clusters).
         for (int i = 0; i < 3; ++i) {
-          const int cluster = 2 << i;
-          cudaLaunchConfig_t launch{};
-          launch.gridDim = dim3(cluster);
-          launch.blockDim = dim3(detail::tma_threads);
-          launch.dynamicSmemBytes = std::size_t(smem);
-          cudaLaunchAttribute attribute{};
-          attribute.id = cudaLaunchAttributeClusterDimension;
-          attribute.val.clusterDim.x = cluster;
-          attribute.val.clusterDim.y = 1;
-          attribute.val.clusterDim.z = 1;
-          launch.attrs = &attribute;
-          launch.numAttrs = 1;
-          if (cudaOccupancyMaxActiveClusters(&tma_clusters[i], kernel, &launch) != cudaSuccess) {
-            cudaGetLastError();
-            tma_clusters[i] = 0;
-          }
+          tma_clusters[i] = detail::max_active_clusters(kernel, 2 << i, detail::tma_threads, std::size_t(smem));
         }
       } else {
         const auto kernel = detail::attention_mma_kernel<P, element_type, head_dim>;

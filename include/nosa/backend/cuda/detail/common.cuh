@@ -98,6 +98,29 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, std:
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
+/// Clusters of `cluster` CTAs of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory each) the
+/// device holds at once; 0 when it cannot run them (the error is cleared).
+template <class... Params>
+int max_active_clusters(void (*kernel)(Params...), int cluster, int threads, std::size_t smem) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(cluster));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    cudaGetLastError();
+    clusters = 0;
+  }
+  return clusters;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Asynchronous copies, ldmatrix and mma.sync.
 // ---------------------------------------------------------------------------------------------------------

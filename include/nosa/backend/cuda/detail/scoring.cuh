@@ -455,22 +455,9 @@ cudaError_t prepare_scoring(score_device& dev, const selection_params& sel, int 
   score_device wide = dev;
   wide.max_cluster = score_max_cluster;
   const score_shape shape = plan_scoring<E, D>(sel, max_blocks, group, 1, wide);
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(score_max_cluster);
-  config.blockDim = dim3(score_threads);
-  config.dynamicSmemBytes = shape.smem;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = score_max_cluster;
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) {
+  if (max_active_clusters(kernel, score_max_cluster, score_threads, shape.smem) > 0) {
     dev.max_cluster = score_max_cluster;
   }
-  cudaGetLastError();
   return cudaSuccess;
 }
 
