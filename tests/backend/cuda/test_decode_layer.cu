@@ -10,6 +10,7 @@ namespace {
 
 using nosa::bias_mode;
 using nosa_cuda_test::make_config;
+using nosa_cuda_test::many_rows_spec;
 using nosa_cuda_test::ragged_spec;
 using nosa_cuda_test::run_differential;
 using nosa_cuda_test::run_spec;
@@ -99,4 +100,11 @@ TEST_CASE_TEMPLATE("selection at the edges of its kernel's shapes decodes like t
       run_differential<P>(spec, "k 256, budget 3");
     }
   }
+}
+
+TEST_CASE_TEMPLATE("a batch of more rows than the device holds CTAs at once decodes like the host backend", P,
+                   nosa::nosa_pipeline<float, 64>, nosa::infllmv2_pipeline<float, 64, nosa::resident_store>) {
+  NOSA_REQUIRE_GPU();
+  // 48 sequences x 16 KV heads: 768 (sequence, KV head) rows, so every stage's kernels run in several waves.
+  run_differential<P>(many_rows_spec(make_config(32, 32, 16, 48, 64), 131, scaled(20, 4)), "48 sequences, H_kv 16");
 }

@@ -49,6 +49,9 @@ TEST_CASE_TEMPLATE("16-bit storage decodes like the host backend, output in fp32
   cached.config.limits.cache_slots = 20;
   cached.overlap = true;
   run_differential<nosa_p, float>(cached, "G 4, 20 cache slots, budget 2");
+  // 48 sequences x 16 KV heads: 768 rows, so every stage's kernels run in several waves.
+  run_differential<nosa_p, T>(nosa_cuda_test::many_rows_spec(make_config(32, 32, 16, 48, 64), 210, scaled(20, 4)),
+                              "48 sequences, H_kv 16, G 2");
   // Blocks of 24 tokens: the tensor-core attention's 16-row tiles end part-way through every block.
   run_differential<nosa_p, T>(ragged_spec(make_config(24, 8, 2, 5, 64), 207, steps), "blocks of 24, G 4");
   // Full attention over every block (the dense baseline), plain and with the eviction-score bias.

@@ -973,6 +973,27 @@ inline run_spec ragged_spec(const nosa::layer_config& base, std::uint64_t seed, 
   return r;
 }
 
+/// `base.limits.max_sequences` live sequences with ragged prompts, from a few tokens to `k + 6` blocks: with
+/// many KV heads, more (sequence, KV head) rows than the device holds CTAs of any stage's kernels at once.
+inline run_spec many_rows_spec(const nosa::layer_config& base, std::uint64_t seed, int steps) {
+  run_spec r;
+  const int sequences = base.limits.max_sequences;
+  const int bs = base.selection.block_size, k = base.selection.top_k;
+  for (int i = 0; i < sequences; ++i) {
+    r.prompts.push_back(3 + (i * 97 + 13) % ((k + 6) * bs));
+    r.prompt_queries.push_back(i % 3 != 0);
+  }
+  r.steps = steps;
+  r.seed = seed;
+  r.sit_out = 0.3;
+  const int longest = (k + 6) * bs + steps + bs;
+  r.config = base;
+  r.config.limits.max_sequences = sequences;
+  r.config.limits.max_blocks_per_sequence = (longest + bs - 1) / bs + 1;
+  r.config.limits.pool_pages = sequences * r.config.limits.max_blocks_per_sequence;
+  return r;
+}
+
 /// Runs `spec` on both backends and checks every admission, removal, reservation and step.
 template <class P, class Out = float>
 run_stats run_differential(const run_spec& spec, const std::string& name) {

@@ -269,9 +269,9 @@ class decode_layer<P, cuda_backend> {
       NOSA_CUDA_TRY(detail::launch_scoring<P>(state_, one, hkv, 0, tensor_view<const element_type, 3>{}, false,
                                               scoring_, stream));
     }
-    NOSA_CUDA_TRY(detail::launch_select<P>(state_, one, hkv, 0, have_query, false, detail::count_mode::ingest, stream));
+    NOSA_CUDA_TRY(detail::launch_select<P>(state_, one, hkv, 0, have_query, false, offloads, detail::count_mode::ingest,
+                                           stream));
     if constexpr (offloads) {
-      NOSA_CUDA_TRY(detail::launch_diff(state_, one, hkv, 0, detail::count_mode::ingest, stream));
       if constexpr (quantized) {
         detail::launch_fp8_gather<offloads>(state_, one, hkv, false, stream);
       } else {
@@ -336,9 +336,10 @@ class decode_layer<P, cuda_backend> {
     return enqueue_step(args, stream, [](step_stage) {}, step_stage::begin, step_stage::merge, &overlap);
   }
 
-  /// The stages of a step, in launch order. `select` launches nothing for full attention, `diff` and
-  /// `gather` nothing with the resident store, except that with a quantized KV format `gather` also
-  /// quantises the blocks the step completes (both stores).
+  /// The stages of a step, in launch order. `select` launches nothing for full attention; with the offload
+  /// store its kernel also runs the set-difference, so `diff` launches nothing (it stays a stage for tools
+  /// that number them); `gather` launches nothing with the resident store, except that with a quantized KV
+  /// format it also quantises the blocks the step completes (both stores).
   enum class step_stage : int { begin, append_score, select, diff, gather, attention, merge };
 
   /// `step`, with `after(stage)` called on the host right after each stage's kernels are enqueued (to
@@ -377,14 +378,12 @@ class decode_layer<P, cuda_backend> {
     }
     if (runs(step_stage::select)) {
       if constexpr (!P::dense) {
-        NOSA_CUDA_TRY(detail::launch_select<P>(state_, seqs, rows, 1, true, true, detail::count_mode::step, stream));
+        NOSA_CUDA_TRY(detail::launch_select<P>(state_, seqs, rows, 1, true, true, offloads, detail::count_mode::step,
+                                               stream));
       }
       after(step_stage::select);
     }
-    if (runs(step_stage::diff)) {
-      if constexpr (offloads) NOSA_CUDA_TRY(detail::launch_diff(state_, seqs, rows, 1, detail::count_mode::step, stream));
-      after(step_stage::diff);
-    }
+    if (runs(step_stage::diff)) after(step_stage::diff);  // the selection kernel ran the set-difference
     // Overlap needs a transfer stream, both events, and a split of the attention into two parts (element
     // type only), with room for two partials a row in the split scratch: a batch of more rows than half the
     // scratch's partials attends in one part (two parts wrote past the scratch, over the step's status).
@@ -548,8 +547,8 @@ class decode_layer<P, cuda_backend> {
           detail::stage_prefill_query_kernel<<<bh, threads, 0, stream>>>(state_, seqs, args.row_offsets, args.q, i,
                                                                          staged);
           NOSA_CUDA_TRY(detail::launch_scoring<P>(state_, seqs, bh, i + 1, staged_q, true, scoring_, stream, true));
-          NOSA_CUDA_TRY(detail::launch_select<P>(state_, seqs, bh, i + 1, true, false, detail::count_mode::prefill,
-                                                 stream));
+          NOSA_CUDA_TRY(detail::launch_select<P>(state_, seqs, bh, i + 1, true, false, false,
+                                                 detail::count_mode::prefill, stream));
           detail::record_row_selection_kernel<<<bh, 32, 0, stream>>>(state_, seqs, args.row_offsets, i);
         }
         const auto kernel = detail::sparse_prefill_kernel<P, element_type, head_dim, Out>;
@@ -574,10 +573,9 @@ class decode_layer<P, cuda_backend> {
         detail::stage_prefill_query_kernel<<<bh, threads, 0, stream>>>(state_, seqs, args.row_offsets, args.q, -1,
                                                                        staged);
         NOSA_CUDA_TRY(detail::launch_scoring<P>(state_, seqs, bh, 0, staged_q, true, scoring_, stream, true));
-        NOSA_CUDA_TRY(
-            detail::launch_select<P>(state_, seqs, bh, 0, true, false, detail::count_mode::prefill, stream));
+        NOSA_CUDA_TRY(detail::launch_select<P>(state_, seqs, bh, 0, true, false, offloads, detail::count_mode::prefill,
+                                               stream));
         if constexpr (offloads) {
-          NOSA_CUDA_TRY(detail::launch_diff(state_, seqs, bh, 0, detail::count_mode::prefill, stream));
           NOSA_CUDA_TRY(
               detail::launch_gather(state_, seqs, bh, false, stream, detail::gather_target_ctas, /*prefill=*/true));
           detail::prefill_clear_misses_kernel<<<bh, 32, 0, stream>>>(state_, seqs, args.row_offsets);

@@ -58,10 +58,25 @@ __device__ inline int block_exclusive_sum(int v, int* partial, int& total) {
   return before + incl - v;
 }
 
-/// Shared memory of the selection kernel (the staged scores are dynamic shared memory).
+/// Shared memory of the set-difference (`set_difference`).
+struct diff_shared {
+  std::int32_t kept[select_threads];  // the slot holds a block of the new selection
+  std::int32_t stamp[select_threads]; // with a cache: the slot's stamp, or -1 when its block cannot leave
+  std::int32_t miss_blocks[cuda_max_top_k];
+  int scan[select_warps];
+};
+
+/// Shared memory of the selection kernel (the staged scores are dynamic shared memory). The radix scratch
+/// and the budget's candidates are done with once the selection is final; the set-difference reuses them.
 struct select_shared {
-  alignas(16) int hist[3][256];                // radix histograms, in rotation (see `radix_threshold`)
-  std::uint64_t keys[select_threads];          // the picks of a top-k, or the budget's candidates by slot
+  struct radix_shared {
+    alignas(16) int hist[3][256];        // radix histograms, in rotation (see `radix_threshold`)
+    std::uint64_t keys[select_threads];  // the picks of a top-k, or the budget's candidates by slot
+  };
+  union {
+    radix_shared radix;
+    diff_shared diff;
+  };
   std::int32_t blocks[select_threads];         // their blocks
   std::int32_t out[cuda_max_top_k];            // the selection in rank order
   std::int32_t slot_selected[select_threads];  // budget: the slot holds a block of the selection
@@ -113,8 +128,8 @@ __device__ std::uint64_t radix_threshold(select_shared& sh, int n_keys, int need
   std::uint64_t prefix = 0, mask = 0;
   int remaining = need;
   for (int shift = 56; shift >= 0; shift -= 8) {
-    int* hist = sh.hist[round % 3];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.hist[(round + 1) % 3][i] = 0;
+    int* hist = sh.radix.hist[round % 3];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.radix.hist[(round + 1) % 3][i] = 0;
     for (int base = threadIdx.x - lane; base < n_keys; base += blockDim.x) {
       const int i = base + lane;
       const std::uint64_t k = i < n_keys ? key(i) : 0;
@@ -161,15 +176,15 @@ __device__ std::uint64_t take_best(select_shared& sh, int& n, int count, int ava
     if (lane == leader) at = atomicAdd(&sh.picks, __popc(picks));
     at = __shfl_sync(0xffffffffu, at, leader) + __popc(picks & lanes_below());
     if (pick) {
-      sh.keys[at] = k;
+      sh.radix.keys[at] = k;
       sh.blocks[at] = first + i;
     }
   }
   __syncthreads();
   for (int i = threadIdx.x; i < need; i += blockDim.x) {
-    const std::uint64_t k = sh.keys[i];
+    const std::uint64_t k = sh.radix.keys[i];
     int rank = 0;
-    for (int j = 0; j < need; ++j) rank += sh.keys[j] > k;
+    for (int j = 0; j < need; ++j) rank += sh.radix.keys[j] > k;
     sh.out[n + rank] = sh.blocks[i];
   }
   if (threadIdx.x == 0) sh.picks = 0;
@@ -222,152 +237,20 @@ __device__ void count_traffic(const cuda_state<E, D>& s, int seq, int h, int len
   }
 }
 
-/// One CTA per (batch row, KV head): forced blocks, query-aware top-k, query-agnostic top-k and the hard
-/// budget (`with_budget`, offload store); writes the selection in rank order and its count. The resident
-/// store has no diff, so this kernel also counts its step (every block a hit). The scores of the blocks that
-/// are not forced (one contiguous range) are staged in dynamic shared memory when `staged_capacity` holds
-/// them, and read from global memory otherwise.
-template <class P, class E, int D>
-__global__ void __launch_bounds__(select_threads)
-    select_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, bool have_query, bool with_budget,
-                  count_mode mode, int staged_capacity) {
-  dependent_launch_wait();
-  using selector = typename P::selector;
-  constexpr bool offloads = P::store::offloads;
-  constexpr bool agnostic = P::query_agnostic::enabled;
-  __shared__ select_shared sh;
-  extern __shared__ float staged[];  // [staged_capacity] Sq, then [staged_capacity] Se
-  const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
-  const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
-  // Plan calls (ingest) run whatever the last step's status; a step runs only when its checks passed.
-  if (selection_skips(s, mode, seq, length_offset)) return;
-  const int length = s.lengths[seq] + length_offset;
-  const selection_params& sel = s.sel;
-  const int n_blocks = block_count(length, sel);
-  const int current = n_blocks - 1;
-  // Forced blocks by ascending index: the sinks, then the local blocks and the current one. The blocks
-  // between them, [sinks, local_first), are the candidates.
-  const int sinks = sel.n_init < n_blocks ? sel.n_init : n_blocks;
-  const int local_first = current - sel.n_local > sinks ? current - sel.n_local : sinks;
-  const int n_forced = sinks + (n_blocks - local_first);
-  const int n_free = local_first - sinks;
-  const float* sq = s.sq_of(seq, h) + sinks;
-  const float* se = s.se_of(seq, h) + sinks;
-  if (n_free <= staged_capacity) {
-    for (int i = threadIdx.x; i < n_free; i += blockDim.x) {
-      staged[i] = sq[i];
-      if constexpr (agnostic) staged[staged_capacity + i] = se[i];
-    }
-    sq = staged;
-    se = staged + staged_capacity;
-  }
-  for (int i = threadIdx.x; i < n_forced; i += blockDim.x) sh.out[i] = i < sinks ? i : local_first + (i - sinks);
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.hist[0][i] = 0;
-  if (threadIdx.x == 0) sh.picks = 0;
-  __syncthreads();
-
-  int n = n_forced, round = 0;
-  const auto sq_key = [&](int i) { return selector::sort_key(sq[i], sinks + i); };
-  if constexpr (agnostic) {
-    // The query-aware picks are the candidates whose Sq key reaches `qa`; the rest compete on Se.
-    std::uint64_t qa = ~std::uint64_t{0};
-    if (have_query) qa = take_best(sh, n, sel.top_k_query_aware - n_forced, n_free, sinks, n_free, round, sq_key);
-    const bool any_qa = n > n_forced;
-    const auto se_key = [&](int i) {
-      return any_qa && sq_key(i) >= qa ? std::uint64_t{0} : selector::sort_key(se[i], sinks + i);
-    };
-    take_best(sh, n, sel.top_k - n, n_free - (n - n_forced), sinks, n_free, round, se_key);
-  } else {
-    if (have_query) take_best(sh, n, sel.top_k - n, n_free, sinks, n_free, round, sq_key);
-  }
-
-  if constexpr (offloads) {
-    if (with_budget && sel.max_new_blocks != no_budget) {
-      // Drop the lowest-ranked missing blocks that are not forced beyond the budget, then fill their places
-      // with the best resident blocks outside the selection.
-      const std::int32_t* map = s.slot_map_of(seq, h);
-      const std::int32_t* where = s.block_slot_of(seq, h);
-      const int i = threadIdx.x;
-      const int blk = i < n ? sh.out[i] : -1;
-      const bool missing = i < n && where[blk] < 0;
-      int total_missing = 0;
-      const int missing_before = block_exclusive_sum(missing, sh.scan[0], total_missing);
-      const int excess = total_missing - sel.max_new_blocks;
-      if (excess > 0) {
-        // Walking up from the end of the ranking, the first `excess` missing blocks below the forced ones.
-        const bool drop = missing && i >= n_forced && total_missing - missing_before - 1 < excess;
-        const bool keep = i < n && !drop;
-        int kept = 0;
-        const int at = block_exclusive_sum(keep, sh.scan[1], kept);
-        const int dropped = n - kept;
-        if (i < s.slots) sh.slot_selected[i] = 0;
-        __syncthreads();
-        if (keep) {
-          sh.out[at] = blk;
-          if (where[blk] >= 0) sh.slot_selected[where[blk]] = 1;
-        }
-        __syncthreads();
-        if (dropped > 0) {
-          const float* score = agnostic ? s.se_of(seq, h) : s.sq_of(seq, h);
-          const int j = threadIdx.x;
-          const int cand = j < s.slots ? map[j] : -1;
-          const bool ok = cand >= 0 && cand < n_blocks && sh.slot_selected[j] == 0 &&
-                          !is_forced_block(cand, current, sel);
-          const std::uint64_t key = ok ? selector::sort_key(score[cand], cand) : 0;
-          if (j < s.slots) sh.keys[j] = key;
-          const int found = __syncthreads_count(ok);
-          if (ok) {
-            int rank = 0;
-            for (int x = 0; x < s.slots; ++x) rank += sh.keys[x] > key;
-            if (rank < dropped) sh.out[kept + rank] = cand;
-          }
-          n = kept + (found < dropped ? found : dropped);
-        } else {
-          n = kept;
-        }
-        __syncthreads();
-      }
-    }
-  }
-
-  std::int32_t* chosen = s.selection_of(seq, h);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) chosen[i] = sh.out[i];
-  if (threadIdx.x == 0) {
-    s.selection_count[s.sh(seq, h)] = n;
-    if constexpr (!offloads) count_traffic<false>(s, seq, h, length, n, 0, mode);
-  }
-}
-
-/// Shared memory of the diff kernel.
-struct diff_shared {
-  std::int32_t kept[select_threads];  // the slot holds a block of the new selection
-  std::int32_t stamp[select_threads]; // with a cache: the slot's stamp, or -1 when its block cannot leave
-  std::int32_t miss_blocks[cuda_max_top_k];
-  int scan[select_warps];
-};
-
-/// The set-difference of the offload store, one CTA per (batch row, KV head), one thread per selected block
-/// and per slot: frees the slots whose blocks left the selection (hits never move), gives the misses, in
-/// rank order, the lowest free slots, writes the miss list and `step_misses`, and counts the traffic.
+/// The set-difference of the offload store for (`seq`, `h`) against its new selection `selection[0, n)`
+/// (shared memory, final), one thread per selected block and per slot of the whole CTA: frees the slots whose
+/// blocks left the selection (hits never move), gives the misses, in rank order, the lowest free slots,
+/// writes the miss list and `step_misses`, and counts the traffic.
 template <class E, int D>
-__global__ void __launch_bounds__(select_threads)
-    diff_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, count_mode mode) {
-  dependent_launch_wait();
-  __shared__ diff_shared sh;
-  const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
-  const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
-  if (selection_skips(s, mode, seq, length_offset)) return;
+__device__ void set_difference(const cuda_state<E, D>& s, int seq, int h, int length_offset, count_mode mode,
+                               const std::int32_t* selection, int n, diff_shared& sh) {
   const int t = threadIdx.x;
   std::int32_t* map = s.slot_map_of(seq, h);
   std::int32_t* where = s.block_slot_of(seq, h);
-  // The count, the selection's entries and the slot map in one round trip (entries past the count are
-  // read but not used).
-  const int n = s.selection_count[s.sh(seq, h)];
-  const int entry = t < s.top_k ? s.selection_of(seq, h)[t] : -1;
   const bool slot = t < s.slots;
   const int held = slot ? map[t] : -1;
   const bool selected = t < n;
-  const int blk = selected ? entry : -1;
+  const int blk = selected ? selection[t] : -1;
   sh.kept[t] = 0;
   const int at = selected ? where[blk] : -1;  // the slot a selected block is resident in
   __syncthreads();
@@ -419,21 +302,135 @@ __global__ void __launch_bounds__(select_threads)
   if (t == 0) count_traffic<true>(s, seq, h, s.lengths[seq] + length_offset, n, misses, mode);
 }
 
-/// Enqueues `select_kernel` for `rows` (batch row, KV head) pairs, staging scores when they fit.
+/// One CTA per (batch row, KV head): forced blocks, query-aware top-k, query-agnostic top-k and the hard
+/// budget (`with_budget`, offload store); writes the selection in rank order and its count, then, with
+/// `with_diff` (offload store), runs its set-difference (`set_difference`, which counts the traffic). The
+/// resident store has no diff, so this kernel counts its step (every block a hit). The scores of the blocks that
+/// are not forced (one contiguous range) are staged in dynamic shared memory when `staged_capacity` holds
+/// them, and read from global memory otherwise.
 template <class P, class E, int D>
-cudaError_t launch_select(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset,
-                          bool have_query, bool with_budget, count_mode mode, cudaStream_t stream) {
-  const int staged = select_staged_blocks(s.max_blocks);
-  return launch_kernel(select_kernel<P, E, D>, dim3(rows), dim3(select_threads), std::size_t(staged) * 2 * sizeof(float),
-                       stream, s.dependent_launch, 1, s, seqs, length_offset, have_query, with_budget, mode, staged);
+__global__ void __launch_bounds__(select_threads)
+    select_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, bool have_query, bool with_budget,
+                  bool with_diff, count_mode mode, int staged_capacity) {
+  dependent_launch_wait();
+  using selector = typename P::selector;
+  constexpr bool offloads = P::store::offloads;
+  constexpr bool agnostic = P::query_agnostic::enabled;
+  __shared__ select_shared sh;
+  extern __shared__ float staged[];  // [staged_capacity] Sq, then [staged_capacity] Se
+  const int b = blockIdx.x / s.kv_heads, h = blockIdx.x % s.kv_heads;
+  const int seq = seqs(b);  // read with the status: a batch row is always readable, its state may not be
+  // Plan calls (ingest) run whatever the last step's status; a step runs only when its checks passed.
+  if (selection_skips(s, mode, seq, length_offset)) return;
+  const int length = s.lengths[seq] + length_offset;
+  const selection_params& sel = s.sel;
+  const int n_blocks = block_count(length, sel);
+  const int current = n_blocks - 1;
+  // Forced blocks by ascending index: the sinks, then the local blocks and the current one. The blocks
+  // between them, [sinks, local_first), are the candidates.
+  const int sinks = sel.n_init < n_blocks ? sel.n_init : n_blocks;
+  const int local_first = current - sel.n_local > sinks ? current - sel.n_local : sinks;
+  const int n_forced = sinks + (n_blocks - local_first);
+  const int n_free = local_first - sinks;
+  const float* sq = s.sq_of(seq, h) + sinks;
+  const float* se = s.se_of(seq, h) + sinks;
+  if (n_free <= staged_capacity) {
+    for (int i = threadIdx.x; i < n_free; i += blockDim.x) {
+      staged[i] = sq[i];
+      if constexpr (agnostic) staged[staged_capacity + i] = se[i];
+    }
+    sq = staged;
+    se = staged + staged_capacity;
+  }
+  for (int i = threadIdx.x; i < n_forced; i += blockDim.x) sh.out[i] = i < sinks ? i : local_first + (i - sinks);
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.radix.hist[0][i] = 0;
+  if (threadIdx.x == 0) sh.picks = 0;
+  __syncthreads();
+
+  int n = n_forced, round = 0;
+  const auto sq_key = [&](int i) { return selector::sort_key(sq[i], sinks + i); };
+  if constexpr (agnostic) {
+    // The query-aware picks are the candidates whose Sq key reaches `qa`; the rest compete on Se.
+    std::uint64_t qa = ~std::uint64_t{0};
+    if (have_query) qa = take_best(sh, n, sel.top_k_query_aware - n_forced, n_free, sinks, n_free, round, sq_key);
+    const bool any_qa = n > n_forced;
+    const auto se_key = [&](int i) {
+      return any_qa && sq_key(i) >= qa ? std::uint64_t{0} : selector::sort_key(se[i], sinks + i);
+    };
+    take_best(sh, n, sel.top_k - n, n_free - (n - n_forced), sinks, n_free, round, se_key);
+  } else {
+    if (have_query) take_best(sh, n, sel.top_k - n, n_free, sinks, n_free, round, sq_key);
+  }
+
+  if constexpr (offloads) {
+    if (with_budget && sel.max_new_blocks != no_budget) {
+      // Drop the lowest-ranked missing blocks that are not forced beyond the budget, then fill their places
+      // with the best resident blocks outside the selection.
+      const std::int32_t* map = s.slot_map_of(seq, h);
+      const std::int32_t* where = s.block_slot_of(seq, h);
+      const int i = threadIdx.x;
+      const int blk = i < n ? sh.out[i] : -1;
+      const bool missing = i < n && where[blk] < 0;
+      int total_missing = 0;
+      const int missing_before = block_exclusive_sum(missing, sh.scan[0], total_missing);
+      const int excess = total_missing - sel.max_new_blocks;
+      if (excess > 0) {
+        // Walking up from the end of the ranking, the first `excess` missing blocks below the forced ones.
+        const bool drop = missing && i >= n_forced && total_missing - missing_before - 1 < excess;
+        const bool keep = i < n && !drop;
+        int kept = 0;
+        const int at = block_exclusive_sum(keep, sh.scan[1], kept);
+        const int dropped = n - kept;
+        if (i < s.slots) sh.slot_selected[i] = 0;
+        __syncthreads();
+        if (keep) {
+          sh.out[at] = blk;
+          if (where[blk] >= 0) sh.slot_selected[where[blk]] = 1;
+        }
+        __syncthreads();
+        if (dropped > 0) {
+          const float* score = agnostic ? s.se_of(seq, h) : s.sq_of(seq, h);
+          const int j = threadIdx.x;
+          const int cand = j < s.slots ? map[j] : -1;
+          const bool ok = cand >= 0 && cand < n_blocks && sh.slot_selected[j] == 0 &&
+                          !is_forced_block(cand, current, sel);
+          const std::uint64_t key = ok ? selector::sort_key(score[cand], cand) : 0;
+          if (j < s.slots) sh.radix.keys[j] = key;
+          const int found = __syncthreads_count(ok);
+          if (ok) {
+            int rank = 0;
+            for (int x = 0; x < s.slots; ++x) rank += sh.radix.keys[x] > key;
+            if (rank < dropped) sh.out[kept + rank] = cand;
+          }
+          n = kept + (found < dropped ? found : dropped);
+        } else {
+          n = kept;
+        }
+        __syncthreads();
+      }
+    }
+  }
+
+  std::int32_t* chosen = s.selection_of(seq, h);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) chosen[i] = sh.out[i];
+  if (threadIdx.x == 0) {
+    s.selection_count[s.sh(seq, h)] = n;
+    if constexpr (!offloads) count_traffic<false>(s, seq, h, length, n, 0, mode);
+  }
+  if constexpr (offloads) {
+    if (with_diff) set_difference(s, seq, h, length_offset, mode, sh.out, n, sh.diff);
+  }
 }
 
-/// Enqueues `diff_kernel` for `rows` (batch row, KV head) pairs (offload store only).
-template <class E, int D>
-cudaError_t launch_diff(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset, count_mode mode,
-                        cudaStream_t stream) {
-  return launch_kernel(diff_kernel<E, D>, dim3(rows), dim3(select_threads), 0, stream, s.dependent_launch, 1, s, seqs,
-                       length_offset, mode);
+/// Enqueues `select_kernel` for `rows` (batch row, KV head) pairs, staging scores when they fit; with
+/// `with_diff` (offload store), each CTA runs the set-difference of its new selection.
+template <class P, class E, int D>
+cudaError_t launch_select(const cuda_state<E, D>& s, sequence_source seqs, int rows, int length_offset,
+                          bool have_query, bool with_budget, bool with_diff, count_mode mode, cudaStream_t stream) {
+  const int staged = select_staged_blocks(s.max_blocks);
+  return launch_kernel(select_kernel<P, E, D>, dim3(rows), dim3(select_threads), std::size_t(staged) * 2 * sizeof(float),
+                       stream, s.dependent_launch, 1, s, seqs, length_offset, have_query, with_budget, with_diff, mode,
+                       staged);
 }
 
 }  // namespace nosa::detail
