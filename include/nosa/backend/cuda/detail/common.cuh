@@ -134,6 +134,10 @@ __device__ inline void cp_async_16(std::uint32_t dst, const void* src, bool vali
   const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
+/// 4-byte asynchronous copy to shared memory.
+__device__ inline void cp_async_4(std::uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int Pending>
 __device__ inline void cp_async_wait() {
@@ -208,26 +212,33 @@ template <int D>
 NOSA_HOST_DEVICE constexpr int query_rows_bytes() {
   return 16 * (D * 2 + 16);
 }
+/// Piece `i` (16 bytes) of the rows `stage_query_rows` stages: row `i / (D / 8)`, piece `i % (D / 8)` of the
+/// group's queries of batch row `b`, KV head `h`; zeros at or past the group.
+template <class E, int D>
+__device__ inline uint4 query_row_piece(tensor_view<const E, 3> q, int b, int h, int group, int i) {
+  constexpr int pieces = D / 8;
+  const int r = i / pieces, ch = i % pieces;
+  if (r >= group) return make_uint4(0, 0, 0, 0);
+  const E* row = &q(b, h * group + r, 0);
+  if (q.strides[2] == 1 && reinterpret_cast<std::uintptr_t>(row) % 16 == 0) {
+    return *reinterpret_cast<const uint4*>(row + ch * 8);
+  }
+  std::uint32_t w[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) w[e] = pack_elements(q(b, h * group + r, ch * 8 + 2 * e), q(b, h * group + r, ch * 8 + 2 * e + 1));
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+/// Where piece `i` of `query_row_piece` goes in the staged rows.
+template <int D>
+__device__ inline int query_row_piece_offset(int i) {
+  return (i / (D / 8)) * (D * 2 + 16) + (i % (D / 8)) * 16;
+}
 /// Copies the group's queries of batch row `b`, KV head `h` into `rows` (`query_rows_bytes<D>()` bytes), rows
 /// at or past the group zero, with 16-byte loads by the whole CTA; a barrier must follow before they are read.
 template <class E, int D>
 __device__ inline void stage_query_rows(tensor_view<const E, 3> q, int b, int h, int group, unsigned char* rows) {
-  constexpr int pieces = D / 8;  // 16-byte pieces of a row
-  for (int i = static_cast<int>(threadIdx.x); i < 16 * pieces; i += blockDim.x) {
-    const int r = i / pieces, ch = i % pieces;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < group) {
-      const E* row = &q(b, h * group + r, 0);
-      if (q.strides[2] == 1 && reinterpret_cast<std::uintptr_t>(row) % 16 == 0) {
-        v = *reinterpret_cast<const uint4*>(row + ch * 8);
-      } else {
-        std::uint32_t w[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) w[e] = pack_elements(q(b, h * group + r, ch * 8 + 2 * e), q(b, h * group + r, ch * 8 + 2 * e + 1));
-        v = make_uint4(w[0], w[1], w[2], w[3]);
-      }
-    }
-    *reinterpret_cast<uint4*>(rows + r * (D * 2 + 16) + ch * 16) = v;
+  for (int i = static_cast<int>(threadIdx.x); i < 16 * (D / 8); i += blockDim.x) {
+    *reinterpret_cast<uint4*>(rows + query_row_piece_offset<D>(i)) = query_row_piece<E, D>(q, b, h, group, i);
   }
 }
 /// `load_query_fragments` from the rows `stage_query_rows` staged: one `ldmatrix.x4` a k step.

@@ -170,13 +170,20 @@ __global__ void __launch_bounds__(score_threads)
                             : s.logits_of(seq, h) + wa;  // [G][stride], window wa first
   const int stride = in_shared ? columns : s.max_windows;
   float* prob = in_shared ? logits + std::size_t(group) * stride : s.prob_of(seq, h) + wa;  // [count]
-  // The compressed scores of the windows scored, staged in shared memory while the keys stream (pooling
-  // would otherwise wait on a dependent global load per window); read in place with the global scratch.
+  // The compressed scores of the windows scored, staged in shared memory (pooling would otherwise wait on a
+  // dependent global load per window): with a query, copied asynchronously with the first tile of keys;
+  // read in place with the global scratch.
   const float* cc = s.cc_of(seq, h) + wa;  // [count]
-  const auto stage_cc = [&] {
+  const auto stage_cc = [&](bool async) {
     if (in_shared) {
       float* staged = prob + stride;
-      for (int i = static_cast<int>(threadIdx.x); i < count; i += score_threads) staged[i] = cc[i];
+      for (int i = static_cast<int>(threadIdx.x); i < count; i += score_threads) {
+        if (async) {
+          cp_async_4(shared_address(staged + i), cc + i);
+        } else {
+          staged[i] = cc[i];
+        }
+      }
       cc = staged;
     }
   };
@@ -190,24 +197,48 @@ __global__ void __launch_bounds__(score_threads)
   if (have_query) {
     const E* kc = s.kc_of(seq, h) + std::size_t(wa) * D;
     const int tiles = (count + T - 1) / T;
-    constexpr int pieces = traits::tensor_cores ? D / 8 : D / 4;  // 16-byte pieces of a row
-    const auto issue = [&](int t) {
-      unsigned char* stage = smem + (t % stages) * traits::stage_bytes;
+    // This thread's 16-byte pieces of a tile: rows r0 + j * rpp at piece ch0. Their offsets are computed
+    // once; the swizzle repeats every eight rows, so a pass `rpp` rows on moves by whole groups of rows.
+    constexpr int pieces = traits::tensor_cores ? D / 8 : D / 4;
+    constexpr int rpp = score_threads / pieces, passes = T / rpp;
+    constexpr int period = traits::tensor_cores && rpp < 8 ? 8 / rpp : 1;
+    static_assert(score_threads % pieces == 0 && T % rpp == 0, "tile copy shape");
+    const int r0 = static_cast<int>(threadIdx.x) / pieces, ch0 = static_cast<int>(threadIdx.x) % pieces;
+    std::uint32_t piece_at[period];
 #pragma unroll
-      for (int j = 0; j < T * pieces / score_threads; ++j) {
-        const int idx = static_cast<int>(threadIdx.x) + j * score_threads;
-        const int r = idx / pieces, ch = idx % pieces;
-        const bool valid = t * T + r < count;
-        std::uint32_t at;
-        if constexpr (traits::tensor_cores) {
-          at = swizzled_offset<traits::row_bytes>(r, ch);
-        } else {
-          at = std::uint32_t(r * traits::row_bytes + ch * 16);
-        }
-        const E* src = valid ? kc + std::size_t(t * T + r) * D + ch * (16 / sizeof(E)) : kc;
-        cp_async_16(shared_address(stage + at), src, valid);
+    for (int p = 0; p < period; ++p) {
+      if constexpr (traits::tensor_cores) {
+        piece_at[p] = swizzled_offset<traits::row_bytes>(r0 + p * rpp, ch0);
+      } else {
+        piece_at[p] = std::uint32_t((r0 + p * rpp) * traits::row_bytes + ch0 * 16);
+      }
+    }
+    const E* thread_src = kc + std::size_t(r0) * D + ch0 * (16 / sizeof(E));
+    const std::uint32_t pipeline = shared_address(smem);
+    const auto issue = [&](int t) {
+      const std::uint32_t stage = pipeline + std::uint32_t((t % stages) * traits::stage_bytes);
+      const E* src = thread_src + std::size_t(t) * T * D;
+      const int rest = count - t * T - r0;  // rows of the tile from this thread's first one that exist
+#pragma unroll
+      for (int j = 0; j < passes; ++j) {
+        const bool valid = j * rpp < rest;
+        cp_async_16(stage + piece_at[j % period] + std::uint32_t((j / period) * period * rpp * traits::row_bytes),
+                    valid ? src + std::size_t(j) * rpp * D : kc, valid);
       }
     };
+    // The queries are loaded first (16-byte loads into registers), so that they do not queue behind the
+    // keys; they are stored to shared memory once the first tiles are issued.
+    constexpr int query_pieces = 16 * (D / 8);
+    constexpr int query_per_thread = traits::tensor_cores ? (query_pieces + score_threads - 1) / score_threads : 1;
+    uint4 query_piece[query_per_thread];
+    if constexpr (traits::tensor_cores) {
+#pragma unroll
+      for (int j = 0; j < query_per_thread; ++j) {
+        const int i = static_cast<int>(threadIdx.x) + j * score_threads;
+        if (i < query_pieces) query_piece[j] = query_row_piece<E, D>(q, b, h, group, i);
+      }
+    }
+    stage_cc(true);  // in the first tile's group
 #pragma unroll
     for (int t = 0; t < stages - 1; ++t) {
       if (t < tiles) issue(t);
@@ -215,10 +246,13 @@ __global__ void __launch_bounds__(score_threads)
     }
 
     if constexpr (traits::tensor_cores) {
-      // The queries staged with 16-byte loads and read back as A fragments; the compressed scores beside.
+      // The queries read back as A fragments.
       unsigned char* query_rows = smem + traits::pipeline_bytes;
-      stage_query_rows<E, D>(q, b, h, group, query_rows);
-      stage_cc();
+#pragma unroll
+      for (int j = 0; j < query_per_thread; ++j) {
+        const int i = static_cast<int>(threadIdx.x) + j * score_threads;
+        if (i < query_pieces) *reinterpret_cast<uint4*>(query_rows + query_row_piece_offset<D>(i)) = query_piece[j];
+      }
       __syncthreads();
       std::uint32_t qa[D / 16][4];
       load_query_fragments_shared<E, D>(query_rows, qa);
@@ -303,7 +337,6 @@ __global__ void __launch_bounds__(score_threads)
         cta_stats[threadIdx.x][1] = sum;
       }
     } else {
-      stage_cc();
       // CUDA cores (fp32 storage): lane l takes window l % 16 of its warp's 16 and heads l / 16, l / 16 + 2,
       // ..., each a dot product over the key row in shared memory against the queries in shared memory.
       float* qs = reinterpret_cast<float*>(smem + traits::pipeline_bytes);
@@ -407,7 +440,7 @@ __global__ void __launch_bounds__(score_threads)
   // Pooling: one thread per block.
   const bool query = have_query && nw > 0;
   if (!have_query) {
-    stage_cc();
+    stage_cc(false);
     __syncthreads();
   }
   for (int m = m0 + static_cast<int>(threadIdx.x); m < m1; m += score_threads) {
