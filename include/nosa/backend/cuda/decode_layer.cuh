@@ -365,7 +365,8 @@ class decode_layer<P, cuda_backend> {
     const auto runs = [&](step_stage stage) { return first <= stage && stage <= last && (rows > 0 || stage == step_stage::begin); };
     constexpr int threads = detail::cuda_threads;
     if (runs(step_stage::begin)) {
-      detail::begin_step_kernel<<<1, threads, 0, stream>>>(state_, seqs, static_cast<int>(batch));
+      NOSA_CUDA_TRY(detail::launch_kernel(detail::begin_step_kernel<element_type, head_dim>, dim3(1), dim3(threads), 0,
+                                          stream, state_.dependent_launch, 1, state_, seqs, static_cast<int>(batch)));
       after(step_stage::begin);
     }
     if (runs(step_stage::append_score)) {

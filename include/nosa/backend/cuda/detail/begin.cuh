@@ -63,9 +63,11 @@ __device__ int check_batch_rows(const cuda_state<E, D>& s, sequence_source seqs,
 }
 
 /// Checks every batch row of a step (`check_batch_rows`, one token each), publishes the status and, on
-/// success, opens the step's counters. One CTA.
+/// success, opens the step's counters. One CTA; launched, like the step's other kernels, as a dependent
+/// launch where the device has them, so that it is scheduled while the work before the step drains.
 template <class E, int D>
 __global__ void begin_step_kernel(cuda_state<E, D> s, sequence_source seqs, int batch) {
+  dependent_launch_wait();
   const int code = check_batch_rows(s, seqs, batch, [](int) { return 1; });
   if (threadIdx.x == 0) {
     *s.status = code;
