@@ -85,3 +85,66 @@ TEST_CASE("dispatch turns run-time values into template arguments") {
                                                                           : nosa::status::backend_error;
         }) == nosa::status::success);
 }
+
+TEST_CASE("a tensor-parallel rank's shard of the heads: contiguous KV heads with their query heads") {
+  nosa::layer_config c{};
+  c.num_q_heads = 32;
+  c.num_kv_heads = 8;
+  c.limits.max_sequences = 4;
+  c.limits.max_blocks_per_sequence = 100;
+  c.limits.pool_pages = 400;
+  c.limits.cache_slots = 6;
+  for (const int ranks : {1, 2, 4, 8}) {
+    int next_kv = 0, next_q = 0;
+    for (int rank = 0; rank < ranks; ++rank) {
+      nosa::head_shard s{};
+      REQUIRE(nosa::shard_heads(c, ranks, rank, s) == nosa::status::success);
+      // The shards tile the heads in rank order, each with the whole layer's group.
+      CHECK(s.first_kv_head == next_kv);
+      CHECK(s.first_q_head == next_q);
+      CHECK(s.config.num_kv_heads == 8 / ranks);
+      CHECK(s.config.num_q_heads == 32 / ranks);
+      CHECK(s.config.group_size() == c.group_size());
+      CHECK(s.first_q_head == s.first_kv_head * c.group_size());
+      CHECK(nosa::validate(s.config) == nosa::status::success);
+      // Selection and capacities are the layer's.
+      CHECK(s.config.selection.top_k == c.selection.top_k);
+      CHECK(s.config.limits.max_sequences == c.limits.max_sequences);
+      CHECK(s.config.limits.max_blocks_per_sequence == c.limits.max_blocks_per_sequence);
+      CHECK(s.config.limits.pool_pages == c.limits.pool_pages);
+      CHECK(s.config.limits.cache_slots == c.limits.cache_slots);
+      next_kv += s.config.num_kv_heads;
+      next_q += s.config.num_q_heads;
+    }
+    CHECK(next_kv == c.num_kv_heads);
+    CHECK(next_q == c.num_q_heads);
+  }
+}
+
+TEST_CASE("a head shard is refused, output untouched, when the ranks do not divide the KV heads or the rank is out of range") {
+  nosa::layer_config c{};
+  c.num_q_heads = 24;
+  c.num_kv_heads = 6;
+  nosa::head_shard s{};
+  s.first_kv_head = -7;
+  CHECK(nosa::shard_heads(c, 4, 0, s) == nosa::status::invalid_argument);  // 4 does not divide 6
+  CHECK(nosa::shard_heads(c, 3, 3, s) == nosa::status::invalid_argument);
+  CHECK(nosa::shard_heads(c, 3, -1, s) == nosa::status::invalid_argument);
+  CHECK(nosa::shard_heads(c, 0, 0, s) == nosa::status::invalid_argument);
+  c.selection.top_k_query_aware = c.selection.top_k + 1;  // an invalid layer: its own status
+  CHECK(nosa::shard_heads(c, 3, 0, s) == nosa::validate(c));
+  CHECK(s.first_kv_head == -7);
+  c.selection.top_k_query_aware = 33;
+  REQUIRE(nosa::shard_heads(c, 3, 2, s) == nosa::status::success);
+  CHECK(s.first_kv_head == 4);
+  CHECK(s.first_q_head == 16);
+  CHECK(s.config.num_q_heads == 8);
+  // Usable at compile time, like `validate`.
+  static_assert([] {
+    nosa::layer_config l{};
+    l.num_q_heads = 64;
+    l.num_kv_heads = 8;
+    nosa::head_shard h{};
+    return nosa::shard_heads(l, 4, 3, h) == nosa::status::success && h.first_kv_head == 6 && h.first_q_head == 48;
+  }());
+}

@@ -82,4 +82,28 @@ constexpr status validate(const layer_config& c) noexcept {
   return status::success;
 }
 
+/// One rank's share of a layer under tensor parallelism: the KV heads split into equal contiguous shards,
+/// each with its query heads (query head `h * G + g` reads KV head `h`, so a shard of KV heads owns a
+/// contiguous range of query heads). The rank's layer has the same group size, selection and capacities;
+/// a page of its pool holds one block of its own KV heads only.
+struct head_shard {
+  int first_kv_head = 0;  ///< the rank's first KV head in the whole layer
+  int first_q_head = 0;   ///< the rank's first query head in the whole layer
+  layer_config config{};  ///< the rank's layer: `H_q / ranks` query heads over `H_kv / ranks` KV heads
+};
+
+/// The shard of rank `rank` of `ranks` of the layer `config`: `validate(config)`'s status when it is
+/// invalid, `invalid_argument` unless `0 <= rank < ranks` and `ranks` divides `H_kv`.
+constexpr status shard_heads(const layer_config& config, int ranks, int rank, head_shard& out) noexcept {
+  NOSA_TRY(validate(config));
+  if (ranks < 1 || rank < 0 || rank >= ranks || config.num_kv_heads % ranks != 0) return status::invalid_argument;
+  const int kv_heads = config.num_kv_heads / ranks, q_heads = config.num_q_heads / ranks;
+  out.first_kv_head = rank * kv_heads;
+  out.first_q_head = rank * q_heads;
+  out.config = config;
+  out.config.num_kv_heads = kv_heads;
+  out.config.num_q_heads = q_heads;
+  return status::success;
+}
+
 }  // namespace nosa
