@@ -640,8 +640,8 @@ class bench_layer final : public resource {
   }
 
   /// Enqueues one step through decode_layer::enqueue_step (the launches `step` makes), with events 0..7
-  /// around the stages when `ev` is given: 0 | begin | 1 | append_score | 2 | select | 3 | diff (offload
-  /// store) | 4 | gather (offload store) | 5 | attention | 6 | merge | 7.
+  /// around the stages when `ev` is given: 0 | begin | 1 | append_score | 2 | select (with the offload store's
+  /// diff) | 3 | diff (launches nothing) | 4 | gather (offload store) | 5 | attention | 6 | merge | 7.
   void launch_step_kernels(int batch, event_set* ev) {
     const cudaStream_t s = st();
     using stage = typename nosa::decode_layer<P, nosa::cuda_backend>::step_stage;
