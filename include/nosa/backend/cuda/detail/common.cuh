@@ -138,10 +138,28 @@ __device__ inline void cp_async_16(std::uint32_t dst, const void* src, bool vali
 __device__ inline void cp_async_4(std::uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
 }
+/// 16-byte asynchronous copy to shared memory that always copies.
+__device__ inline void cp_async_16(std::uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int Pending>
 __device__ inline void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
+}
+
+/// Stores two floats at shared-memory address `a` (8-byte aligned).
+__device__ inline void store_shared(std::uint32_t a, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(a), "f"(x), "f"(y) : "memory");
+}
+
+/// 2^x with results below the normal range flushed to zero (one `MUFU.EX2`): `exp2f` up to those results,
+/// for sums that always hold a term of at least 1 (a softmax sum against its running maximum), to which a
+/// term below 2^-126 adds nothing.
+__device__ inline float exp2_flush(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ inline void ldmatrix_x4(std::uint32_t address, std::uint32_t (&r)[4]) {
@@ -310,6 +328,15 @@ __device__ inline unsigned cluster_rank() {
 __device__ inline void cluster_arrive() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#else
+  __syncthreads();
+#endif
+}
+/// Arrival at the cluster barrier that releases nothing (no memory fence): for a CTA that only signals it
+/// is done reading the others' shared memory, whose loads have completed (their values were used).
+__device__ inline void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 #else
   __syncthreads();
 #endif
