@@ -56,7 +56,10 @@ struct score_traits {
   /// clusters of 4 CTAs with 8 tiles each, not clusters of 8 with 4 (a CTA's fixed costs, its first tiles'
   /// latency and the cluster's softmax, amortised over more).
   static constexpr int stages = std::max(2, std::min(8, 65536 / stage_bytes));
-  static constexpr int pipeline_bytes = stages * stage_bytes;
+  /// The fewer stages a launch may take instead (about three quarters of the bytes: three for D 128) when
+  /// that lets a smaller cluster's logits fit beside them two CTAs an SM on a grid that still fills the
+  /// SMs twice over: longer CTAs beat the fourth stage there (group 4, B 64, 32K: 92 against 104 us).
+  static constexpr int fewer_stages = std::max(2, stages * 3 / 4);
   /// The group's queries, kept apart from the pipeline: fp32 rows read by every tile (CUDA cores). The
   /// tensor cores' 16-bit rows are read once, into registers, before the last stage is first filled, and
   /// are staged in that stage.
@@ -75,6 +78,7 @@ struct score_shape {
   int cluster = 1;
   int columns = 0;
   std::size_t smem = 0;
+  int stages = 2;  ///< pipeline stages, `score_traits::stages` or `fewer_stages`
 };
 
 /// What the device offers the scoring, read once when a layer is created.
@@ -91,32 +95,39 @@ struct score_device {
 template <class E, int D>
 score_shape plan_scoring(const selection_params& sel, int max_blocks, int group, int rows, const score_device& dev) {
   using traits = score_traits<E, D>;
-  const auto smem_for = [&](int cluster, int& columns) {
+  const auto smem_for = [&](int cluster, int stages, int& columns) {
     const int blocks = (max_blocks + cluster - 1) / cluster;
     const int windows = score_windows_for_blocks(blocks, sel);
     columns = (windows + score_tile_windows - 1) / score_tile_windows * score_tile_windows + 8;  // 8 mod 32
-    return std::size_t(traits::pipeline_bytes + traits::query_bytes) + std::size_t(group + 2) * columns * 4;
+    return std::size_t(stages * traits::stage_bytes + traits::query_bytes) + std::size_t(group + 2) * columns * 4;
   };
   const int most = dev.clusters ? dev.max_cluster : 1;
   int spread = 1;
   while (spread < most && rows * spread * 2 <= dev.sms) spread *= 2;
-  // The smallest cluster that spreads the launch and lets two CTAs share an SM; else the smallest that fits.
+  // The smallest cluster that spreads the launch and lets two CTAs share an SM (with fewer stages when the
+  // grid still holds two CTAs for each SM); else the smallest that fits.
   score_shape shape;
   bool found = false;
   const std::size_t half = std::size_t(dev.smem_limit) / 2 > 1024 ? std::size_t(dev.smem_limit) / 2 - 1024 : 0;
   for (int cluster = spread; cluster <= most; cluster *= 2) {
     int columns = 0;
-    const std::size_t smem = smem_for(cluster, columns);
-    if (smem <= half) return {cluster, columns, smem};
+    const std::size_t smem = smem_for(cluster, traits::stages, columns);
+    if (smem <= half) return {cluster, columns, smem, traits::stages};
+    if (traits::fewer_stages < traits::stages && 10LL * rows * cluster >= 18LL * dev.sms) {
+      int fewer_columns = 0;
+      const std::size_t fewer = smem_for(cluster, traits::fewer_stages, fewer_columns);
+      if (fewer <= half) return {cluster, fewer_columns, fewer, traits::fewer_stages};
+    }
     if (!found && smem <= std::size_t(dev.smem_limit)) {
-      shape = {cluster, columns, smem};
+      shape = {cluster, columns, smem, traits::stages};
       found = true;
     }
   }
   if (found) return shape;
   shape.cluster = std::max(spread, most);
   shape.columns = 0;
-  shape.smem = std::size_t(traits::pipeline_bytes + traits::query_bytes);
+  shape.stages = traits::stages;
+  shape.smem = std::size_t(traits::stages * traits::stage_bytes + traits::query_bytes);
   return shape;
 }
 
@@ -140,14 +151,13 @@ __device__ inline void combine_exp2_stats(float& m, float& sum, float om, float 
 template <class P, class E, int D>
 __global__ void __launch_bounds__(score_traits<E, D>::threads)
     score_kernel(cuda_state<E, D> s, sequence_source seqs, int length_offset, tensor_view<const E, 3> q,
-                 bool have_query, int columns, bool prefill) {
+                 bool have_query, int columns, int stages, bool prefill) {
   dependent_launch_wait();
   using traits = score_traits<E, D>;
   using scorer = typename P::query_aware;
   using agnostic = typename P::query_agnostic;
   constexpr int G = cuda_max_group;
   constexpr int T = score_tile_windows;
-  constexpr int stages = traits::stages;
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float cta_stats[G][2];  // (max, sum of exp2) per head over the windows this CTA owns
   __shared__ float warp_stats[traits::threads / 32][G][2];  // the same per warp (tensor cores)
@@ -175,12 +185,13 @@ __global__ void __launch_bounds__(score_traits<E, D>::threads)
   }
   const int count = wb - wa;
   const bool in_shared = columns > 0;
-  float* logits = in_shared ? reinterpret_cast<float*>(smem + traits::pipeline_bytes + traits::query_bytes)
+  const int pipeline_bytes = stages * traits::stage_bytes;
+  float* logits = in_shared ? reinterpret_cast<float*>(smem + pipeline_bytes + traits::query_bytes)
                             : s.logits_of(seq, h) + wa;  // [G][stride], window wa first
   const int stride = in_shared ? columns : s.max_windows;
   // The same logits as `logits` when `in_shared`, through a pointer the compiler knows is shared memory:
   // accesses through it are shared-memory instructions with 32-bit addresses, not generic ones.
-  float* const shared_logits = reinterpret_cast<float*>(smem + traits::pipeline_bytes + traits::query_bytes);
+  float* const shared_logits = reinterpret_cast<float*>(smem + pipeline_bytes + traits::query_bytes);
   float* prob = in_shared ? logits + std::size_t(group) * stride : s.prob_of(seq, h) + wa;  // [count]
   // The compressed scores of the windows scored, staged in shared memory (pooling would otherwise wait on a
   // dependent global load per window): with a query, copied asynchronously with the first tile of keys;
@@ -260,7 +271,6 @@ __global__ void __launch_bounds__(score_traits<E, D>::threads)
       }
     }
     stage_cc(true);  // in the first tile's group
-#pragma unroll
     for (int t = 0; t < stages - 1; ++t) {
       if (t < tiles) issue(t, t);
       cp_async_commit();
@@ -298,7 +308,7 @@ __global__ void __launch_bounds__(score_traits<E, D>::threads)
       }
       int read = 0;  // the stage of tile t
       for (int t = 0; t < tiles; ++t) {
-        cp_async_wait<stages - 2>();
+        cp_async_wait_dynamic(stages - 2);
         __syncthreads();
         // Tile t + stages - 1 goes where tile t - 1 was read.
         if (t + stages - 1 < tiles) issue(t + stages - 1, read == 0 ? stages - 1 : read - 1);
@@ -376,13 +386,13 @@ __global__ void __launch_bounds__(score_traits<E, D>::threads)
     } else {
       // CUDA cores (fp32 storage): lane l takes window l % 16 of its warp's 16 and heads l / 16, l / 16 + 2,
       // ..., each a dot product over the key row in shared memory against the queries in shared memory.
-      float* qs = reinterpret_cast<float*>(smem + traits::pipeline_bytes);
+      float* qs = reinterpret_cast<float*>(smem + pipeline_bytes);
       for (int i = static_cast<int>(threadIdx.x); i < group * D; i += traits::threads) {
         qs[i] = to_float(q(b, h * group + i / D, i % D));
       }
       const int wl = warp * 16 + lane % 16, first_head = lane / 16;
       for (int t = 0; t < tiles; ++t) {
-        cp_async_wait<stages - 2>();
+        cp_async_wait_dynamic(stages - 2);
         __syncthreads();
         if (t + stages - 1 < tiles) issue(t + stages - 1, (t + stages - 1) % stages);
         cp_async_commit();
@@ -541,7 +551,7 @@ cudaError_t launch_scoring(const cuda_state<E, D>& s, sequence_source seqs, int 
   return launch_kernel(score_kernel<P, E, D>, dim3(static_cast<unsigned>(rows) * shape.cluster),
                        dim3(score_traits<E, D>::threads),
                        shape.smem, stream, s.dependent_launch, shape.cluster, s, seqs, length_offset, q, have_query,
-                       shape.columns, prefill);
+                       shape.columns, shape.stages, prefill);
 }
 
 /// Opts the scoring kernel into the shared memory it may use and, where the device schedules them, into
